@@ -1,0 +1,238 @@
+// Access phase: one policyd round trip per request, re-entered with the answer.
+//
+// Modelled on ngx_http_auth_request_module: the handler starts the call and returns NGX_AGAIN;
+// when the reply (or the timeout, or a lost connection) arrives, the completion records the
+// outcome and re-runs the phase engine, which calls the handler again to act on it. Every path
+// that is not an explicit permit from policyd ends in an OperationOutcome error: fail closed.
+#include <exception>
+
+#include "ehrgate/outcome.hpp"
+#include "module.hpp"
+
+namespace ehrgate::ngx {
+
+namespace {
+
+ngx_http_output_header_filter_pt g_next_header_filter;
+
+MainConf *main_conf(ngx_http_request_t *r) {
+    return static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_http_ehrgate_module));
+}
+
+void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason,
+                    std::string_view message) {
+    ngx_pool_t *pool = ctx->request->pool;
+    ctx->state = DecisionState::Failed;
+    ctx->permit = false;
+    ctx->status = status;
+    ctx->reason = pool_copy(pool, reason);
+    ctx->message = pool_copy(pool, message);
+}
+
+// Sends an OperationOutcome from within the access phase and finalizes the request.
+ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx) {
+    const std::string body = outcome::render(ctx->status, view(ctx->reason), view(ctx->message),
+                                             view(ctx->correlation_id));
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    r->headers_out.status = ctx->status;
+    ngx_str_set(&r->headers_out.content_type, "application/fhir+json; charset=utf-8");
+    r->headers_out.content_type_len = sizeof("application/fhir+json") - 1;
+    r->headers_out.content_length_n = static_cast<off_t>(body.size());
+    if (ctx->status == NGX_HTTP_SERVICE_UNAVAILABLE) {
+        ngx_table_elt_t *retry =
+            static_cast<ngx_table_elt_t *>(ngx_list_push(&r->headers_out.headers));
+        if (retry == nullptr) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        retry->hash = 1;
+        ngx_str_set(&retry->key, "Retry-After");
+        ngx_str_set(&retry->value, "1");
+    }
+    ngx_int_t rc = ngx_http_send_header(r);
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        ngx_http_finalize_request(r, rc);
+        return NGX_DONE;
+    }
+    auto *b = static_cast<ngx_buf_t *>(ngx_pcalloc(r->pool, sizeof(ngx_buf_t)));
+    const ngx_str_t copy = pool_copy(r->pool, body);
+    if (b == nullptr || copy.data == nullptr) {
+        ngx_http_finalize_request(r, NGX_HTTP_INTERNAL_SERVER_ERROR);
+        return NGX_DONE;
+    }
+    b->pos = copy.data;
+    b->last = copy.data + copy.len;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+    ngx_chain_t out{b, nullptr};
+    ngx_http_finalize_request(r, ngx_http_output_filter(r, &out));
+    return NGX_DONE;
+}
+
+void resume(ngx_http_request_t *r) {
+    ngx_connection_t *c = r->connection;
+    ngx_http_core_run_phases(r);
+    ngx_http_run_posted_requests(c);
+}
+
+void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *frame) noexcept {
+    auto *ctx = static_cast<RequestCtx *>(data);
+    ngx_http_request_t *r = ctx->request;
+    ctx->call_id = 0;
+    if (ctx->timer.timer_set) {
+        ngx_del_timer(&ctx->timer);
+    }
+    try {
+        if (outcome == CallOutcome::Disconnected) {
+            record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, "policy-unavailable",
+                           "The policy service connection was lost; no decision was made");
+        } else if (frame->header.type != protocol::MessageType::DecideReply) {
+            record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, "policy-error",
+                           "The policy service could not decide this request");
+        } else if (std::optional<protocol::DecideReply> reply =
+                       protocol::decode_decide_reply(frame->body)) {
+            ngx_pool_t *pool = r->pool;
+            ctx->state = DecisionState::Decided;
+            ctx->permit = reply->decision == protocol::Decision::Permit;
+            ctx->status = ctx->permit ? NGX_HTTP_OK : reply->http_status;
+            ctx->reason = pool_copy(pool, reply->reason);
+            ctx->message = pool_copy(pool, reply->message);
+            ctx->policy_version = pool_copy(pool, reply->policy_version);
+            if (SidecarClient *client = worker_client()) {
+                client->saw_policy_serial(reply->policy_serial);
+            }
+        } else {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "ehrgate: undecodable decision from policyd");
+            record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, "policy-error",
+                           "The policy service sent an invalid decision");
+        }
+    } catch (const std::exception &e) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "ehrgate: decision handling failed: %s",
+                      e.what());
+        ctx->state = DecisionState::Failed;
+        ctx->status = NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+    resume(r);
+}
+
+void on_timeout(ngx_event_t *ev) noexcept {
+    auto *ctx = static_cast<RequestCtx *>(ev->data);
+    ngx_http_request_t *r = ctx->request;
+    SidecarClient *client = worker_client();
+    if (client != nullptr && ctx->call_id != 0) {
+        client->cancel(ctx->call_id);
+    }
+    ctx->call_id = 0;
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0, "ehrgate: policyd decision timed out");
+    try {
+        record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, "policy-timeout",
+                       "The policy service did not answer in time; no decision was made");
+    } catch (const std::exception &) {
+        ctx->state = DecisionState::Failed;
+        ctx->status = NGX_HTTP_SERVICE_UNAVAILABLE;
+    }
+    // After resuming, the request may be gone: note_timeout() can drop the connection, which
+    // completes other requests, so do it first.
+    if (client != nullptr) {
+        client->note_timeout();
+    }
+    resume(r);
+}
+
+ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
+    SidecarClient *client = worker_client();
+    protocol::DecideRequest request;
+    request.correlation_id.assign(view(ctx->correlation_id));
+    request.method.assign(view(r->method_name));
+    request.path.assign(view(r->uri));
+    request.query.assign(view(r->args));
+    if (r->headers_in.server.len > 0) {
+        request.host.assign(view(r->headers_in.server));
+    }
+    const uint32_t id = client == nullptr
+                            ? 0
+                            : client->call(protocol::MessageType::DecideRequest,
+                                           protocol::encode(request), on_decision, ctx);
+    if (id == 0) {
+        record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, "policy-unavailable",
+                       "The policy service is unavailable; no decision was made");
+        return send_outcome(r, ctx);
+    }
+    ctx->call_id = id;
+    ctx->state = DecisionState::Waiting;
+    ctx->timer.handler = on_timeout;
+    ctx->timer.data = ctx;
+    ctx->timer.log = r->connection->log;
+    ngx_add_timer(&ctx->timer, main_conf(r)->timeout);
+    return NGX_AGAIN;
+}
+
+ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
+    auto *ctx = static_cast<RequestCtx *>(ngx_http_get_module_ctx(r, ngx_http_ehrgate_module));
+    if (ctx == nullptr || r != r->main) {
+        return g_next_header_filter(r);
+    }
+    const struct {
+        ngx_str_t name;
+        const ngx_str_t &value;
+    } headers[] = {
+        {ngx_string("X-Request-ID"), ctx->correlation_id},
+        {ngx_string("X-Ehrgate-Policy-Version"), ctx->policy_version},
+    };
+    for (const auto &header : headers) {
+        if (header.value.len == 0) {
+            continue;
+        }
+        auto *h = static_cast<ngx_table_elt_t *>(ngx_list_push(&r->headers_out.headers));
+        if (h == nullptr) {
+            return NGX_ERROR;
+        }
+        h->hash = 1;
+        h->key = header.name;
+        h->value = header.value;
+    }
+    return g_next_header_filter(r);
+}
+
+}  // namespace
+
+ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
+    auto *lcf = static_cast<LocConf *>(ngx_http_get_module_loc_conf(r, ngx_http_ehrgate_module));
+    if (!lcf->enabled || r != r->main) {
+        return NGX_DECLINED;
+    }
+    try {
+        RequestCtx *ctx = request_ctx(r);
+        if (ctx == nullptr) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        switch (ctx->state) {
+            case DecisionState::Idle:
+                return start_decision(r, ctx);
+            case DecisionState::Waiting:
+                return NGX_AGAIN;
+            case DecisionState::Decided:
+                if (ctx->permit) {
+                    return NGX_OK;
+                }
+                return send_outcome(r, ctx);
+            case DecisionState::Failed:
+                return send_outcome(r, ctx);
+        }
+    } catch (const std::exception &e) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "ehrgate: access check failed: %s",
+                      e.what());
+    }
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
+}
+
+ngx_int_t install_header_filter() noexcept {
+    g_next_header_filter = ngx_http_top_header_filter;
+    ngx_http_top_header_filter = header_filter;
+    return NGX_OK;
+}
+
+}  // namespace ehrgate::ngx

@@ -1,0 +1,60 @@
+// Declarations shared by the module's adapter files: configuration, the per-request context
+// and the per-worker sidecar client.
+#pragma once
+
+#include <type_traits>
+
+#include "ngx.hpp"
+#include "sidecar_client.hpp"
+
+extern "C" ngx_module_t ngx_http_ehrgate_module;
+
+namespace ehrgate::ngx {
+
+struct MainConf {
+    ngx_addr_t *policyd;  // nullptr when `ehrgate_policyd` is absent
+    ngx_msec_t timeout;
+    ngx_uint_t max_pending;
+    ngx_msec_t reconnect_max;
+};
+
+struct LocConf {
+    ngx_flag_t enabled;
+    // Where `ehrgate on` was written, for the "needs ehrgate_policyd" error.
+    ngx_str_t enabled_file;
+    ngx_uint_t enabled_line;
+};
+
+enum class DecisionState : uint8_t { Idle, Waiting, Decided, Failed };
+
+// Lives in the request pool and is never destroyed explicitly: it must stay trivially
+// destructible. Strings point into the request pool.
+struct RequestCtx {
+    ngx_http_request_t *request;
+    ngx_event_t timer;  // per-call timeout
+    uint32_t call_id;   // 0 when no call is pending
+    DecisionState state;
+    bool permit;
+    uint16_t status;
+    ngx_str_t correlation_id;
+    ngx_str_t reason;
+    ngx_str_t message;
+    ngx_str_t policy_version;
+};
+static_assert(std::is_trivially_destructible_v<RequestCtx>);
+static_assert(std::is_trivially_copyable_v<RequestCtx>);
+
+// The worker's client; nullptr in the master, in `nginx -t`, and when policyd is not configured.
+SidecarClient *worker_client();
+
+// Returns the request's context, creating it (with a correlation id) on first use.
+RequestCtx *request_ctx(ngx_http_request_t *r);
+
+// Access-phase handler and response header filter (access.cpp).
+ngx_int_t access_handler(ngx_http_request_t *r) noexcept;
+ngx_int_t install_header_filter() noexcept;
+
+// Variables (variables.cpp).
+ngx_int_t add_variables(ngx_conf_t *cf) noexcept;
+
+}  // namespace ehrgate::ngx

@@ -1,0 +1,35 @@
+// Data-plane message handling, independent of libuv so it is unit-tested directly: one frame in,
+// reply frames appended to an output buffer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "ehrgate/protocol.hpp"
+#include "policy_state.hpp"
+
+namespace ehrgate::policyd {
+
+// What policyd knows about one connected nginx worker.
+struct DataPeer {
+    uint32_t worker_pid = 0;
+    uint64_t acked_serial = 0;
+    uint64_t decisions = 0;
+};
+
+struct DataCounters {
+    uint64_t permits = 0;
+    uint64_t denies = 0;
+    uint64_t rejected_frames = 0;
+};
+
+enum class DispatchResult { Ok, CloseConnection };
+
+DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
+                                 DataPeer &peer, DataCounters &counters, std::string &out);
+
+// Frames sent to a peer that broke the protocol, right before the connection is closed.
+void append_error_frame(std::string &out, uint32_t request_id, std::string_view code,
+                        std::string_view message);
+
+}  // namespace ehrgate::policyd

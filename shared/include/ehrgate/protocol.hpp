@@ -1,0 +1,158 @@
+// Wire protocol between the nginx module (and ehrgatectl) and policyd.
+//
+// A frame is a 4-byte big-endian payload length followed by a MessagePack payload:
+//
+//     [version:uint, type:uint, request_id:uint, body:map]
+//
+// Requests carry a caller-chosen request id; replies echo it and may arrive in any order, so a
+// client can pipeline. Request id 0 is reserved for messages policyd pushes unprompted (a new
+// policy snapshot). Bodies are maps with string keys: decoders skip keys they do not know, so a
+// newer peer can add fields without breaking an older one. A change that old peers cannot
+// ignore bumps kProtocolVersion, and policyd refuses frames of a version it does not speak.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ehrgate::protocol {
+
+inline constexpr uint8_t kProtocolVersion = 1;
+inline constexpr size_t kFrameHeaderSize = 4;
+// Large enough for a policy snapshot with a few thousand clients; small enough that a corrupt
+// length prefix cannot make either side allocate without bound.
+inline constexpr uint32_t kDefaultMaxFrame = 4u << 20;
+inline constexpr uint32_t kPushRequestId = 0;
+
+enum class MessageType : uint8_t {
+    Error = 0,
+    DecideRequest = 1,
+    DecideReply = 2,
+    PolicyFetch = 3,     // worker -> policyd: send me the current snapshot
+    PolicySnapshot = 4,  // policyd -> worker: reply to PolicyFetch, or pushed with id 0
+    PolicyAck = 5,       // worker -> policyd: snapshot applied (no reply)
+    Ping = 6,
+    Pong = 7,
+    AdminRequest = 16,  // ehrgatectl -> policyd, admin socket only
+    AdminReply = 17,
+};
+
+const char *message_type_name(MessageType type);
+
+struct FrameHeader {
+    uint8_t version = kProtocolVersion;
+    MessageType type = MessageType::Error;
+    uint32_t request_id = 0;
+};
+
+// A decoded frame; `body` points into the decoder's buffer and is valid until the next feed().
+struct FrameView {
+    FrameHeader header;
+    std::string_view body;  // the raw msgpack body map
+};
+
+enum class FrameError : uint8_t {
+    None,
+    Oversized,     // length prefix above the cap
+    Malformed,     // payload is not [uint, uint, uint, map]
+    BadVersion,    // protocol version we do not speak
+    UnknownType,   // message type outside the enum
+    TrailingBytes  // payload longer than the envelope it contains
+};
+
+const char *frame_error_name(FrameError error);
+
+// Appends one complete frame (length prefix included) to `out`.
+void encode_frame(std::string &out, MessageType type, uint32_t request_id, std::string_view body);
+
+// Incremental decoder for a byte stream. Feed whatever the socket returned, then call next()
+// until it returns nothing. After an error the stream is unusable: the connection must be closed,
+// since framing can no longer be trusted.
+class FrameDecoder {
+  public:
+    explicit FrameDecoder(uint32_t max_frame = kDefaultMaxFrame) : max_frame_(max_frame) {}
+
+    void feed(std::string_view bytes);
+    std::optional<FrameView> next();
+    FrameError error() const { return error_; }
+    size_t buffered() const { return buffer_.size() - consumed_; }
+
+  private:
+    std::string buffer_;
+    size_t consumed_ = 0;
+    uint32_t max_frame_;
+    FrameError error_ = FrameError::None;
+};
+
+// ---- Message bodies --------------------------------------------------------------------------
+
+enum class Decision : uint8_t { Deny = 0, Permit = 1 };
+
+// What the worker knows about a request when it asks for a decision. No PHI beyond what the
+// decision needs: the path and query identify resources, so policyd never logs them verbatim.
+struct DecideRequest {
+    std::string correlation_id;
+    std::string method;
+    std::string path;   // URI path, decoded by nginx
+    std::string query;  // raw query string, without '?'
+    std::string client_id;
+    std::string host;
+};
+
+struct DecideReply {
+    Decision decision = Decision::Deny;
+    uint16_t http_status = 403;
+    std::string reason;   // machine-readable, e.g. "method-not-allowed"
+    std::string message;  // human-readable, safe to show the caller (no PHI)
+    std::string policy_version;
+    uint64_t policy_serial = 0;
+    std::string route;
+    std::string resource_type;
+    std::string interaction;
+};
+
+struct ErrorBody {
+    std::string code;
+    std::string message;
+};
+
+struct PolicyAck {
+    uint64_t serial = 0;
+    uint32_t worker_pid = 0;
+};
+
+// Admin calls carry a command name and string arguments; the reply is a status and a JSON
+// document meant for operators and scripts (ehrgatectl prints it).
+struct AdminRequest {
+    std::string command;
+    std::vector<std::pair<std::string, std::string>> args;
+
+    std::string_view arg(std::string_view name) const;
+};
+
+struct AdminReply {
+    bool ok = false;
+    std::string message;
+    std::string json;
+};
+
+std::string encode(const DecideRequest &msg);
+std::string encode(const DecideReply &msg);
+std::string encode(const ErrorBody &msg);
+std::string encode(const PolicyAck &msg);
+std::string encode(const AdminRequest &msg);
+std::string encode(const AdminReply &msg);
+
+std::optional<DecideRequest> decode_decide_request(std::string_view body);
+std::optional<DecideReply> decode_decide_reply(std::string_view body);
+std::optional<ErrorBody> decode_error(std::string_view body);
+std::optional<PolicyAck> decode_policy_ack(std::string_view body);
+std::optional<AdminRequest> decode_admin_request(std::string_view body);
+std::optional<AdminReply> decode_admin_reply(std::string_view body);
+
+// The empty body: an empty map.
+std::string empty_body();
+
+}  // namespace ehrgate::protocol

@@ -1,0 +1,813 @@
+// YAML front end of the policy bundle: parse with yaml-cpp, then validate every node against
+// schema v1 (docs/policy-bundle.md) and report every problem with its position and field path.
+//
+// The validator walks the YAML tree itself instead of using yaml-cpp's `node["key"]` lookups,
+// because those silently pick one of two duplicate keys and cannot tell a typo from an absent
+// optional field. It never stops at the first problem: an operator fixing a bundle should see
+// all of them in one run of `ehrgatectl policy validate`.
+#include <yaml-cpp/depthguard.h>
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <unordered_map>
+
+#include "ehrgate/fhir_request.hpp"
+#include "ehrgate/policy.hpp"
+
+namespace ehrgate::policy {
+
+namespace {
+
+using namespace std::string_view_literals;
+
+constexpr std::array kMethods = {"GET"sv, "HEAD"sv, "POST"sv, "PUT"sv, "PATCH"sv, "DELETE"sv};
+
+// HL7 v3 PurposeOfUse (http://terminology.hl7.org/ValueSet/v3-PurposeOfUse) as bound by FHIR
+// R4 4.0.1: every concept of the value set except its abstract root. Sorted for bisection.
+constexpr std::array kPurposeOfUse = {
+    "BIORCH"sv,      "BTG"sv,      "CAREMGT"sv,  "CLINTRCH"sv,  "CLINTRCHNPC"sv, "CLINTRCHPC"sv,
+    "CLINTRL"sv,     "CLMATTCH"sv, "COC"sv,      "COVAUTH"sv,   "COVERAGE"sv,    "DISASTER"sv,
+    "DONAT"sv,       "DSRCH"sv,    "ELIGDTRM"sv, "ELIGVER"sv,   "ENROLLM"sv,     "ERTREAT"sv,
+    "ETREAT"sv,      "FAMRQT"sv,   "FRAUD"sv,    "GOV"sv,       "HACCRED"sv,     "HCOMPL"sv,
+    "HDECD"sv,       "HDIRECT"sv,  "HDM"sv,      "HLEGAL"sv,    "HMARKT"sv,      "HOPERAT"sv,
+    "HOUTCOMS"sv,    "HPAYMT"sv,   "HPRGRP"sv,   "HQUALIMP"sv,  "HRESCH"sv,      "HSYSADMIN"sv,
+    "HTEST"sv,       "LABELING"sv, "MEMADMIN"sv, "METAMGT"sv,   "MILCDM"sv,      "MILDCRG"sv,
+    "PATADMIN"sv,    "PATRQT"sv,   "PATSFTY"sv,  "PERFMSR"sv,   "POARCH"sv,      "POPHLTH"sv,
+    "PRECLINTRCH"sv, "PUBHLTH"sv,  "PWATRNY"sv,  "RECORDMGT"sv, "REMITADV"sv,    "SUPNWK"sv,
+    "SYSDEV"sv,      "THREAT"sv,   "TRAIN"sv,    "TRANSRCH"sv,  "TREAT"sv,
+};
+static_assert(std::is_sorted(kPurposeOfUse.begin(), kPurposeOfUse.end()));
+
+constexpr size_t kMaxNameLength = 64;
+constexpr size_t kMaxDisplayName = 128;
+constexpr size_t kMaxDescription = 1024;
+constexpr size_t kMaxPrefix = 256;
+constexpr size_t kMaxPurposes = 64;
+constexpr size_t kMaxMethods = 16;
+constexpr size_t kMaxResources = 256;
+constexpr size_t kMaxInteractions = 32;
+
+// ---- Small text helpers ----------------------------------------------------------------------
+
+// Quotes a value from the file for a message: escapes what would garble a terminal and cuts
+// long values, so a diagnostic stays one readable line.
+std::string quote(std::string_view value) {
+    constexpr size_t kMaxShown = 64;
+    std::string out = "\"";
+    for (size_t i = 0; i < value.size() && i < kMaxShown; ++i) {
+        const unsigned char c = static_cast<unsigned char>(value[i]);
+        if (c == '"' || c == '\\') {
+            out += '\\';
+            out += static_cast<char>(c);
+        } else if (c == '\n') {
+            out += "\\n";
+        } else if (c == '\t') {
+            out += "\\t";
+        } else if (c < 0x20 || c == 0x7f) {
+            static constexpr char kHex[] = "0123456789abcdef";
+            out += "\\x";
+            out += kHex[c >> 4];
+            out += kHex[c & 0xf];
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    if (value.size() > kMaxShown) {
+        out += "...";
+    }
+    out += '"';
+    return out;
+}
+
+char lower(char c) {
+    return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+// Case-insensitive optimal-string-alignment distance (a transposition counts as one edit), for
+// "did you mean" hints. Inputs are short names; longer ones are never close enough to matter.
+size_t edit_distance(std::string_view a, std::string_view b) {
+    if (a.size() > 64 || b.size() > 64) {
+        return SIZE_MAX;
+    }
+    std::array<std::array<size_t, 65>, 65> d{};
+    for (size_t i = 0; i <= a.size(); ++i)
+        d[i][0] = i;
+    for (size_t j = 0; j <= b.size(); ++j)
+        d[0][j] = j;
+    for (size_t i = 1; i <= a.size(); ++i) {
+        for (size_t j = 1; j <= b.size(); ++j) {
+            const size_t cost = lower(a[i - 1]) == lower(b[j - 1]) ? 0 : 1;
+            d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+            if (i > 1 && j > 1 && lower(a[i - 1]) == lower(b[j - 2]) &&
+                lower(a[i - 2]) == lower(b[j - 1])) {
+                d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    return d[a.size()][b.size()];
+}
+
+template <typename Names>
+std::optional<std::string_view> closest(std::string_view value, const Names &names) {
+    const size_t allowed = value.size() >= 6 ? 2 : 1;
+    std::optional<std::string_view> best;
+    size_t best_distance = allowed + 1;
+    for (const std::string_view name : names) {
+        const size_t distance = edit_distance(value, name);
+        if (distance < best_distance) {
+            best = name;
+            best_distance = distance;
+        }
+    }
+    return best;
+}
+
+template <typename Names>
+std::string join(const Names &names) {
+    std::string out;
+    for (const std::string_view name : names) {
+        if (!out.empty()) {
+            out += ", ";
+        }
+        out += name;
+    }
+    return out;
+}
+
+bool is_name_char(char c) {
+    return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
+}
+
+bool is_name(std::string_view value, bool allow_colon) {
+    if (value.empty() || value.size() > kMaxNameLength) {
+        return false;
+    }
+    return std::all_of(value.begin(), value.end(),
+                       [&](char c) { return is_name_char(c) || (allow_colon && c == ':'); });
+}
+
+bool has_control(std::string_view value, bool allow_newlines) {
+    return std::any_of(value.begin(), value.end(), [&](char ch) {
+        const unsigned char c = static_cast<unsigned char>(ch);
+        if (allow_newlines && (c == '\n' || c == '\t')) {
+            return false;
+        }
+        return c < 0x20 || c == 0x7f;
+    });
+}
+
+// Characters a route prefix may use: RFC 3986 pchar without percent-encoding, plus '/'. nginx
+// matches decoded paths, so an encoded byte in a prefix could never match as written.
+bool is_prefix_char(char c) {
+    return is_name_char(c) || c == '~' || c == '!' || c == '$' || c == '&' || c == '\'' ||
+           c == '(' || c == ')' || c == '*' || c == '+' || c == ',' || c == ';' || c == '=' ||
+           c == ':' || c == '@' || c == '/';
+}
+
+// Returns why `prefix` is unacceptable, or an empty string.
+std::string prefix_problem(std::string_view prefix) {
+    if (prefix.size() > kMaxPrefix) {
+        return "is longer than " + std::to_string(kMaxPrefix) + " characters";
+    }
+    if (prefix.empty() || prefix.front() != '/' || prefix.back() != '/') {
+        return "must start and end with '/'";
+    }
+    for (const char c : prefix) {
+        if (!is_prefix_char(c)) {
+            return "contains " + quote(std::string_view(&c, 1)) +
+                   "; use only letters, digits, '/' and - . _ ~ ! $ & ' ( ) * + , ; = : @";
+        }
+    }
+    // Segments between the slashes: none empty, none "." or "..", since nginx normalizes those
+    // away before matching and the prefix could then never match.
+    size_t start = 1;
+    while (start < prefix.size()) {
+        const size_t slash = prefix.find('/', start);
+        const std::string_view segment = prefix.substr(start, slash - start);
+        if (segment.empty()) {
+            return "contains an empty path segment (\"//\")";
+        }
+        if (segment == "." || segment == "..") {
+            return "contains a dot segment (" + quote(segment) + ")";
+        }
+        start = slash + 1;
+    }
+    return {};
+}
+
+// ---- Positions and diagnostics ---------------------------------------------------------------
+
+struct Position {
+    int line = 0;
+    int column = 0;
+};
+
+Position position_of(const YAML::Mark &mark) {
+    if (mark.is_null() || mark.line < 0 || mark.column < 0) {
+        return {};
+    }
+    return {mark.line + 1, mark.column + 1};
+}
+
+Position position_of(const YAML::Node &node) {
+    return position_of(node.Mark());
+}
+
+// yaml-cpp places an empty value ("key:" and nothing) at the token that follows it, which is on
+// another line; the key is where the reader should look.
+Position value_position(const YAML::Node &key, const YAML::Node &value) {
+    return value.IsNull() ? position_of(key) : position_of(value);
+}
+
+std::string_view kind_of(const YAML::Node &node) {
+    switch (node.Type()) {
+        case YAML::NodeType::Null:
+            return "null";
+        case YAML::NodeType::Scalar:
+            return "a string";
+        case YAML::NodeType::Sequence:
+            return "a list";
+        case YAML::NodeType::Map:
+            return "a mapping";
+        case YAML::NodeType::Undefined:
+            break;
+    }
+    return "nothing";
+}
+
+std::string child(const std::string &path, std::string_view name) {
+    return path.empty() ? std::string(name) : path + "." + std::string(name);
+}
+
+std::string item(const std::string &path, size_t index) {
+    return path + "[" + std::to_string(index) + "]";
+}
+
+struct FieldSpec {
+    std::string_view name;
+    bool required;
+};
+
+// One YAML value as the validator sees it: the node, where to point at it, its field path.
+struct Value {
+    YAML::Node node;
+    Position at;
+    std::string path;
+};
+
+class Validator {
+  public:
+    explicit Validator(std::string_view file) : file_(file) {}
+
+    void report(Position at, std::string field, std::string message) {
+        if (diagnostics_.size() >= kMaxDiagnostics) {
+            truncated_ = true;
+            return;
+        }
+        diagnostics_.push_back({file_, at.line, at.column, std::move(field), std::move(message)});
+    }
+
+    void report(const Value &value, std::string message) {
+        report(value.at, value.path, std::move(message));
+    }
+
+    std::vector<Diagnostic> finish() {
+        std::stable_sort(diagnostics_.begin(), diagnostics_.end(),
+                         [](const Diagnostic &a, const Diagnostic &b) {
+                             return a.line != b.line ? a.line < b.line : a.column < b.column;
+                         });
+        if (truncated_) {
+            diagnostics_.push_back(
+                {file_,
+                 0,
+                 0,
+                 {},
+                 "too many problems; stopped after the first " + std::to_string(kMaxDiagnostics)});
+        }
+        return std::move(diagnostics_);
+    }
+
+    // Walks a mapping: reports non-string, unknown and duplicate keys and missing required
+    // fields, and calls on_field(index into specs, value) once for each known key.
+    template <size_t N, typename OnField>
+    bool walk_map(const Value &map, const std::array<FieldSpec, N> &specs, OnField &&on_field) {
+        if (!map.node.IsMap()) {
+            report(map, "expected a mapping, got " + std::string(kind_of(map.node)));
+            return false;
+        }
+        std::array<Position, N> seen_at{};
+        std::array<bool, N> seen{};
+        for (auto it = map.node.begin(); it != map.node.end(); ++it) {
+            const YAML::Node &key = it->first;
+            if (!key.IsScalar()) {
+                report(position_of(key), map.path,
+                       "mapping keys must be strings, got " + std::string(kind_of(key)));
+                continue;
+            }
+            const std::string &name = key.Scalar();
+            const auto spec = std::find_if(specs.begin(), specs.end(),
+                                           [&](const FieldSpec &s) { return s.name == name; });
+            if (spec == specs.end()) {
+                std::array<std::string_view, N> names;
+                std::transform(specs.begin(), specs.end(), names.begin(),
+                               [](const FieldSpec &s) { return s.name; });
+                const std::optional<std::string_view> hint = closest(name, names);
+                report(position_of(key), child(map.path, name),
+                       "unknown field " + quote(name) +
+                           (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                 : "; expected one of " + join(names)));
+                continue;
+            }
+            const size_t index = static_cast<size_t>(spec - specs.begin());
+            if (seen[index]) {
+                report(position_of(key), child(map.path, name),
+                       "duplicate key " + quote(name) + "; first given at line " +
+                           std::to_string(seen_at[index].line));
+                continue;
+            }
+            seen[index] = true;
+            seen_at[index] = position_of(key);
+            on_field(index,
+                     Value{it->second, value_position(key, it->second), child(map.path, name)});
+        }
+        for (size_t i = 0; i < N; ++i) {
+            if (specs[i].required && !seen[i]) {
+                report(map.at, child(map.path, specs[i].name),
+                       "missing required field \"" + std::string(specs[i].name) + "\"");
+            }
+        }
+        return true;
+    }
+
+    std::optional<std::string> string(const Value &value) {
+        if (!value.node.IsScalar()) {
+            report(value, "expected a string, got " + std::string(kind_of(value.node)));
+            return std::nullopt;
+        }
+        return value.node.Scalar();
+    }
+
+    // Calls on_item(Value) for each entry of a list of at most `max` entries.
+    template <typename OnItem>
+    bool walk_list(const Value &list, size_t max, OnItem &&on_item) {
+        if (!list.node.IsSequence()) {
+            std::string message = "expected a list, got " + std::string(kind_of(list.node));
+            if (list.node.IsNull()) {
+                message += "; write [] for an empty list";
+            }
+            report(list, std::move(message));
+            return false;
+        }
+        if (list.node.size() > max) {
+            report(list, "too many entries (" + std::to_string(list.node.size()) + "); at most " +
+                             std::to_string(max) + " are allowed");
+            return false;
+        }
+        size_t index = 0;
+        for (auto it = list.node.begin(); it != list.node.end(); ++it, ++index) {
+            on_item(Value{*it, position_of(*it), item(list.path, index)});
+        }
+        return true;
+    }
+
+    // A list of distinct strings each accepted by `check` (which reports and returns false for
+    // the bad ones). "*" is accepted as the only entry when `allow_wildcard`.
+    template <typename Check>
+    void string_set(const Value &list, size_t max, bool allow_empty, bool allow_wildcard,
+                    std::string_view what, std::vector<std::string> &out, Check &&check) {
+        std::unordered_map<std::string, int> first_line;
+        std::optional<Value> wildcard;
+        const bool is_list = walk_list(list, max, [&](const Value &entry) {
+            std::optional<std::string> value = string(entry);
+            if (!value) {
+                return;
+            }
+            if (allow_wildcard && *value == "*") {
+                wildcard = entry;
+            } else if (!check(entry, *value)) {
+                return;
+            }
+            const auto [it, inserted] = first_line.emplace(*value, entry.at.line);
+            if (!inserted) {
+                report(entry, "duplicate " + std::string(what) + " " + quote(*value) +
+                                  "; first listed at line " + std::to_string(it->second));
+                return;
+            }
+            out.push_back(std::move(*value));
+        });
+        if (!is_list) {
+            return;
+        }
+        if (wildcard && list.node.size() > 1) {
+            report(*wildcard, "\"*\" already allows everything and must be the only entry");
+        }
+        if (!allow_empty && list.node.size() == 0) {
+            report(list, "must list at least one " + std::string(what));
+        }
+    }
+
+  private:
+    std::string file_;
+    std::vector<Diagnostic> diagnostics_;
+    bool truncated_ = false;
+};
+
+// ---- Schema v1 -------------------------------------------------------------------------------
+
+constexpr std::array<FieldSpec, 5> kBundleFields = {{
+    {"schema", true},
+    {"version", true},
+    {"description", false},
+    {"clients", true},
+    {"routes", true},
+}};
+
+constexpr std::array<FieldSpec, 5> kClientFields = {{
+    {"id", true},
+    {"display_name", false},
+    {"context", true},
+    {"traffic_class", true},
+    {"purposes", false},
+}};
+
+constexpr std::array<FieldSpec, 5> kRouteFields = {{
+    {"name", true},
+    {"prefix", true},
+    {"methods", true},
+    {"resources", true},
+    {"interactions", true},
+}};
+
+// Remembers the first use of a name that must be unique across list entries.
+class UniqueNames {
+  public:
+    // Returns the line of the first use, or 0 when `name` is new.
+    int first_use(const std::string &name, int line) {
+        const auto [it, inserted] = lines_.emplace(name, line);
+        return inserted ? 0 : it->second;
+    }
+
+  private:
+    std::unordered_map<std::string, int> lines_;
+};
+
+class BundleParser {
+  public:
+    explicit BundleParser(std::string_view file) : v_(file) {}
+
+    void parse(const YAML::Node &root) {
+        const Value top{root, position_of(root), ""};
+        if (!root.IsMap()) {
+            v_.report(top,
+                      "expected a mapping with schema, version, clients and routes at the "
+                      "top level, got " +
+                          std::string(kind_of(root)));
+            return;
+        }
+        v_.walk_map(top, kBundleFields, [&](size_t field, const Value &value) {
+            switch (field) {
+                case 0:
+                    return schema(value);
+                case 1:
+                    return version(value);
+                case 2:
+                    return description(value);
+                case 3:
+                    return clients(value);
+                default:
+                    return routes(value);
+            }
+        });
+    }
+
+    Validator &validator() { return v_; }
+    Bundle &bundle() { return bundle_; }
+
+  private:
+    void schema(const Value &value) {
+        const std::optional<std::string> schema = v_.string(value);
+        if (!schema) {
+            return;
+        }
+        if (*schema != kSchemaV1) {
+            v_.report(value, "unsupported schema " + quote(*schema) + "; expected \"" +
+                                 std::string(kSchemaV1) + "\"");
+        }
+        bundle_.schema = *schema;
+    }
+
+    void version(const Value &value) {
+        const std::optional<std::string> version = v_.string(value);
+        if (!version) {
+            return;
+        }
+        if (!is_name(*version, true)) {
+            v_.report(value, "invalid version " + quote(*version) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ : -");
+        }
+        bundle_.version = *version;
+    }
+
+    void description(const Value &value) {
+        const std::optional<std::string> description = v_.string(value);
+        if (!description) {
+            return;
+        }
+        if (description->size() > kMaxDescription) {
+            v_.report(value,
+                      "description is longer than " + std::to_string(kMaxDescription) + " bytes");
+        } else if (has_control(*description, true)) {
+            v_.report(value, "description contains control characters");
+        }
+        bundle_.description = *description;
+    }
+
+    void clients(const Value &list) {
+        UniqueNames ids;
+        v_.walk_list(list, kMaxClients, [&](const Value &entry) {
+            Client &client = bundle_.clients.emplace_back();
+            v_.walk_map(entry, kClientFields, [&](size_t field, const Value &value) {
+                switch (field) {
+                    case 0:
+                        return client_id(value, client, ids);
+                    case 1:
+                        return display_name(value, client);
+                    case 2:
+                        return context(value, client);
+                    case 3:
+                        return traffic_class(value, client);
+                    default:
+                        return purposes(value, client);
+                }
+            });
+        });
+    }
+
+    void client_id(const Value &value, Client &client, UniqueNames &ids) {
+        const std::optional<std::string> id = v_.string(value);
+        if (!id) {
+            return;
+        }
+        if (!is_name(*id, false)) {
+            v_.report(value, "invalid client id " + quote(*id) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else if (const int first = ids.first_use(*id, value.at.line)) {
+            v_.report(value, "duplicate client id " + quote(*id) + "; first defined at line " +
+                                 std::to_string(first));
+        }
+        client.id = *id;
+    }
+
+    void display_name(const Value &value, Client &client) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (name->size() > kMaxDisplayName) {
+            v_.report(value,
+                      "display_name is longer than " + std::to_string(kMaxDisplayName) + " bytes");
+        } else if (has_control(*name, false)) {
+            v_.report(value, "display_name contains control characters");
+        }
+        client.display_name = *name;
+    }
+
+    void context(const Value &value, Client &client) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (*name == "user") {
+            client.context = LaunchContext::User;
+        } else if (*name == "patient") {
+            client.context = LaunchContext::Patient;
+        } else if (*name == "system") {
+            client.context = LaunchContext::System;
+        } else {
+            v_.report(value, "unknown context " + quote(*name) +
+                                 "; expected one of user, patient, system");
+        }
+    }
+
+    void traffic_class(const Value &value, Client &client) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (*name == "interactive") {
+            client.traffic_class = TrafficClass::Interactive;
+        } else if (*name == "batch") {
+            client.traffic_class = TrafficClass::Batch;
+        } else {
+            v_.report(value, "unknown traffic_class " + quote(*name) +
+                                 "; expected one of interactive, batch");
+        }
+    }
+
+    void purposes(const Value &list, Client &client) {
+        v_.string_set(
+            list, kMaxPurposes, true, false, "purpose", client.purposes,
+            [&](const Value &entry, const std::string &code) {
+                if (std::binary_search(kPurposeOfUse.begin(), kPurposeOfUse.end(), code)) {
+                    return true;
+                }
+                const std::optional<std::string_view> hint = closest(code, kPurposeOfUse);
+                v_.report(entry, "unknown PurposeOfUse code " + quote(code) +
+                                     (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                           : "; expected a code of the HL7 v3 "
+                                             "PurposeOfUse value set, e.g. TREAT"));
+                return false;
+            });
+    }
+
+    void routes(const Value &list) {
+        UniqueNames names;
+        UniqueNames prefixes;
+        const bool is_list = v_.walk_list(list, kMaxRoutes, [&](const Value &entry) {
+            Route &route = bundle_.routes.emplace_back();
+            v_.walk_map(entry, kRouteFields, [&](size_t field, const Value &value) {
+                switch (field) {
+                    case 0:
+                        return route_name(value, route, names);
+                    case 1:
+                        return prefix(value, route, prefixes);
+                    case 2:
+                        return methods(value, route);
+                    case 3:
+                        return resources(value, route);
+                    default:
+                        return interactions(value, route);
+                }
+            });
+        });
+        if (is_list && list.node.size() == 0) {
+            v_.report(list, "at least one route is required");
+        }
+    }
+
+    void route_name(const Value &value, Route &route, UniqueNames &names) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (!is_name(*name, false)) {
+            v_.report(value, "invalid route name " + quote(*name) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else if (const int first = names.first_use(*name, value.at.line)) {
+            v_.report(value, "duplicate route name " + quote(*name) + "; first defined at line " +
+                                 std::to_string(first));
+        }
+        route.name = *name;
+    }
+
+    void prefix(const Value &value, Route &route, UniqueNames &prefixes) {
+        const std::optional<std::string> prefix = v_.string(value);
+        if (!prefix) {
+            return;
+        }
+        if (const std::string problem = prefix_problem(*prefix); !problem.empty()) {
+            v_.report(value, "invalid prefix " + quote(*prefix) + ": " + problem);
+        } else if (const int first = prefixes.first_use(*prefix, value.at.line)) {
+            v_.report(value, "duplicate prefix " + quote(*prefix) +
+                                 "; another route uses it at line " + std::to_string(first));
+        }
+        route.prefix = *prefix;
+    }
+
+    void methods(const Value &list, Route &route) {
+        v_.string_set(
+            list, kMaxMethods, false, false, "HTTP method", route.methods,
+            [&](const Value &entry, const std::string &method) {
+                if (std::find(kMethods.begin(), kMethods.end(), method) != kMethods.end()) {
+                    return true;
+                }
+                v_.report(entry, "unknown HTTP method " + quote(method) + "; expected one of " +
+                                     join(kMethods));
+                return false;
+            });
+    }
+
+    void resources(const Value &list, Route &route) {
+        v_.string_set(
+            list, kMaxResources, false, true, "resource type", route.resources,
+            [&](const Value &entry, const std::string &type) {
+                if (fhir::is_resource_type(type)) {
+                    return true;
+                }
+                const std::optional<std::string_view> hint = closest(type, fhir::resource_types());
+                v_.report(entry, "unknown FHIR R4 resource type " + quote(type) +
+                                     (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                           : "; resource types are case-sensitive, "
+                                             "e.g. \"Patient\", or \"*\" for all"));
+                return false;
+            });
+    }
+
+    void interactions(const Value &list, Route &route) {
+        v_.string_set(list, kMaxInteractions, false, true, "interaction", route.interactions,
+                      [&](const Value &entry, const std::string &name) {
+                          if (fhir::interaction_from_name(name)) {
+                              return true;
+                          }
+                          std::array<std::string_view, fhir::kInteractionCount> names;
+                          for (size_t i = 0; i < names.size(); ++i) {
+                              names[i] = fhir::interaction_name(static_cast<fhir::Interaction>(i));
+                          }
+                          const std::optional<std::string_view> hint = closest(name, names);
+                          v_.report(entry,
+                                    "unknown interaction " + quote(name) +
+                                        (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                              : "; expected \"*\" or one of " + join(names)));
+                          return false;
+                      });
+    }
+
+    Validator v_;
+    Bundle bundle_;
+};
+
+ParseResult single_problem(std::string_view file, Position at, std::string message) {
+    ParseResult result;
+    result.diagnostics.push_back({std::string(file), at.line, at.column, {}, std::move(message)});
+    return result;
+}
+
+}  // namespace
+
+ParseResult parse_bundle(std::string_view yaml_text, std::string_view file_name) {
+    if (yaml_text.size() > kMaxBundleBytes) {
+        return single_problem(file_name, {},
+                              "the bundle is " + std::to_string(yaml_text.size()) +
+                                  " bytes; at most " + std::to_string(kMaxBundleBytes) +
+                                  " bytes (4 MiB) are allowed");
+    }
+    try {
+        const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml_text));
+        if (documents.empty() || documents.front().IsNull()) {
+            return single_problem(file_name, {},
+                                  "the bundle is empty; expected a mapping with schema, version, "
+                                  "clients and routes");
+        }
+        if (documents.size() > 1) {
+            return single_problem(file_name, position_of(documents[1]),
+                                  "a policy bundle is a single YAML document; a second one "
+                                  "starts here");
+        }
+        BundleParser parser(file_name);
+        parser.parse(documents.front());
+        ParseResult result;
+        result.diagnostics = parser.validator().finish();
+        if (result.diagnostics.empty()) {
+            result.bundle = std::move(parser.bundle());
+            result.bundle->canonicalize();
+        }
+        return result;
+    } catch (const YAML::DeepRecursion &e) {
+        return single_problem(file_name, position_of(e.mark),
+                              "YAML nesting is too deep to be a policy bundle");
+    } catch (const YAML::ParserException &e) {
+        return single_problem(file_name, position_of(e.mark), "YAML syntax error: " + e.msg);
+    } catch (const std::exception &e) {
+        // yaml-cpp's representation errors, or memory exhaustion: still a diagnostic, never an
+        // exception into the caller (policyd's reload path or ehrgatectl).
+        return single_problem(file_name, {}, std::string("cannot process the bundle: ") + e.what());
+    } catch (...) {
+        return single_problem(file_name, {}, "cannot process the bundle: unknown error");
+    }
+}
+
+ParseResult load_bundle_file(const std::string &path) {
+    const std::unique_ptr<std::FILE, int (*)(std::FILE *)> file(std::fopen(path.c_str(), "rb"),
+                                                                &std::fclose);
+    if (!file) {
+        return single_problem(path, {}, std::string("cannot open: ") + std::strerror(errno));
+    }
+    // Read at most one byte past the limit: enough to know the file is too large without
+    // trusting a size from stat(), which a pipe or a growing file would not have.
+    std::string text;
+    std::array<char, 64 * 1024> chunk;
+    while (text.size() <= kMaxBundleBytes) {
+        const size_t n = std::fread(chunk.data(), 1, chunk.size(), file.get());
+        text.append(chunk.data(), n);
+        if (n < chunk.size()) {
+            break;
+        }
+    }
+    if (std::ferror(file.get())) {
+        return single_problem(path, {}, std::string("cannot read: ") + std::strerror(errno));
+    }
+    if (text.size() > kMaxBundleBytes) {
+        return single_problem(path, {},
+                              "the file is larger than " + std::to_string(kMaxBundleBytes) +
+                                  " bytes (4 MiB), the limit for a policy bundle");
+    }
+    return parse_bundle(text, path);
+}
+
+}  // namespace ehrgate::policy

@@ -1,0 +1,404 @@
+#include "ehrgate/protocol.hpp"
+
+#include "ehrgate/msgpack.hpp"
+
+namespace ehrgate::protocol {
+
+namespace {
+
+using msgpack::Reader;
+using msgpack::Writer;
+
+// Decodes a map body, calling on_field(key, reader) for every key. on_field must consume exactly
+// one value for keys it knows and return false for keys it does not (they are skipped).
+template <typename OnField>
+bool decode_map(std::string_view body, OnField &&on_field) {
+    Reader reader(body);
+    const std::optional<uint32_t> count = reader.read_map();
+    for (uint32_t i = 0; count && i < *count && reader.ok(); ++i) {
+        const std::optional<std::string_view> key = reader.read_str();
+        if (!key) {
+            return false;
+        }
+        if (!on_field(*key, reader)) {
+            reader.skip();
+        }
+    }
+    return count && reader.ok() && reader.at_end();
+}
+
+bool read_into(Reader &reader, std::string &out) {
+    const std::optional<std::string_view> v = reader.read_str();
+    if (v) {
+        out.assign(*v);
+    }
+    return true;
+}
+
+template <typename Int>
+bool read_into_uint(Reader &reader, Int &out) {
+    const std::optional<uint64_t> v = reader.read_uint();
+    if (v && *v <= static_cast<uint64_t>(static_cast<Int>(~Int{0}))) {
+        out = static_cast<Int>(*v);
+    } else {
+        reader.fail();
+    }
+    return true;
+}
+
+void put(Writer &w, std::string_view key, std::string_view value) {
+    w.key(key);
+    w.str(value);
+}
+
+}  // namespace
+
+const char *message_type_name(MessageType type) {
+    switch (type) {
+        case MessageType::Error:
+            return "error";
+        case MessageType::DecideRequest:
+            return "decide-request";
+        case MessageType::DecideReply:
+            return "decide-reply";
+        case MessageType::PolicyFetch:
+            return "policy-fetch";
+        case MessageType::PolicySnapshot:
+            return "policy-snapshot";
+        case MessageType::PolicyAck:
+            return "policy-ack";
+        case MessageType::Ping:
+            return "ping";
+        case MessageType::Pong:
+            return "pong";
+        case MessageType::AdminRequest:
+            return "admin-request";
+        case MessageType::AdminReply:
+            return "admin-reply";
+    }
+    return "unknown";
+}
+
+const char *frame_error_name(FrameError error) {
+    switch (error) {
+        case FrameError::None:
+            return "none";
+        case FrameError::Oversized:
+            return "frame exceeds size cap";
+        case FrameError::Malformed:
+            return "malformed frame envelope";
+        case FrameError::BadVersion:
+            return "unsupported protocol version";
+        case FrameError::UnknownType:
+            return "unknown message type";
+        case FrameError::TrailingBytes:
+            return "trailing bytes after frame body";
+    }
+    return "unknown";
+}
+
+void encode_frame(std::string &out, MessageType type, uint32_t request_id, std::string_view body) {
+    const size_t length_at = out.size();
+    out.append(kFrameHeaderSize, '\0');
+    Writer w(out);
+    w.array(4);
+    w.uint(kProtocolVersion);
+    w.uint(static_cast<uint8_t>(type));
+    w.uint(request_id);
+    out.append(body);
+    const uint32_t length = static_cast<uint32_t>(out.size() - length_at - kFrameHeaderSize);
+    for (size_t i = 0; i < kFrameHeaderSize; ++i) {
+        out[length_at + i] = static_cast<char>(length >> (8 * (3 - i)));
+    }
+}
+
+void FrameDecoder::feed(std::string_view bytes) {
+    // Compact lazily: only when the consumed prefix dominates, so a stream of small frames does
+    // not memmove on every read.
+    if (consumed_ > 0 && consumed_ >= buffer_.size() / 2) {
+        buffer_.erase(0, consumed_);
+        consumed_ = 0;
+    }
+    buffer_.append(bytes);
+}
+
+std::optional<FrameView> FrameDecoder::next() {
+    if (error_ != FrameError::None || buffer_.size() - consumed_ < kFrameHeaderSize) {
+        return std::nullopt;
+    }
+    const auto *p = reinterpret_cast<const uint8_t *>(buffer_.data() + consumed_);
+    const uint32_t length =
+        (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
+    if (length > max_frame_) {
+        error_ = FrameError::Oversized;
+        return std::nullopt;
+    }
+    if (buffer_.size() - consumed_ - kFrameHeaderSize < length) {
+        return std::nullopt;
+    }
+    const std::string_view payload(buffer_.data() + consumed_ + kFrameHeaderSize, length);
+    Reader reader(payload);
+    const std::optional<uint32_t> fields = reader.read_array();
+    const std::optional<uint64_t> version = reader.read_uint();
+    const std::optional<uint64_t> type = reader.read_uint();
+    const std::optional<uint64_t> id = reader.read_uint();
+    const size_t body_start = reader.position();
+    if (!fields || *fields != 4 || !version || !type || !id || *id > UINT32_MAX ||
+        reader.peek_type() != msgpack::Type::Map) {
+        error_ = FrameError::Malformed;
+        return std::nullopt;
+    }
+    if (*version != kProtocolVersion) {
+        error_ = FrameError::BadVersion;
+        return std::nullopt;
+    }
+    const bool known_type = *type <= static_cast<uint8_t>(MessageType::Pong) ||
+                            *type == static_cast<uint8_t>(MessageType::AdminRequest) ||
+                            *type == static_cast<uint8_t>(MessageType::AdminReply);
+    if (!known_type) {
+        error_ = FrameError::UnknownType;
+        return std::nullopt;
+    }
+    if (!reader.skip()) {
+        error_ = FrameError::Malformed;
+        return std::nullopt;
+    }
+    if (!reader.at_end()) {
+        error_ = FrameError::TrailingBytes;
+        return std::nullopt;
+    }
+    consumed_ += kFrameHeaderSize + length;
+    FrameView frame;
+    frame.header.version = static_cast<uint8_t>(*version);
+    frame.header.type = static_cast<MessageType>(*type);
+    frame.header.request_id = static_cast<uint32_t>(*id);
+    frame.body = payload.substr(body_start);
+    return frame;
+}
+
+std::string_view AdminRequest::arg(std::string_view name) const {
+    for (const auto &[key, value] : args) {
+        if (key == name) {
+            return value;
+        }
+    }
+    return {};
+}
+
+std::string empty_body() {
+    std::string out;
+    Writer(out).map(0);
+    return out;
+}
+
+std::string encode(const DecideRequest &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(6);
+    put(w, "correlation_id", msg.correlation_id);
+    put(w, "method", msg.method);
+    put(w, "path", msg.path);
+    put(w, "query", msg.query);
+    put(w, "client_id", msg.client_id);
+    put(w, "host", msg.host);
+    return out;
+}
+
+std::optional<DecideRequest> decode_decide_request(std::string_view body) {
+    DecideRequest msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "correlation_id")
+            return read_into(r, msg.correlation_id);
+        if (key == "method")
+            return read_into(r, msg.method);
+        if (key == "path")
+            return read_into(r, msg.path);
+        if (key == "query")
+            return read_into(r, msg.query);
+        if (key == "client_id")
+            return read_into(r, msg.client_id);
+        if (key == "host")
+            return read_into(r, msg.host);
+        return false;
+    });
+    if (!ok || msg.method.empty()) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const DecideReply &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(9);
+    w.key("decision");
+    w.uint(static_cast<uint8_t>(msg.decision));
+    w.key("http_status");
+    w.uint(msg.http_status);
+    put(w, "reason", msg.reason);
+    put(w, "message", msg.message);
+    put(w, "policy_version", msg.policy_version);
+    w.key("policy_serial");
+    w.uint(msg.policy_serial);
+    put(w, "route", msg.route);
+    put(w, "resource_type", msg.resource_type);
+    put(w, "interaction", msg.interaction);
+    return out;
+}
+
+std::optional<DecideReply> decode_decide_reply(std::string_view body) {
+    DecideReply msg;
+    bool has_decision = false;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "decision") {
+            const std::optional<uint64_t> v = r.read_uint();
+            if (!v || *v > 1) {
+                r.fail();
+            } else {
+                msg.decision = static_cast<Decision>(*v);
+                has_decision = true;
+            }
+            return true;
+        }
+        if (key == "http_status")
+            return read_into_uint(r, msg.http_status);
+        if (key == "reason")
+            return read_into(r, msg.reason);
+        if (key == "message")
+            return read_into(r, msg.message);
+        if (key == "policy_version")
+            return read_into(r, msg.policy_version);
+        if (key == "policy_serial")
+            return read_into_uint(r, msg.policy_serial);
+        if (key == "route")
+            return read_into(r, msg.route);
+        if (key == "resource_type")
+            return read_into(r, msg.resource_type);
+        if (key == "interaction")
+            return read_into(r, msg.interaction);
+        return false;
+    });
+    // A reply without an explicit decision is garbage, never an implicit permit.
+    if (!ok || !has_decision || msg.http_status < 100 || msg.http_status > 599) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const ErrorBody &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(2);
+    put(w, "code", msg.code);
+    put(w, "message", msg.message);
+    return out;
+}
+
+std::optional<ErrorBody> decode_error(std::string_view body) {
+    ErrorBody msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "code")
+            return read_into(r, msg.code);
+        if (key == "message")
+            return read_into(r, msg.message);
+        return false;
+    });
+    if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const PolicyAck &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(2);
+    w.key("serial");
+    w.uint(msg.serial);
+    w.key("worker_pid");
+    w.uint(msg.worker_pid);
+    return out;
+}
+
+std::optional<PolicyAck> decode_policy_ack(std::string_view body) {
+    PolicyAck msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "serial")
+            return read_into_uint(r, msg.serial);
+        if (key == "worker_pid")
+            return read_into_uint(r, msg.worker_pid);
+        return false;
+    });
+    if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const AdminRequest &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(2);
+    put(w, "command", msg.command);
+    w.key("args");
+    w.map(static_cast<uint32_t>(msg.args.size()));
+    for (const auto &[key, value] : msg.args) {
+        put(w, key, value);
+    }
+    return out;
+}
+
+std::optional<AdminRequest> decode_admin_request(std::string_view body) {
+    AdminRequest msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "command")
+            return read_into(r, msg.command);
+        if (key != "args")
+            return false;
+        const std::optional<uint32_t> n = r.read_map();
+        for (uint32_t i = 0; n && i < *n && r.ok(); ++i) {
+            const std::optional<std::string_view> k = r.read_str();
+            const std::optional<std::string_view> v = r.read_str();
+            if (k && v) {
+                msg.args.emplace_back(std::string(*k), std::string(*v));
+            }
+        }
+        return true;
+    });
+    if (!ok || msg.command.empty()) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const AdminReply &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(3);
+    w.key("ok");
+    w.boolean(msg.ok);
+    put(w, "message", msg.message);
+    put(w, "json", msg.json);
+    return out;
+}
+
+std::optional<AdminReply> decode_admin_reply(std::string_view body) {
+    AdminReply msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "ok") {
+            msg.ok = r.read_bool().value_or(false);
+            return true;
+        }
+        if (key == "message")
+            return read_into(r, msg.message);
+        if (key == "json")
+            return read_into(r, msg.json);
+        return false;
+    });
+    if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+}  // namespace ehrgate::protocol

@@ -34,7 +34,8 @@ ACTCODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 class Sandbox:
     """A sandbox subprocess on a free port; stderr goes to a file so tests can
-    assert that nothing (e.g. a traceback) was printed."""
+    assert that nothing (e.g. a traceback) was printed.  Used as a context
+    manager, it always stops the process and records `exit_code`."""
 
     def __init__(self, *args):
         self.stderr = tempfile.TemporaryFile(mode="w+")
@@ -64,19 +65,30 @@ class Sandbox:
         return self.stderr.read()
 
     def stop(self, sig=signal.SIGTERM):
+        """Signal the process and return its exit status; idempotent."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=10)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()                  # never leak a process; the status shows the failure
+            code = self.proc.wait()
         self.proc.stdout.close()
         return code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.session.close()
+        self.exit_code = self.stop()
 
 
 @pytest.fixture(scope="module")
 def sandbox():
-    server = Sandbox("--seed", "7")
-    yield server
-    server.session.close()
-    assert server.stop() == 0
+    with Sandbox("--seed", "7") as server:
+        yield server
+    assert server.exit_code == 0
     assert server.stderr_text() == ""
 
 
@@ -104,8 +116,7 @@ def test_stable_patients_come_first(sandbox):
 
 
 def test_same_seed_gives_identical_data_other_seed_differs(sandbox):
-    twin, other = Sandbox("--seed", "7"), Sandbox("--seed", "8")
-    try:
+    with Sandbox("--seed", "7") as twin, Sandbox("--seed", "8") as other:
         generated = [e["resource"]["id"] for e in sandbox.get("/Patient", params={"_count": 5}).json()["entry"]][2:]
         paths = [f"/Patient/{P1}", f"/Patient/{P2}", "/Condition/fx-p1-depression-psy"] + \
                 [f"/Patient/{pid}" for pid in generated]
@@ -119,11 +130,7 @@ def test_same_seed_gives_identical_data_other_seed_differs(sandbox):
         assert sandbox.get(f"/Patient/{P1}").content == other.get(f"/Patient/{P1}").content
         assert other.get("/Condition/fx-p2-opioid-unlabelled").json() == \
             sandbox.get("/Condition/fx-p2-opioid-unlabelled").json()
-    finally:
-        for server in (twin, other):
-            server.session.close()
-        # Stop both before asserting, so a failure never leaks a process.
-        assert [twin.stop(), other.stop()] == [0, 0]
+    assert twin.exit_code == other.exit_code == 0
 
 
 def test_every_resource_has_meta(sandbox):
@@ -203,7 +210,7 @@ def test_paging_covers_all_matches_once(sandbox):
     assert all(e["fullUrl"] == f"{sandbox.base()}/Observation/{e['resource']['id']}" for e in entries)
     second = sandbox.session.get(links["next"]).json()
     assert any(link["relation"] == "previous" for link in second["link"])
-    assert sandbox.get("/Observation", params={"_count": 1000}).json()["entry"].__len__() == 200
+    assert len(sandbox.get("/Observation", params={"_count": 1000}).json()["entry"]) == 200   # capped
 
 
 def test_links_follow_host_header(sandbox):
@@ -417,13 +424,8 @@ def test_bulk_rejects_bad_sizes(sandbox):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_cleanly_with_open_connection(sig):
-    server = Sandbox("--base-path", "/api/FHIR/R4/")
-    idle = socket.create_connection(("127.0.0.1", server.port))
-    try:
+    with Sandbox("--base-path", "/api/FHIR/R4/") as server, \
+            socket.create_connection(("127.0.0.1", server.port)):   # an idle keep-alive client
         assert server.session.get(server.base("/api/FHIR/R4") + "/metadata").status_code == 200
-        server.session.close()
-    finally:
-        code = server.stop(sig)
-        idle.close()
-    assert code == 0
+        assert server.stop(sig) == 0
     assert server.stderr_text() == ""

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 
 namespace ehrgate::fhir {
 
@@ -466,6 +467,76 @@ std::optional<RequestTarget> classify(std::string_view method, std::string_view 
     target.operation = view->operation;
     target.conditional = view->conditional;
     return target;
+}
+
+namespace {
+
+int hex_value(char c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+}  // namespace
+
+std::optional<std::string> percent_decode(std::string_view text) {
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size(); ++i) {
+        char c = text[i];
+        if (c == '+') {
+            c = ' ';
+        } else if (c == '%') {
+            if (i + 2 >= text.size()) {
+                return std::nullopt;
+            }
+            const int high = hex_value(text[i + 1]);
+            const int low = hex_value(text[i + 2]);
+            if (high < 0 || low < 0) {
+                return std::nullopt;
+            }
+            c = static_cast<char>(high * 16 + low);
+            i += 2;
+        }
+        const auto byte = static_cast<unsigned char>(c);
+        if (byte < 0x20 || byte == 0x7f) {
+            return std::nullopt;
+        }
+        out.push_back(c);
+    }
+    return out;
+}
+
+std::optional<Query> parse_query(std::string_view raw) {
+    Query query;
+    size_t start = 0;
+    while (start <= raw.size()) {
+        size_t end = raw.find('&', start);
+        if (end == std::string_view::npos) {
+            end = raw.size();
+        }
+        const std::string_view piece = raw.substr(start, end - start);
+        start = end + 1;
+        if (piece.empty()) {
+            continue;
+        }
+        if (query.size() == kMaxQueryParams) {
+            return std::nullopt;
+        }
+        const size_t equals = piece.find('=');
+        std::optional<std::string> name = percent_decode(piece.substr(0, equals));
+        std::optional<std::string> value = percent_decode(
+            equals == std::string_view::npos ? std::string_view{} : piece.substr(equals + 1));
+        if (!name || name->empty() || !value) {
+            return std::nullopt;
+        }
+        query.push_back({std::move(*name), std::move(*value)});
+    }
+    return query;
 }
 
 }  // namespace ehrgate::fhir

@@ -6,6 +6,7 @@
 // optional field. It never stops at the first problem: an operator fixing a bundle should see
 // all of them in one run of `ehrgatectl policy validate`.
 #include <yaml-cpp/depthguard.h>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <sstream>
 #include <unordered_map>
 
 #include "ehrgate/fhir_request.hpp"
@@ -304,7 +306,9 @@ class Validator {
         std::array<Position, N> seen_at{};
         std::array<bool, N> seen{};
         for (auto it = map.node.begin(); it != map.node.end(); ++it) {
-            const YAML::Node &key = it->first;
+            // Copies: yaml-cpp's iterator yields a temporary pair, and its members die with it.
+            const YAML::Node key = it->first;
+            const YAML::Node value = it->second;
             if (!key.IsScalar()) {
                 report(position_of(key), map.path,
                        "mapping keys must be strings, got " + std::string(kind_of(key)));
@@ -333,8 +337,7 @@ class Validator {
             }
             seen[index] = true;
             seen_at[index] = position_of(key);
-            on_field(index,
-                     Value{it->second, value_position(key, it->second), child(map.path, name)});
+            on_field(index, Value{value, value_position(key, value), child(map.path, name)});
         }
         for (size_t i = 0; i < N; ++i) {
             if (specs[i].required && !seen[i]) {
@@ -738,6 +741,122 @@ ParseResult single_problem(std::string_view file, Position at, std::string messa
     return result;
 }
 
+// ---- Input screening -------------------------------------------------------------------------
+
+struct BadByte {
+    size_t offset;
+    std::string message;
+};
+
+// Length of the UTF-8 sequence starting at `text[i]`, or 0 when it is not well-formed (including
+// overlong forms, surrogates and code points above U+10FFFF).
+size_t utf8_sequence_length(std::string_view text, size_t i) {
+    const auto byte = [&](size_t k) { return static_cast<unsigned char>(text[k]); };
+    const unsigned char b0 = byte(i);
+    size_t length = 0;
+    unsigned char min1 = 0x80;
+    unsigned char max1 = 0xbf;
+    if (b0 >= 0xc2 && b0 <= 0xdf) {
+        length = 2;
+    } else if (b0 >= 0xe0 && b0 <= 0xef) {
+        length = 3;
+        if (b0 == 0xe0)
+            min1 = 0xa0;  // overlong
+        if (b0 == 0xed)
+            max1 = 0x9f;  // surrogates
+    } else if (b0 >= 0xf0 && b0 <= 0xf4) {
+        length = 4;
+        if (b0 == 0xf0)
+            min1 = 0x90;  // overlong
+        if (b0 == 0xf4)
+            max1 = 0x8f;  // above U+10FFFF
+    } else {
+        return 0;
+    }
+    if (text.size() - i < length || byte(i + 1) < min1 || byte(i + 1) > max1) {
+        return 0;
+    }
+    for (size_t k = 2; k < length; ++k) {
+        if (byte(i + k) < 0x80 || byte(i + k) > 0xbf) {
+            return 0;
+        }
+    }
+    return length;
+}
+
+// A policy bundle is UTF-8 text without control characters other than tab and line breaks.
+// Checked before yaml-cpp sees the text: yaml-cpp 0.7 takes byte 0x04 for the end of input and,
+// on some binary input, never finishes a document, so LoadAll() would keep adding empty
+// documents until memory runs out.
+std::optional<BadByte> first_bad_byte(std::string_view text) {
+    for (size_t i = 0; i < text.size();) {
+        const unsigned char c = static_cast<unsigned char>(text[i]);
+        if (c < 0x80) {
+            if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c == 0x7f) {
+                static constexpr char kHex[] = "0123456789abcdef";
+                return BadByte{i, std::string("control character 0x") + kHex[c >> 4] +
+                                      kHex[c & 0xf] + " is not allowed in a policy bundle"};
+            }
+            ++i;
+            continue;
+        }
+        const size_t length = utf8_sequence_length(text, i);
+        if (length == 0) {
+            return BadByte{i, "invalid UTF-8; a policy bundle must be UTF-8 text"};
+        }
+        i += length;
+    }
+    return std::nullopt;
+}
+
+// 1-based line and byte column of `offset`.
+Position position_at_offset(std::string_view text, size_t offset) {
+    const std::string_view before = text.substr(0, offset);
+    const size_t line_start = before.rfind('\n');
+    const int line = static_cast<int>(std::count(before.begin(), before.end(), '\n')) + 1;
+    const size_t column = line_start == std::string_view::npos ? offset : offset - line_start - 1;
+    return {line, static_cast<int>(column) + 1};
+}
+
+// Records where a second YAML document starts, without building any node.
+class DocumentCounter : public YAML::EventHandler {
+  public:
+    void OnDocumentStart(const YAML::Mark &mark) override {
+        if (++documents_ == 2) {
+            second_ = mark;
+        }
+    }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark &, YAML::anchor_t) override {}
+    void OnAlias(const YAML::Mark &, YAML::anchor_t) override {}
+    void OnScalar(const YAML::Mark &, const std::string &, YAML::anchor_t,
+                  const std::string &) override {}
+    void OnSequenceStart(const YAML::Mark &, const std::string &, YAML::anchor_t,
+                         YAML::EmitterStyle::value) override {}
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark &, const std::string &, YAML::anchor_t,
+                    YAML::EmitterStyle::value) override {}
+    void OnMapEnd() override {}
+
+    const YAML::Mark &second() const { return second_; }
+
+  private:
+    int documents_ = 0;
+    YAML::Mark second_ = YAML::Mark::null_mark();
+};
+
+// Where a second document starts, if any. Unlike LoadAll() this stops after two documents, so
+// it terminates whatever yaml-cpp makes of the input.
+std::optional<YAML::Mark> second_document(const std::string &text) {
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    DocumentCounter counter;
+    if (!parser.HandleNextDocument(counter) || !parser.HandleNextDocument(counter)) {
+        return std::nullopt;
+    }
+    return counter.second();
+}
+
 }  // namespace
 
 ParseResult parse_bundle(std::string_view yaml_text, std::string_view file_name) {
@@ -747,20 +866,24 @@ ParseResult parse_bundle(std::string_view yaml_text, std::string_view file_name)
                                   " bytes; at most " + std::to_string(kMaxBundleBytes) +
                                   " bytes (4 MiB) are allowed");
     }
+    if (const std::optional<BadByte> bad = first_bad_byte(yaml_text)) {
+        return single_problem(file_name, position_at_offset(yaml_text, bad->offset), bad->message);
+    }
     try {
-        const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(yaml_text));
-        if (documents.empty() || documents.front().IsNull()) {
+        const std::string text(yaml_text);
+        const YAML::Node root = YAML::Load(text);
+        if (const std::optional<YAML::Mark> second = second_document(text)) {
+            return single_problem(file_name, position_of(*second),
+                                  "a policy bundle is a single YAML document; a second one "
+                                  "starts here");
+        }
+        if (root.IsNull()) {
             return single_problem(file_name, {},
                                   "the bundle is empty; expected a mapping with schema, version, "
                                   "clients and routes");
         }
-        if (documents.size() > 1) {
-            return single_problem(file_name, position_of(documents[1]),
-                                  "a policy bundle is a single YAML document; a second one "
-                                  "starts here");
-        }
         BundleParser parser(file_name);
-        parser.parse(documents.front());
+        parser.parse(root);
         ParseResult result;
         result.diagnostics = parser.validator().finish();
         if (result.diagnostics.empty()) {

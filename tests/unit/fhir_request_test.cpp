@@ -49,8 +49,7 @@ const Case kRecognized[] = {
     {"GET", "Observation", "code=1234-5", Interaction::SearchType, "Observation", "", "", "",
      false},
     {"HEAD", "Observation", "", Interaction::SearchType, "Observation", "", "", "", false},
-    {"POST", "Observation/_search", "", Interaction::SearchType, "Observation", "", "", "",
-     false},
+    {"POST", "Observation/_search", "", Interaction::SearchType, "Observation", "", "", "", false},
     {"GET", "", "_type=Patient", Interaction::SearchSystem, "", "", "", "", false},
     {"POST", "_search", "", Interaction::SearchSystem, "", "", "", "", false},
     {"GET", "metadata", "", Interaction::Capabilities, "", "", "", "", false},
@@ -129,38 +128,38 @@ TEST(FhirClassify, IdGrammar) {
 
 TEST(FhirClassify, RejectsMalformedPaths) {
     const char *const kBad[] = {
-        "/Patient",                      // leading slash: the caller strips the base
-        "Patient/",                      // trailing slash
-        "Patient//123",                  // empty segment
-        "Patient/123/",                  // trailing slash after an id
-        "Patient/123/_history/",         // trailing slash after _history
-        "Patient/123/_history/2/",       // trailing slash after a version
-        "Patient/123/_history/2/x",      // extra segment
-        "Patient/123/Observation",       // compartment search: not recognized yet
-        "Patient/123/foo",               // unknown instance segment
-        "Patient/.",                     // dot segments
-        "Patient/..",                    //
-        "Patient/../Observation",        //
-        "Patient/1/_history/..",         //
-        "Patient/a%2Fb",                 // percent-encoded slash
-        "Patient%2F123",                 //
-        "Patient/a b",                   // space
-        "Patient/123;x",                 // path parameter
-        "patient/123",                   // resource types are case-sensitive
-        "Patients/123",                  // unknown type
-        "Resource/1",                    // abstract types are not endpoints
-        "DomainResource/1",              //
-        "Foo",                           //
-        "Patient/$",                     // empty operation name
-        "Patient/$1x",                   // operation names start with a letter
-        "Patient/$a.b",                  //
-        "$",                             //
-        "Patient/_history/1",            // type history has no further segment
-        "_history/1",                    //
-        "metadata/x",                    //
-        "_search/x",                     //
-        "Patient/_search/x",             //
-        "Patient/1/$everything/x",       //
+        "/Patient",                  // leading slash: the caller strips the base
+        "Patient/",                  // trailing slash
+        "Patient//123",              // empty segment
+        "Patient/123/",              // trailing slash after an id
+        "Patient/123/_history/",     // trailing slash after _history
+        "Patient/123/_history/2/",   // trailing slash after a version
+        "Patient/123/_history/2/x",  // extra segment
+        "Patient/123/Observation",   // compartment search: not recognized yet
+        "Patient/123/foo",           // unknown instance segment
+        "Patient/.",                 // dot segments
+        "Patient/..",                //
+        "Patient/../Observation",    //
+        "Patient/1/_history/..",     //
+        "Patient/a%2Fb",             // percent-encoded slash
+        "Patient%2F123",             //
+        "Patient/a b",               // space
+        "Patient/123;x",             // path parameter
+        "patient/123",               // resource types are case-sensitive
+        "Patients/123",              // unknown type
+        "Resource/1",                // abstract types are not endpoints
+        "DomainResource/1",          //
+        "Foo",                       //
+        "Patient/$",                 // empty operation name
+        "Patient/$1x",               // operation names start with a letter
+        "Patient/$a.b",              //
+        "$",                         //
+        "Patient/_history/1",        // type history has no further segment
+        "_history/1",                //
+        "metadata/x",                //
+        "_search/x",                 //
+        "Patient/_search/x",         //
+        "Patient/1/$everything/x",   //
     };
     for (const char *path : kBad) {
         EXPECT_FALSE(classify("GET", path, "")) << path;
@@ -227,22 +226,14 @@ TEST(FhirClassify, ResourceTypes) {
 }
 
 TEST(FhirInteraction, NamesRoundTrip) {
-    const char *const kNames[] = {"read",
-                                  "vread",
-                                  "update",
-                                  "patch",
-                                  "delete",
-                                  "history-instance",
-                                  "history-type",
-                                  "history-system",
-                                  "create",
-                                  "search-type",
-                                  "search-system",
-                                  "capabilities",
-                                  "batch",
-                                  "operation-system",
-                                  "operation-type",
-                                  "operation-instance"};
+    const char *const kNames[] = {"read",           "vread",
+                                  "update",         "patch",
+                                  "delete",         "history-instance",
+                                  "history-type",   "history-system",
+                                  "create",         "search-type",
+                                  "search-system",  "capabilities",
+                                  "batch",          "operation-system",
+                                  "operation-type", "operation-instance"};
     static_assert(std::size(kNames) == kInteractionCount);
     for (size_t i = 0; i < kInteractionCount; ++i) {
         const auto interaction = static_cast<Interaction>(i);
@@ -258,11 +249,10 @@ TEST(FhirInteraction, NamesRoundTrip) {
 TEST(FhirInteraction, SystemLevel) {
     for (size_t i = 0; i < kInteractionCount; ++i) {
         const auto interaction = static_cast<Interaction>(i);
-        const bool expected = interaction == Interaction::HistorySystem ||
-                              interaction == Interaction::SearchSystem ||
-                              interaction == Interaction::Capabilities ||
-                              interaction == Interaction::Batch ||
-                              interaction == Interaction::OperationSystem;
+        const bool expected =
+            interaction == Interaction::HistorySystem || interaction == Interaction::SearchSystem ||
+            interaction == Interaction::Capabilities || interaction == Interaction::Batch ||
+            interaction == Interaction::OperationSystem;
         EXPECT_EQ(is_system_level(interaction), expected) << interaction_name(interaction);
     }
     // Consistency with classification: system-level targets are exactly those with no type.

@@ -36,7 +36,9 @@ std::string dump(const std::vector<Diagnostic> &diagnostics) {
     return out;
 }
 
-ParseResult parse(std::string_view yaml) { return parse_bundle(yaml, "test.yaml"); }
+ParseResult parse(std::string_view yaml) {
+    return parse_bundle(yaml, "test.yaml");
+}
 
 // Parses `yaml` and expects exactly one diagnostic, at the given place, whose message contains
 // `message`.
@@ -148,8 +150,7 @@ TEST(PolicyBundleFiles, InvalidExampleReportsEveryProblemInOnePass) {
          "unknown interaction \"raed\"; did you mean \"read\"?"},
         {27, 15, "routes[1].methods[0]",
          "unknown HTTP method \"GETT\"; expected one of GET, HEAD, POST, PUT, PATCH, DELETE"},
-        {30, 5, "routes[1].interactions",
-         "duplicate key \"interactions\"; first given at line 29"},
+        {30, 5, "routes[1].interactions", "duplicate key \"interactions\"; first given at line 29"},
     };
     ASSERT_EQ(result.diagnostics.size(), std::size(expected)) << dump(result.diagnostics);
     for (size_t i = 0; i < std::size(expected); ++i) {
@@ -182,12 +183,12 @@ TEST(PolicyBundleFiles, SyntaxErrorExample) {
 // ---- Loading ---------------------------------------------------------------------------------
 
 class TempDir : public ::testing::Test {
-protected:
+  protected:
     void SetUp() override {
         dir_ = std::filesystem::temp_directory_path() /
-               ("ehrgate-policy-test-" + std::to_string(::testing::UnitTest::GetInstance()
-                                                            ->random_seed()) +
-                "-" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+               ("ehrgate-policy-test-" +
+                std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "-" +
+                ::testing::UnitTest::GetInstance()->current_test_info()->name());
         std::filesystem::create_directories(dir_);
     }
     void TearDown() override { std::filesystem::remove_all(dir_); }
@@ -208,8 +209,7 @@ TEST_F(PolicyLoad, MissingFileIsOneDiagnostic) {
     const ParseResult result = load_bundle_file(path);
     EXPECT_FALSE(result.bundle.has_value());
     ASSERT_EQ(result.diagnostics.size(), 1u);
-    EXPECT_EQ(result.diagnostics[0].to_string(),
-              path + ": cannot open: No such file or directory");
+    EXPECT_EQ(result.diagnostics[0].to_string(), path + ": cannot open: No such file or directory");
 }
 
 TEST_F(PolicyLoad, DirectoryIsOneDiagnostic) {
@@ -254,7 +254,7 @@ TEST(PolicyParse, DocumentShape) {
     expect_one("~\n", 0, 0, "", "the bundle is empty");
     expect_one("- a\n- b\n", 1, 1, "", "top level, got a list");
     expect_one("just text\n", 1, 1, "", "top level, got a string");
-    expect_one(std::string(kMinimal) + "---\nschema: x\n", 11, 1, "",
+    expect_one(std::string(kMinimal) + "---\nschema: x\n", 10, 1, "",
                "a policy bundle is a single YAML document; a second one starts here");
 }
 
@@ -286,6 +286,42 @@ TEST(PolicyParse, BinaryGarbageNeverThrows) {
     }
 }
 
+TEST(PolicyParse, OnlyUtf8TextIsParsed) {
+    // Screened before yaml-cpp: it reads 0x04 as end of input, and LoadAll() never returned on
+    // some binary input (it kept appending empty documents until memory ran out).
+    expect_one(std::string(kMinimal) +
+                   "description: a\x04"
+                   "b\n",
+               10, 15, "", "control character 0x04 is not allowed in a policy bundle");
+    expect_one(std::string("schema: x\n") + std::string(1, '\0'), 2, 1, "",
+               "control character 0x00 is not allowed in a policy bundle");
+    expect_one(",d\x05\xca\x80o", 1, 3, "", "control character 0x05");
+    expect_one("version: \xff\n", 1, 10, "", "invalid UTF-8; a policy bundle must be UTF-8 text");
+    expect_one("version: \xc0\xaf\n", 1, 10, "", "invalid UTF-8");      // overlong '/'
+    expect_one("version: \xed\xa0\x80\n", 1, 10, "", "invalid UTF-8");  // surrogate
+    expect_one("version: \xf4\x90\x80\x80\n", 1, 10, "", "invalid UTF-8");
+    expect_one("version: \xe2\x82\n", 1, 10, "", "invalid UTF-8");  // truncated sequence
+
+    const ParseResult text = parse(
+        std::string(kMinimal) + "description: \"Überweisung \xe2\x82\xac \xf0\x9f\x8f\xa5\"\r\n");
+    ASSERT_TRUE(text.bundle) << dump(text.diagnostics);
+    EXPECT_EQ(text.bundle->description, "Überweisung € \xf0\x9f\x8f\xa5");
+    EXPECT_TRUE(parse("\xef\xbb\xbf" + std::string(kMinimal)).bundle);  // BOM
+}
+
+TEST(PolicyParse, PrintableGarbageNeverThrows) {
+    std::mt19937 rng(99);
+    const std::string alphabet = "-:[]{},?!&*#|>'\"%@` \n\tab01.~";
+    for (int round = 0; round < 500; ++round) {
+        std::string text(static_cast<size_t>(rng() % 200), ' ');
+        for (char &c : text) {
+            c = alphabet[rng() % alphabet.size()];
+        }
+        const ParseResult result = parse(text);
+        EXPECT_FALSE(result.bundle.has_value()) << text;
+    }
+}
+
 TEST(PolicyParse, UnknownFields) {
     expect_one(std::string(kMinimal) + "extra: 1\n", 10, 1, "extra",
                "unknown field \"extra\"; expected one of schema, version, description, clients, "
@@ -309,15 +345,15 @@ TEST(PolicyParse, DuplicateKeys) {
     expect_one(with_route_tail("    methods: [GET]\n    resources: [\"*\"]\n    interactions: "
                                "[\"*\"]\n    methods: [DELETE]\n"),
                10, 5, "routes[0].methods", "duplicate key \"methods\"; first given at line 7");
-    expect_one(
-        with_client("  - {id: a, context: user, traffic_class: batch, context: system}\n"), 4,
-        52, "clients[0].context", "duplicate key \"context\"; first given at line 4");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, context: system}\n"),
+               4, 50, "clients[0].context", "duplicate key \"context\"; first given at line 4");
 }
 
 TEST(PolicyParse, MissingRequiredFields) {
-    expect_one("version: v1\nclients: []\nroutes: [{name: r, prefix: /, methods: [GET], "
-               "resources: [\"*\"], interactions: [\"*\"]}]\n",
-               1, 1, "schema", "missing required field \"schema\"");
+    expect_one(
+        "version: v1\nclients: []\nroutes: [{name: r, prefix: /, methods: [GET], "
+        "resources: [\"*\"], interactions: [\"*\"]}]\n",
+        1, 1, "schema", "missing required field \"schema\"");
     expect_one(with_client("  - id: a\n    context: user\n"), 4, 5, "clients[0].traffic_class",
                "missing required field \"traffic_class\"");
     expect_one(with_route_tail("    methods: [GET]\n    resources: [\"*\"]\n"), 5, 5,
@@ -325,22 +361,27 @@ TEST(PolicyParse, MissingRequiredFields) {
 }
 
 TEST(PolicyParse, WrongTypes) {
-    expect_one("schema: [ehrgate.policy/v1]\nversion: v1\nclients: []\nroutes: [{name: r, "
-               "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               1, 9, "schema", "expected a string, got a list");
-    expect_one("schema: ehrgate.policy/v1\nversion: {a: b}\nclients: []\nroutes: [{name: r, "
-               "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               2, 10, "version", "expected a string, got a mapping");
+    expect_one(
+        "schema: [ehrgate.policy/v1]\nversion: v1\nclients: []\nroutes: [{name: r, "
+        "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        1, 9, "schema", "expected a string, got a list");
+    expect_one(
+        "schema: ehrgate.policy/v1\nversion: {a: b}\nclients: []\nroutes: [{name: r, "
+        "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        2, 10, "version", "expected a string, got a mapping");
     // An empty value points at its key: yaml-cpp would place it on the next line.
-    expect_one("schema: ehrgate.policy/v1\nversion:\nclients: []\nroutes: [{name: r, prefix: "
-               "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               2, 1, "version", "expected a string, got null");
-    expect_one("schema: ehrgate.policy/v1\nversion: v1\nclients:\nroutes: [{name: r, prefix: "
-               "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               3, 1, "clients", "expected a list, got null; write [] for an empty list");
-    expect_one("schema: ehrgate.policy/v1\nversion: v1\nclients: demo\nroutes: [{name: r, "
-               "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               3, 10, "clients", "expected a list, got a string");
+    expect_one(
+        "schema: ehrgate.policy/v1\nversion:\nclients: []\nroutes: [{name: r, prefix: "
+        "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        2, 1, "version", "expected a string, got null");
+    expect_one(
+        "schema: ehrgate.policy/v1\nversion: v1\nclients:\nroutes: [{name: r, prefix: "
+        "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        3, 1, "clients", "expected a list, got null; write [] for an empty list");
+    expect_one(
+        "schema: ehrgate.policy/v1\nversion: v1\nclients: demo\nroutes: [{name: r, "
+        "prefix: /, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        3, 10, "clients", "expected a list, got a string");
     expect_one(with_client("  - demo-app\n"), 4, 5, "clients[0]",
                "expected a mapping, got a string");
     expect_one(with_route_tail("    methods: GET\n    resources: [\"*\"]\n    interactions: "
@@ -350,15 +391,15 @@ TEST(PolicyParse, WrongTypes) {
                                "[\"*\"]\n"),
                7, 15, "routes[0].methods[0]", "expected a string, got a list");
     expect_one(
-        with_client("  - {id: a, context: user, traffic_class: batch, purposes: [TREAT, ~]}\n"),
-        4, 68, "clients[0].purposes[1]", "expected a string, got null");
+        with_client("  - {id: a, context: user, traffic_class: batch, purposes: [TREAT, ~]}\n"), 4,
+        68, "clients[0].purposes[1]", "expected a string, got null");
 }
 
 TEST(PolicyParse, SchemaAndVersion) {
-    expect_one("schema: ehrgate.policy/v2\nversion: v1\nclients: []\nroutes: [{name: r, prefix: "
-               "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
-               1, 9, "schema",
-               "unsupported schema \"ehrgate.policy/v2\"; expected \"ehrgate.policy/v1\"");
+    expect_one(
+        "schema: ehrgate.policy/v2\nversion: v1\nclients: []\nroutes: [{name: r, prefix: "
+        "/, methods: [GET], resources: [\"*\"], interactions: [\"*\"]}]\n",
+        1, 9, "schema", "unsupported schema \"ehrgate.policy/v2\"; expected \"ehrgate.policy/v1\"");
     const std::string long_version(65, 'v');
     expect_one("schema: ehrgate.policy/v1\nversion: " + long_version +
                    "\nclients: []\nroutes: [{name: r, prefix: /, methods: [GET], resources: "
@@ -385,10 +426,10 @@ TEST(PolicyParse, Description) {
 }
 
 TEST(PolicyParse, ClientFields) {
-    expect_one(with_client("  - {id: \"a b\", context: user, traffic_class: batch}\n"), 4, 11,
+    expect_one(with_client("  - {id: \"a b\", context: user, traffic_class: batch}\n"), 4, 10,
                "clients[0].id",
                "invalid client id \"a b\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
-    expect_one(with_client("  - {id: \"\", context: user, traffic_class: batch}\n"), 4, 11,
+    expect_one(with_client("  - {id: \"\", context: user, traffic_class: batch}\n"), 4, 10,
                "clients[0].id", "invalid client id \"\"");
     expect_one(with_client("  - {id: a, context: users, traffic_class: batch}\n"), 4, 22,
                "clients[0].context",
@@ -426,7 +467,7 @@ TEST(PolicyParse, DuplicateClientIds) {
     expect_one(with_client("  - {id: a, context: user, traffic_class: batch}\n"
                            "  - {id: b, context: user, traffic_class: batch}\n"
                            "  - {id: a, context: system, traffic_class: batch}\n"),
-               6, 11, "clients[2].id", "duplicate client id \"a\"; first defined at line 4");
+               6, 10, "clients[2].id", "duplicate client id \"a\"; first defined at line 4");
 }
 
 TEST(PolicyParse, RouteNamesAndPrefixes) {
@@ -435,8 +476,7 @@ TEST(PolicyParse, RouteNamesAndPrefixes) {
     expect_one(head + "  - {name: a, prefix: /a/" + tail + "  - {name: a, prefix: /b/" + tail, 6,
                12, "routes[1].name", "duplicate route name \"a\"; first defined at line 5");
     expect_one(head + "  - {name: a, prefix: /a/" + tail + "  - {name: b, prefix: /a/" + tail, 6,
-               23, "routes[1].prefix",
-               "duplicate prefix \"/a/\"; another route uses it at line 5");
+               23, "routes[1].prefix", "duplicate prefix \"/a/\"; another route uses it at line 5");
     expect_one(head + "  - {name: \"a/b\", prefix: /a/" + tail, 5, 12, "routes[0].name",
                "invalid route name \"a/b\"");
     struct BadPrefix {
@@ -452,8 +492,8 @@ TEST(PolicyParse, RouteNamesAndPrefixes) {
         {"/a/../", "contains a dot segment (\"..\")"},
         {"\"/a b/\"", "contains \" \"; use only letters, digits, '/' and"},
         {"/a%2Fb/", "contains \"%\""},
-        {"/a?b/", "contains \"?\""},
-        {"/a#b/", "contains \"#\""},
+        {"\"/a?b/\"", "contains \"?\""},
+        {"\"/a#b/\"", "contains \"#\""},
     };
     for (const BadPrefix &bad : kBad) {
         const std::string yaml = head + "  - {name: a, prefix: " + bad.prefix + tail;
@@ -518,8 +558,9 @@ TEST(PolicyParse, ListLengthLimits) {
     for (size_t i = 0; i <= kMaxClients; ++i) {
         many += "  - {id: c" + std::to_string(i) + ", context: user, traffic_class: batch}\n";
     }
-    many += "routes: [{name: r, prefix: /, methods: [GET], resources: [\"*\"], interactions: "
-            "[\"*\"]}]\n";
+    many +=
+        "routes: [{name: r, prefix: /, methods: [GET], resources: [\"*\"], interactions: "
+        "[\"*\"]}]\n";
     expect_one(many, 4, 3, "clients", "too many entries (10001); at most 10000 are allowed");
 
     // At the limit everything is accepted, and find_client works on the result.
@@ -546,8 +587,7 @@ TEST(PolicyParse, DiagnosticsAreCappedWithANote) {
     }
     const ParseResult result = parse(yaml);
     ASSERT_EQ(result.diagnostics.size(), kMaxDiagnostics + 1);
-    EXPECT_EQ(result.diagnostics.back().message,
-              "too many problems; stopped after the first 100");
+    EXPECT_EQ(result.diagnostics.back().message, "too many problems; stopped after the first 100");
     EXPECT_EQ(result.diagnostics.front().line, 10);
 }
 
@@ -594,9 +634,9 @@ TEST(PolicyParse, QuotedValuesAreEscapedAndCut) {
         << result.diagnostics[0].message;
     EXPECT_EQ(result.diagnostics[0].message.find('\n'), std::string::npos);
 
-    const ParseResult long_value = parse(with_route_tail(
-        "    methods: [" + std::string(500, 'G') + "]\n    resources: [\"*\"]\n    "
-                                                   "interactions: [\"*\"]\n"));
+    const ParseResult long_value = parse(with_route_tail("    methods: [" + std::string(500, 'G') +
+                                                         "]\n    resources: [\"*\"]\n    "
+                                                         "interactions: [\"*\"]\n"));
     ASSERT_EQ(long_value.diagnostics.size(), 1u);
     EXPECT_LT(long_value.diagnostics[0].message.size(), 200u);
     EXPECT_NE(long_value.diagnostics[0].message.find("GGG...\""), std::string::npos);
@@ -706,8 +746,11 @@ TEST(PolicySnapshot, RoundTrip) {
     big.serial = UINT64_MAX;
     big.bundle = small_bundle();
     for (int i = 0; i < 300; ++i) {
-        big.bundle.clients.push_back({"c" + std::to_string(1000 + i), std::string(40, 'n'),
-                                      LaunchContext::Patient, TrafficClass::Batch, {}});
+        big.bundle.clients.push_back({"c" + std::to_string(1000 + i),
+                                      std::string(40, 'n'),
+                                      LaunchContext::Patient,
+                                      TrafficClass::Batch,
+                                      {}});
     }
     big.bundle.canonicalize();
     const std::optional<Snapshot> big_decoded = decode_snapshot(encode_snapshot(big));
@@ -718,14 +761,13 @@ TEST(PolicySnapshot, RoundTrip) {
 TEST(PolicySnapshot, EncoderCanonicalizesHandBuiltBundles) {
     Snapshot snapshot;
     snapshot.bundle = small_bundle();
-    snapshot.bundle.clients.push_back({"aaa", "", LaunchContext::System, TrafficClass::Batch,
-                                       {"TREAT", "HOPERAT"}});
+    snapshot.bundle.clients.push_back(
+        {"aaa", "", LaunchContext::System, TrafficClass::Batch, {"TREAT", "HOPERAT"}});
     snapshot.bundle.routes[0].methods = {"HEAD", "GET"};
     const std::optional<Snapshot> decoded = decode_snapshot(encode_snapshot(snapshot));
     ASSERT_TRUE(decoded);
     EXPECT_EQ(decoded->bundle.clients[0].id, "aaa");
-    EXPECT_EQ(decoded->bundle.clients[0].purposes,
-              (std::vector<std::string>{"HOPERAT", "TREAT"}));
+    EXPECT_EQ(decoded->bundle.clients[0].purposes, (std::vector<std::string>{"HOPERAT", "TREAT"}));
     EXPECT_EQ(decoded->bundle.routes[0].methods, (std::vector<std::string>{"GET", "HEAD"}));
     Snapshot canonical = snapshot;
     canonical.bundle.canonicalize();
@@ -743,7 +785,7 @@ TEST(PolicySnapshot, DigestIsSha256OfTheCanonicalBundleEncoding) {
     EXPECT_EQ(sha256_hex(bundle_bytes(encode_snapshot(snapshot))), digest);
 
     // Golden value: changes only when the canonical encoding changes, which is a protocol change.
-    EXPECT_EQ(digest, "GOLDEN");
+    EXPECT_EQ(digest, "83ff7a6602750a483fcffb1f080725fe29d370201abc93f2c0ec5962342b5d97");
 
     // The serial and the digest field are not part of it.
     Snapshot other{99, "something", bundle};
@@ -974,17 +1016,15 @@ const DecisionCase kSandboxDecisions[] = {
      "Patient", "read"},
     {"HEAD", "/fhir/Patient/123/_history/4", "", "demo-patient-app", kPermit, 200, "permitted",
      "fhir", "Patient", "vread"},
-    {"GET", "/fhir/Observation", "code=8867-4&patient=123", "demo-batch", kPermit, 200,
-     "permitted", "fhir", "Observation", "search-type"},
-    {"POST", "/fhir/Observation/_search", "", "", kPermit, 200, "permitted", "fhir",
-     "Observation", "search-type"},
+    {"GET", "/fhir/Observation", "code=8867-4&patient=123", "demo-batch", kPermit, 200, "permitted",
+     "fhir", "Observation", "search-type"},
+    {"POST", "/fhir/Observation/_search", "", "", kPermit, 200, "permitted", "fhir", "Observation",
+     "search-type"},
     {"POST", "/fhir/Encounter", "", "", kPermit, 200, "permitted", "fhir", "Encounter", "create"},
-    {"PUT", "/fhir/Condition/c1", "", "", kPermit, 200, "permitted", "fhir", "Condition",
-     "update"},
+    {"PUT", "/fhir/Condition/c1", "", "", kPermit, 200, "permitted", "fhir", "Condition", "update"},
     {"PATCH", "/fhir/ServiceRequest/s1", "", "", kPermit, 200, "permitted", "fhir",
      "ServiceRequest", "patch"},
-    {"DELETE", "/fhir/Consent/k1", "", "", kPermit, 200, "permitted", "fhir", "Consent",
-     "delete"},
+    {"DELETE", "/fhir/Consent/k1", "", "", kPermit, 200, "permitted", "fhir", "Consent", "delete"},
     {"GET", "/fhir/MedicationRequest/m1/_history", "", "", kPermit, 200, "permitted", "fhir",
      "MedicationRequest", "history-instance"},
     {"GET", "/fhir/metadata", "", "", kPermit, 200, "permitted", "fhir", "", "capabilities"},
@@ -997,17 +1037,15 @@ const DecisionCase kSandboxDecisions[] = {
     {"OPTIONS", "/fhir/Patient/123", "", "", kDeny, 405, "method-not-allowed", "fhir", "", ""},
     {"get", "/fhir/Patient/123", "", "", kDeny, 405, "method-not-allowed", "fhir", "", ""},
     // Not a FHIR interaction.
-    {"GET", "/fhir/Patient/123/", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "",
-     ""},
-    {"GET", "/fhir/Patient/../Observation", "", "", kDeny, 400, "unrecognized-fhir-request",
-     "fhir", "", ""},
+    {"GET", "/fhir/Patient/123/", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "", ""},
+    {"GET", "/fhir/Patient/../Observation", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir",
+     "", ""},
     {"GET", "/fhir/Unicorn/1", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "", ""},
-    {"POST", "/fhir/Patient/123", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "",
-     ""},
+    {"POST", "/fhir/Patient/123", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "", ""},
     {"GET", "/fhir/", "", "", kDeny, 400, "unrecognized-fhir-request", "fhir", "", ""},
     // Resource type not on the route.
-    {"GET", "/fhir/AllergyIntolerance", "", "", kDeny, 403, "resource-type-not-permitted",
-     "fhir", "AllergyIntolerance", "search-type"},
+    {"GET", "/fhir/AllergyIntolerance", "", "", kDeny, 403, "resource-type-not-permitted", "fhir",
+     "AllergyIntolerance", "search-type"},
     {"GET", "/fhir/Practitioner/p1", "", "demo-clinician-app", kDeny, 403,
      "resource-type-not-permitted", "fhir", "Practitioner", "read"},
     {"GET", "/fhir/Group/g/$export", "", "", kDeny, 403, "resource-type-not-permitted", "fhir",
@@ -1015,8 +1053,8 @@ const DecisionCase kSandboxDecisions[] = {
     // Interaction not on the route.
     {"GET", "/fhir/$export", "", "demo-batch", kDeny, 403, "interaction-not-permitted", "fhir", "",
      "operation-system"},
-    {"GET", "/fhir/Patient/1/$everything", "", "", kDeny, 403, "interaction-not-permitted",
-     "fhir", "Patient", "operation-instance"},
+    {"GET", "/fhir/Patient/1/$everything", "", "", kDeny, 403, "interaction-not-permitted", "fhir",
+     "Patient", "operation-instance"},
     {"POST", "/fhir/", "", "", kDeny, 403, "interaction-not-permitted", "fhir", "", "batch"},
     {"GET", "/fhir/", "name=smith", "", kDeny, 403, "interaction-not-permitted", "fhir", "",
      "search-system"},
@@ -1055,8 +1093,8 @@ TEST(PolicyEvaluate, MessagesNeverEchoThePathOrQuery) {
     const Snapshot snapshot = sandbox_snapshot();
     const char *const kPhi = "SMITH4711";
     const std::string paths[] = {
-        std::string("/nope/") + kPhi,           std::string("/fhir/Patient/") + kPhi + "/",
-        std::string("/fhir/Flag/") + kPhi,      std::string("/fhir/Patient/") + kPhi + "/$everything",
+        std::string("/nope/") + kPhi,         std::string("/fhir/Patient/") + kPhi + "/",
+        std::string("/fhir/Flag/") + kPhi,    std::string("/fhir/Patient/") + kPhi + "/$everything",
         std::string("/fhir/Patient/") + kPhi,
     };
     for (const std::string &path : paths) {
@@ -1089,11 +1127,16 @@ TEST(PolicyRoutes, LongestPrefixWins) {
         const char *path;
         const char *route;
     } kCases[] = {
-        {"/fhir/r4/admin/Patient", "deep"}, {"/fhir/r4/admin/", "deep"},
-        {"/fhir/r4/adminx/Patient", "r4"},  {"/fhir/r4/Patient/1", "r4"},
-        {"/fhir/r4", "fhir"},               {"/fhir/r5/Patient/1", "fhir"},
-        {"/fhir/", "fhir"},                 {"/fhir", "root"},
-        {"/", "root"},                      {"/metadata", "root"},
+        {"/fhir/r4/admin/Patient", "deep"},
+        {"/fhir/r4/admin/", "deep"},
+        {"/fhir/r4/adminx/Patient", "r4"},
+        {"/fhir/r4/Patient/1", "r4"},
+        {"/fhir/r4", "fhir"},
+        {"/fhir/r5/Patient/1", "fhir"},
+        {"/fhir/", "fhir"},
+        {"/fhir", "root"},
+        {"/", "root"},
+        {"/metadata", "root"},
     };
     for (const auto &c : kCases) {
         const Route *route = s.bundle.match_route(c.path);
@@ -1118,8 +1161,7 @@ TEST(PolicyRoutes, EvaluateUsesTheMatchedRoute) {
     EXPECT_EQ(evaluate(s, request("GET", "/fhir/r4/Patient/1")).reason, "permitted");
     EXPECT_EQ(evaluate(s, request("GET", "/fhir/r4/Observation/1")).reason,
               "resource-type-not-permitted");
-    EXPECT_EQ(evaluate(s, request("GET", "/fhir/r4/Patient")).reason,
-              "interaction-not-permitted");
+    EXPECT_EQ(evaluate(s, request("GET", "/fhir/r4/Patient")).reason, "interaction-not-permitted");
     EXPECT_EQ(evaluate(s, request("GET", "/fhir/r4/admin/Observation/1")).reason, "permitted");
     EXPECT_EQ(evaluate(s, request("GET", "/fhir/Observation/1")).route, "fhir");
     EXPECT_EQ(evaluate(s, request("POST", "/fhir/Observation")).reason, "method-not-allowed");

@@ -37,6 +37,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace ehrgate::fhir {
 
@@ -109,5 +110,32 @@ std::span<const std::string_view> resource_types();
 
 // FHIR id grammar: [A-Za-z0-9\-.]{1,64}.
 bool is_valid_id(std::string_view id);
+
+// One decoded `name=value` pair of a query string. The name keeps its modifier and chain
+// ("subject:Patient.name"); splitting them is the caller's business.
+struct QueryParam {
+    std::string name;
+    std::string value;
+
+    bool operator==(const QueryParam &) const = default;
+};
+
+// A request's search parameters in the order they were given. Repeated names stay repeated: in
+// FHIR search they mean AND, and dropping one would widen the search.
+using Query = std::vector<QueryParam>;
+
+// More parameters than any real client sends; the cap bounds the work a hostile query can cause.
+inline constexpr size_t kMaxQueryParams = 256;
+
+// Strict application/x-www-form-urlencoded decoding: "%XX" with two hex digits, '+' as a space.
+// A malformed escape or a decoded control byte (0x00-0x1F, 0x7F) makes the text undecodable:
+// such bytes have no business in a FHIR search and servers disagree on what they mean.
+std::optional<std::string> percent_decode(std::string_view text);
+
+// Splits `raw` (the query without '?') on '&' and decodes names and values with percent_decode.
+// Empty pieces ("a=1&&b=2", a trailing '&') are ignored; a piece without '=' is a name with an
+// empty value. std::nullopt when a piece does not decode, has an empty name, or there are more
+// than kMaxQueryParams parameters.
+std::optional<Query> parse_query(std::string_view raw);
 
 }  // namespace ehrgate::fhir

@@ -1,0 +1,122 @@
+#include "ehrgate/token_cache.hpp"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+namespace ehrgate::cache {
+
+namespace {
+constexpr uint64_t kMagic = 0x65687267746b6331ULL;  // "ehrgtkc1"
+}  // namespace
+
+struct TokenCacheTable::Header {
+    uint64_t magic;
+    uint64_t slot_bytes;
+    uint64_t sets;
+    uint64_t generation;
+    uint64_t tick;  // LRU clock: bumped on every hit and insert
+    uint64_t hits;
+    uint64_t misses;
+    uint64_t reserved;
+};
+
+struct TokenCacheTable::Slot {
+    TokenDigest digest;
+    int64_t expires_at;  // 0: empty
+    uint64_t generation;
+    uint64_t last_used;
+    uint32_t payload_len;
+    uint32_t reserved;
+    char payload[kMaxPayload];
+};
+
+static_assert(std::is_trivially_copyable_v<TokenCacheTable::Header>);
+static_assert(std::is_trivially_copyable_v<TokenCacheTable::Slot>);
+static_assert(sizeof(TokenCacheTable::Slot) <= TokenCacheTable::kSlotBytes);
+
+TokenDigest digest_token(std::string_view token) {
+    TokenDigest digest{};
+    unsigned int len = 0;
+    EVP_Digest(token.data(), token.size(), digest.data(), &len, EVP_sha256(), nullptr);
+    return digest;
+}
+
+size_t TokenCacheTable::bytes_for(size_t min_entries) {
+    const size_t sets = (min_entries + kWays - 1) / kWays;
+    return sizeof(Header) + std::max<size_t>(sets, 1) * kWays * sizeof(Slot);
+}
+
+std::optional<TokenCacheTable> TokenCacheTable::attach(void *memory, size_t bytes) {
+    if (memory == nullptr || bytes < bytes_for(kWays)) {
+        return std::nullopt;
+    }
+    auto *header = static_cast<Header *>(memory);
+    auto *slots = reinterpret_cast<Slot *>(static_cast<char *>(memory) + sizeof(Header));
+    const uint64_t sets = (bytes - sizeof(Header)) / (kWays * sizeof(Slot));
+    if (header->magic != kMagic || header->slot_bytes != sizeof(Slot) || header->sets != sets) {
+        std::memset(memory, 0, sizeof(Header) + sets * kWays * sizeof(Slot));
+        header->magic = kMagic;
+        header->slot_bytes = sizeof(Slot);
+        header->sets = sets;
+    }
+    return TokenCacheTable(header, slots);
+}
+
+bool TokenCacheTable::lookup(const TokenDigest &digest, int64_t now, std::string *payload) {
+    uint64_t set;
+    std::memcpy(&set, digest.data(), sizeof set);
+    Slot *ways = slots_ + (set % header_->sets) * kWays;
+    for (size_t i = 0; i < kWays; ++i) {
+        Slot &slot = ways[i];
+        if (slot.expires_at > now && slot.generation == header_->generation && slot.digest == digest) {
+            slot.last_used = ++header_->tick;
+            ++header_->hits;
+            payload->assign(slot.payload, slot.payload_len);
+            return true;
+        }
+    }
+    ++header_->misses;
+    return false;
+}
+
+bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at, std::string_view payload,
+                             int64_t now) {
+    if (payload.size() > kMaxPayload || expires_at <= now) {
+        return false;
+    }
+    uint64_t set;
+    std::memcpy(&set, digest.data(), sizeof set);
+    Slot *ways = slots_ + (set % header_->sets) * kWays;
+    // Prefer the same token's slot, then a dead slot, then the least recently used one.
+    Slot *victim = nullptr;
+    for (size_t i = 0; i < kWays && victim == nullptr; ++i) {
+        if (ways[i].digest == digest) victim = &ways[i];
+    }
+    for (size_t i = 0; i < kWays && victim == nullptr; ++i) {
+        if (ways[i].expires_at <= now || ways[i].generation != header_->generation) victim = &ways[i];
+    }
+    if (victim == nullptr) {
+        victim = &ways[0];
+        for (size_t i = 1; i < kWays; ++i) {
+            if (ways[i].last_used < victim->last_used) victim = &ways[i];
+        }
+    }
+    victim->digest = digest;
+    victim->expires_at = expires_at;
+    victim->generation = header_->generation;
+    victim->last_used = ++header_->tick;
+    victim->payload_len = static_cast<uint32_t>(payload.size());
+    std::memcpy(victim->payload, payload.data(), payload.size());
+    return true;
+}
+
+void TokenCacheTable::set_generation(uint64_t generation) { header_->generation = generation; }
+uint64_t TokenCacheTable::generation() const { return header_->generation; }
+size_t TokenCacheTable::capacity() const { return header_->sets * kWays; }
+uint64_t TokenCacheTable::hits() const { return header_->hits; }
+uint64_t TokenCacheTable::misses() const { return header_->misses; }
+
+}  // namespace ehrgate::cache

@@ -19,6 +19,45 @@ MainConf *main_conf(ngx_http_request_t *r) {
     return static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_http_ehrgate_module));
 }
 
+ngx_table_elt_t *push_header(ngx_http_request_t *r, const char *name, ngx_str_t value) {
+    auto *h = static_cast<ngx_table_elt_t *>(ngx_list_push(&r->headers_out.headers));
+    if (h != nullptr) {
+        h->hash = 1;
+        h->key.data = reinterpret_cast<u_char *>(const_cast<char *>(name));
+        h->key.len = ngx_strlen(name);
+        h->value = value;
+    }
+    return h;
+}
+
+// nginx's own request log context adds the request line and Host to every error-log line; the
+// request line carries patient ids. On protected locations this replaces it with the client
+// address and the correlation id, which lead to the audit record instead.
+u_char *phi_free_log_context(ngx_log_t *log, u_char *buf, size_t len) {
+    u_char *p = buf;
+    if (log->action != nullptr) {
+        p = ngx_snprintf(buf, len, " while %s", log->action);
+        len -= static_cast<size_t>(p - buf);
+        buf = p;
+    }
+    const auto *log_ctx = static_cast<ngx_http_log_ctx_t *>(log->data);
+    if (log_ctx == nullptr) {
+        return p;
+    }
+    p = ngx_snprintf(buf, len, ", client: %V", &log_ctx->connection->addr_text);
+    len -= static_cast<size_t>(p - buf);
+    buf = p;
+    if (ngx_http_request_t *r = log_ctx->request) {
+        const auto *ctx = static_cast<RequestCtx *>(ngx_http_get_module_ctx(r, ngx_http_ehrgate_module));
+        if (ctx != nullptr && ctx->correlation_id.len > 0) {
+            p = ngx_snprintf(buf, len, ", correlation_id: %V", &ctx->correlation_id);
+        }
+    }
+    return p;
+}
+
+}  // namespace
+
 void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason,
                     std::string_view message) {
     ngx_pool_t *pool = ctx->request->pool;
@@ -29,7 +68,6 @@ void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason,
     ctx->message = pool_copy(pool, message);
 }
 
-// Sends an OperationOutcome from within the access phase and finalizes the request.
 ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx) {
     const std::string body = outcome::render(ctx->status, view(ctx->reason), view(ctx->message),
                                              view(ctx->correlation_id));
@@ -41,14 +79,14 @@ ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx) {
     r->headers_out.content_type_len = sizeof("application/fhir+json") - 1;
     r->headers_out.content_length_n = static_cast<off_t>(body.size());
     if (ctx->status == NGX_HTTP_SERVICE_UNAVAILABLE) {
-        ngx_table_elt_t *retry =
-            static_cast<ngx_table_elt_t *>(ngx_list_push(&r->headers_out.headers));
-        if (retry == nullptr) {
+        ngx_str_t one = ngx_string("1");
+        if (push_header(r, "Retry-After", one) == nullptr) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
-        retry->hash = 1;
-        ngx_str_set(&retry->key, "Retry-After");
-        ngx_str_set(&retry->value, "1");
+    }
+    if (ctx->www_authenticate.len > 0 &&
+        push_header(r, "WWW-Authenticate", ctx->www_authenticate) == nullptr) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
     ngx_int_t rc = ngx_http_send_header(r);
     if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
@@ -70,6 +108,8 @@ ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx) {
     ngx_http_finalize_request(r, ngx_http_output_filter(r, &out));
     return NGX_DONE;
 }
+
+namespace {
 
 void resume(ngx_http_request_t *r) {
     ngx_connection_t *c = r->connection;
@@ -152,6 +192,7 @@ ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
     if (r->headers_in.server.len > 0) {
         request.host.assign(view(r->headers_in.server));
     }
+    request.client_id.assign(view(ctx->client_id));
     const uint32_t id = client == nullptr
                             ? 0
                             : client->call(protocol::MessageType::DecideRequest,
@@ -204,14 +245,17 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
     if (!lcf->enabled || r != r->main) {
         return NGX_DECLINED;
     }
+    r->connection->log->handler = phi_free_log_context;
     try {
         RequestCtx *ctx = request_ctx(r);
         if (ctx == nullptr) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
         switch (ctx->state) {
-            case DecisionState::Idle:
-                return start_decision(r, ctx);
+            case DecisionState::Idle: {
+                const ngx_int_t rc = authenticate(r, ctx);
+                return rc == NGX_DECLINED ? start_decision(r, ctx) : rc;
+            }
             case DecisionState::Waiting:
                 return NGX_AGAIN;
             case DecisionState::Decided:

@@ -2,6 +2,7 @@
 // and the per-worker sidecar client.
 #pragma once
 
+#include <string_view>
 #include <type_traits>
 
 #include "ngx.hpp"
@@ -13,6 +14,8 @@ namespace ehrgate::ngx {
 
 struct MainConf {
     ngx_addr_t *policyd;  // nullptr when `ehrgate_policyd` is absent
+    ngx_shm_zone_t *token_cache;
+    size_t token_cache_size;
     ngx_msec_t timeout;
     ngx_uint_t max_pending;
     ngx_msec_t reconnect_max;
@@ -40,6 +43,18 @@ struct RequestCtx {
     ngx_str_t reason;
     ngx_str_t message;
     ngx_str_t policy_version;
+    // Authentication outcome, for variables, the decision call and error responses.
+    ngx_str_t client_id;
+    ngx_str_t user;
+    ngx_str_t patient;
+    ngx_str_t auth_status;       // "ok", "public", or the failure reason
+    ngx_str_t www_authenticate;  // set on 401/403 from authentication
+    ngx_str_t check_patient;     // non-empty: the response must be in this patient's compartment
+    // Response check state (response_check.cpp): the held body, in the request pool.
+    uint8_t check_state;
+    u_char *check_data;
+    size_t check_len;
+    size_t check_cap;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);
@@ -49,6 +64,22 @@ SidecarClient *worker_client();
 
 // Returns the request's context, creating it (with a correlation id) on first use.
 RequestCtx *request_ctx(ngx_http_request_t *r);
+
+// Records a refusal to answer with send_outcome().
+void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason, std::string_view message);
+// Answers with ctx's status and an OperationOutcome from within the access phase; finalizes.
+ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx);
+
+// Authentication and authorization (auth.cpp). NGX_DECLINED: go on to the policyd decision;
+// anything else is the access handler's return value (a refusal was sent).
+ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx);
+// Creates the verified-token cache zone (configuration time).
+bool add_token_cache_zone(ngx_conf_t *cf, MainConf *mcf);
+// Worker start: policy changes invalidate the cache.
+void watch_policy_changes(SidecarClient &client, MainConf *mcf);
+
+// Response compartment check (response_check.cpp).
+ngx_int_t install_response_check_filter() noexcept;
 
 // Access-phase handler and response header filter (access.cpp).
 ngx_int_t access_handler(ngx_http_request_t *r) noexcept;

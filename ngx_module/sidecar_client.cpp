@@ -113,6 +113,10 @@ void SidecarClient::connect() {
     ever_connected_ = true;
     snapshot_requested_ = false;
     request_snapshot();
+    // Revocations pushed while we were away are unknown: refuse bearer tokens until the current
+    // list is in (it arrives on this connection before any decision reply we wait for).
+    revocations_current_ = false;
+    call(protocol::MessageType::RevocationFetch, protocol::empty_body(), on_revocations, this);
 }
 
 void SidecarClient::schedule_reconnect() {
@@ -295,6 +299,8 @@ void SidecarClient::dispatch(const protocol::FrameView &frame) {
     if (frame.header.request_id == protocol::kPushRequestId) {
         if (frame.header.type == protocol::MessageType::PolicySnapshot) {
             apply_snapshot(frame.body);
+        } else if (frame.header.type == protocol::MessageType::RevocationList) {
+            apply_revocations(frame.body);
         } else if (frame.header.type == protocol::MessageType::Error) {
             const std::optional<protocol::ErrorBody> error = protocol::decode_error(frame.body);
             ngx_log_error(NGX_LOG_ERR, log_, 0, "ehrgate: policyd reported: %s",
@@ -329,6 +335,25 @@ void SidecarClient::on_snapshot(void *data, CallOutcome outcome, const protocol:
     }
 }
 
+void SidecarClient::on_revocations(void *data, CallOutcome outcome, const protocol::FrameView *frame) {
+    auto *self = static_cast<SidecarClient *>(data);
+    if (outcome == CallOutcome::Reply && frame->header.type == protocol::MessageType::RevocationList) {
+        self->apply_revocations(frame->body);
+    }
+}
+
+void SidecarClient::apply_revocations(std::string_view body) {
+    std::optional<protocol::RevocationList> list = protocol::decode_revocation_list(body);
+    if (!list) {
+        ngx_log_error(NGX_LOG_ERR, log_, 0, "ehrgate: policyd sent an undecodable revocation list");
+        disconnect("protocol error");
+        return;
+    }
+    // Lists arrive in order on one connection; the last one received is the current one.
+    revocations_ = RevocationSet(*list);
+    revocations_current_ = true;
+}
+
 void SidecarClient::saw_policy_serial(uint64_t serial) {
     if (snapshot_ == nullptr || serial > snapshot_->serial) {
         request_snapshot();
@@ -346,7 +371,16 @@ void SidecarClient::apply_snapshot(std::string_view body) {
     if (snapshot_ != nullptr && decoded->serial <= snapshot_->serial) {
         return;  // a fetch reply overtaken by a newer push
     }
-    snapshot_ = std::make_unique<policy::Snapshot>(std::move(*decoded));
+    snapshot_ = std::make_shared<const policy::Snapshot>(std::move(*decoded));
+    std::string error;
+    auth_policy_ = auth::AuthPolicy::compile(snapshot_, &error);
+    if (auth_policy_ == nullptr) {
+        ngx_log_error(NGX_LOG_ERR, log_, 0, "ehrgate: cannot compile the authentication policy: %s; bearer tokens are refused until the next snapshot",
+                      error.c_str());
+    }
+    if (policy_change_callback_ != nullptr) {
+        policy_change_callback_(snapshot_->serial);
+    }
     ngx_log_error(NGX_LOG_NOTICE, log_, 0,
                   "ehrgate: policy \"%s\" (serial %uL) active in worker %P",
                   snapshot_->bundle.version.c_str(), snapshot_->serial, ngx_pid);

@@ -14,8 +14,10 @@
 #include <string_view>
 #include <vector>
 
+#include "ehrgate/auth.hpp"
 #include "ehrgate/policy.hpp"
 #include "ehrgate/protocol.hpp"
+#include "ehrgate/revocation_set.hpp"
 #include "ngx.hpp"
 
 namespace ehrgate::ngx {
@@ -57,6 +59,15 @@ class SidecarClient {
     bool connected() const { return state_ == State::Connected; }
     // The snapshot this worker holds, or nullptr before the first one arrives.
     const policy::Snapshot *snapshot() const { return snapshot_.get(); }
+    // The snapshot's authentication data, compiled; nullptr before the first snapshot or when it
+    // could not be compiled (then bearer authentication fails closed).
+    const auth::AuthPolicy *auth_policy() const { return auth_policy_.get(); }
+    // Called with the new serial whenever a snapshot is applied (the token cache's generation).
+    void on_policy_change(void (*callback)(uint64_t serial)) { policy_change_callback_ = callback; }
+    const RevocationSet &revocations() const { return revocations_; }
+    // True once this connection has delivered the revocation list: until then a worker cannot
+    // know which tokens are revoked, so bearer authentication fails closed.
+    bool revocations_current() const { return revocations_current_; }
     // A reply said policyd decided with a newer snapshot than ours: fetch it now rather than
     // wait for the push (which may have been lost with a dropped connection).
     void saw_policy_serial(uint64_t serial);
@@ -76,6 +87,7 @@ class SidecarClient {
     static void on_flush_event(ngx_event_t *ev);
     static void on_reconnect_timer(ngx_event_t *ev);
     static void on_snapshot(void *data, CallOutcome outcome, const protocol::FrameView *frame);
+    static void on_revocations(void *data, CallOutcome outcome, const protocol::FrameView *frame);
 
     void connect();
     void disconnect(const char *why);
@@ -85,6 +97,7 @@ class SidecarClient {
     void dispatch(const protocol::FrameView &frame);
     void apply_snapshot(std::string_view body);
     void request_snapshot();
+    void apply_revocations(std::string_view body);
     Slot *slot_for(uint32_t id);
 
     SidecarSettings settings_;
@@ -104,8 +117,12 @@ class SidecarClient {
     std::unique_ptr<protocol::FrameDecoder> decoder_;
     unsigned consecutive_timeouts_ = 0;
 
-    std::unique_ptr<policy::Snapshot> snapshot_;
+    std::shared_ptr<const policy::Snapshot> snapshot_;
+    std::shared_ptr<const auth::AuthPolicy> auth_policy_;
+    void (*policy_change_callback_)(uint64_t serial) = nullptr;
     bool snapshot_requested_ = false;
+    RevocationSet revocations_;
+    bool revocations_current_ = false;
 };
 
 }  // namespace ehrgate::ngx

@@ -13,7 +13,11 @@ enum class Field : uintptr_t {
     PolicyVersion,
     Decision,
     DecisionReason,
-    WorkerPolicyVersion
+    WorkerPolicyVersion,
+    Client,
+    User,
+    Patient,
+    AuthStatus,
 };
 
 void set_value(ngx_http_variable_value_t *v, const ngx_str_t &value) {
@@ -63,6 +67,18 @@ ngx_int_t get_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             case Field::DecisionReason:
                 set_value(v, ctx->reason);
                 break;
+            case Field::Client:
+                set_value(v, ctx->client_id);
+                break;
+            case Field::User:
+                set_value(v, ctx->user);
+                break;
+            case Field::Patient:
+                set_value(v, ctx->patient);
+                break;
+            case Field::AuthStatus:
+                set_value(v, ctx->auth_status);
+                break;
             case Field::Decision: {
                 static ngx_str_t permit = ngx_string("permit");
                 static ngx_str_t deny = ngx_string("deny");
@@ -94,6 +110,10 @@ VariableSpec g_variables[] = {
     {ngx_string("ehrgate_decision"), Field::Decision},
     {ngx_string("ehrgate_decision_reason"), Field::DecisionReason},
     {ngx_string("ehrgate_worker_policy_version"), Field::WorkerPolicyVersion},
+    {ngx_string("ehrgate_client"), Field::Client},
+    {ngx_string("ehrgate_user"), Field::User},
+    {ngx_string("ehrgate_patient"), Field::Patient},
+    {ngx_string("ehrgate_auth_status"), Field::AuthStatus},
 };
 
 }  // namespace

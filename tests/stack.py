@@ -26,6 +26,17 @@ TEMPLATE = ROOT / "conf" / "nginx" / "ehrgate-sandbox.conf.in"
 DEMO_PATIENT = "erXuFYUfucBZaryVksYEcMg3"
 
 
+def sandbox_policy_version() -> str:
+    """The `version` of conf/policy.yaml, so tests follow the bundle instead of copying it."""
+    for line in (ROOT / "conf" / "policy.yaml").read_text().splitlines():
+        if line.startswith("version:"):
+            return line.split(":", 1)[1].split("#", 1)[0].strip()
+    raise RuntimeError("conf/policy.yaml has no version line")
+
+
+SANDBOX_POLICY_VERSION = sandbox_policy_version()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

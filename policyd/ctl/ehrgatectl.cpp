@@ -40,6 +40,9 @@ commands:
   token mint --client ID --scope "SCOPES" [--patient ID] [--user REF] [--ttl SECONDS]
              [--key PEM] [--issuer URL] [--audience AUD]
                               print a JWT signed by the sandbox issuer's DEVELOPMENT key
+  token revoke --jti ID [--until UNIX_TIME] | --client ID
+                              refuse a token (by jti) or every token of a client issued so
+                              far; every nginx worker refuses it within a second
 
 --socket PATH overrides the admin socket; default $EHRGATE_ADMIN_SOCKET, else
 ./run/policyd-admin.sock (where `./build.sh run` puts it, so run from the repo root).
@@ -333,6 +336,19 @@ int main(int argc, char **argv) {
     }
     if (command == "policy" && args.size() == 2 && args[1] == "reload") {
         return print_reply(AdminClient(socket_path).call({"policy-reload", {}}));
+    }
+    if (command == "token" && args.size() >= 2 && args[1] == "revoke") {
+        protocol::AdminRequest request{"token-revoke", {}};
+        for (size_t i = 2; i < args.size(); i += 2) {
+            if (i + 1 >= args.size() || (args[i] != "--jti" && args[i] != "--client" && args[i] != "--until")) {
+                fail(2, "usage: ehrgatectl token revoke --jti ID [--until UNIX_TIME] | --client ID");
+            }
+            request.args.emplace_back(args[i].substr(2), args[i + 1]);
+        }
+        if (request.arg("jti").empty() == request.arg("client").empty()) {
+            fail(2, "token revoke: give exactly one of --jti or --client");
+        }
+        return print_reply(AdminClient(socket_path).call(request));
     }
     if (command == "token" && args.size() >= 2 && args[1] == "mint") {
         return token_mint(std::vector<std::string>(args.begin() + 2, args.end()));

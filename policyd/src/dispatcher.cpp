@@ -12,7 +12,8 @@ void append_error_frame(std::string &out, uint32_t request_id, std::string_view 
 }
 
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
-                                 DataPeer &peer, DataCounters &counters, std::string &out) {
+                                 DataPeer &peer, DataCounters &counters, std::string &out,
+                                 const Revocations *revocations) {
     const uint32_t id = frame.header.request_id;
     switch (frame.header.type) {
         case MessageType::DecideRequest: {
@@ -40,6 +41,11 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
             }
             return DispatchResult::Ok;
         }
+        case MessageType::RevocationFetch:
+            protocol::encode_frame(out, MessageType::RevocationList, id,
+                                   revocations != nullptr ? revocations->encoded()
+                                                          : protocol::encode(protocol::RevocationList{}));
+            return DispatchResult::Ok;
         case MessageType::Ping:
             protocol::encode_frame(out, MessageType::Pong, id, protocol::empty_body());
             return DispatchResult::Ok;

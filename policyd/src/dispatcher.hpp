@@ -7,6 +7,7 @@
 
 #include "ehrgate/protocol.hpp"
 #include "policy_state.hpp"
+#include "revocations.hpp"
 
 namespace ehrgate::policyd {
 
@@ -25,8 +26,10 @@ struct DataCounters {
 
 enum class DispatchResult { Ok, CloseConnection };
 
+// `revocations` may be null (no revocation store): a fetch then gets an empty list.
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
-                                 DataPeer &peer, DataCounters &counters, std::string &out);
+                                 DataPeer &peer, DataCounters &counters, std::string &out,
+                                 const Revocations *revocations = nullptr);
 
 // Frames sent to a peer that broke the protocol, right before the connection is closed.
 void append_error_frame(std::string &out, uint32_t request_id, std::string_view code,

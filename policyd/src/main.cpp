@@ -7,11 +7,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <string_view>
 
 #include "log.hpp"
 #include "policy_state.hpp"
+#include "revocations.hpp"
 #include "server.hpp"
 #include "store.hpp"
 
@@ -154,11 +156,17 @@ int main(int argc, char **argv) {
     }
     log::info(initial.message);
 
+    Revocations revocations(*store);
+    if (revocations.load(static_cast<int64_t>(std::time(nullptr)), &store_error) != StoreStatus::Ok) {
+        log::error(std::string("cannot read revocations: ") + store_status_name(store_error.status));
+        return 1;
+    }
+
     uv_loop_t loop;
     uv_loop_init(&loop);
     int exit_code = 0;
     {
-        Server server(&loop, options.server, policy);
+        Server server(&loop, options.server, policy, revocations);
         if (server.start()) {
             // READY goes to stdout so supervisors and tests can wait for it.
             std::printf("POLICYD READY socket=%s admin=%s\n", options.server.data_socket.c_str(),

@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 #include "ehrgate/json_text.hpp"
 #include "log.hpp"
@@ -99,7 +101,8 @@ void Connection::process_frames() {
             server_.handle_admin_frame(*this, *frame, out);
             continue;
         }
-        if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out) ==
+        if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
+                              &server_.revocations_) ==
             DispatchResult::CloseConnection) {
             write(std::move(out));
             shutdown();
@@ -195,8 +198,8 @@ void Connection::on_close(uv_handle_t *handle) {
 
 // ---- Server ----------------------------------------------------------------------------------
 
-Server::Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy)
-    : loop_(loop), options_(std::move(options)), policy_(policy) {}
+Server::Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy, Revocations &revocations)
+    : loop_(loop), options_(std::move(options)), policy_(policy), revocations_(revocations) {}
 
 Server::~Server() = default;
 
@@ -376,6 +379,76 @@ void Server::push_snapshot() {
     }
 }
 
+void Server::push_revocations() {
+    std::string frame;
+    protocol::encode_frame(frame, MessageType::RevocationList, protocol::kPushRequestId,
+                           revocations_.encoded());
+    for (Connection *connection : connections_) {
+        if (connection->kind() == Connection::Kind::Data) {
+            connection->write(frame);
+        }
+    }
+}
+
+namespace {
+
+// Token ids and client ids are opaque, but they end up in logs and JSON: printable ASCII only.
+bool valid_identifier(std::string_view value) {
+    if (value.empty() || value.size() > 256) return false;
+    for (const char ch : value) {
+        if (ch <= 0x20 || ch >= 0x7f || ch == '"' || ch == '\\') return false;
+    }
+    return true;
+}
+
+}  // namespace
+
+void Server::revoke_token(const protocol::AdminRequest &request, protocol::AdminReply &reply) {
+    const std::string_view jti = request.arg("jti");
+    const std::string_view client = request.arg("client");
+    const int64_t now = static_cast<int64_t>(std::time(nullptr));
+    if (jti.empty() == client.empty()) {
+        reply.message = "token-revoke needs exactly one of jti or client";
+        return;
+    }
+    if (!valid_identifier(jti.empty() ? client : jti)) {
+        reply.message = "invalid identifier: 1-256 printable ASCII characters without spaces or quotes";
+        return;
+    }
+    StoreError error;
+    StoreStatus status;
+    if (!jti.empty()) {
+        int64_t until = now + Revocations::kDefaultJtiRetentionSeconds;
+        if (const std::string_view text = request.arg("until"); !text.empty()) {
+            char *end = nullptr;
+            const std::string owned(text);
+            until = std::strtoll(owned.c_str(), &end, 10);
+            if (*end != '\0' || until <= now) {
+                reply.message = "until must be a future unix time in seconds";
+                return;
+            }
+        }
+        status = revocations_.revoke_jti(std::string(jti), until, &error);
+    } else {
+        status = revocations_.revoke_client(std::string(client), now, &error);
+    }
+    if (status != StoreStatus::Ok) {
+        // Not recorded durably means not revoked: say so rather than pretend.
+        reply.message = std::string("revocation not recorded: ") + store_status_name(status) + " (" +
+                        error.detail + ")";
+        return;
+    }
+    push_revocations();
+    log::info(std::string("token revocation recorded (") + (jti.empty() ? "client" : "jti") +
+              "), pushed to workers");
+    reply.ok = true;
+    reply.message = jti.empty() ? "every token of client " + std::string(client) + " issued until now is revoked"
+                                : "token " + std::string(jti) + " revoked";
+    reply.json = "{\"revocations_serial\":" + std::to_string(revocations_.serial()) +
+                 ",\"revoked_jtis\":" + std::to_string(revocations_.jti_count()) +
+                 ",\"revoked_clients\":" + std::to_string(revocations_.client_count()) + "}";
+}
+
 std::string Server::status_json() const {
     const policy::Snapshot &snapshot = policy_.snapshot();
     std::string out = "{\"policy\":{\"version\":";
@@ -447,10 +520,12 @@ void Server::handle_admin_frame(Connection &connection, const protocol::FrameVie
             json::append_string(reply.json, outcome.diagnostics[i].to_string());
         }
         reply.json += "]}";
+    } else if (request->command == "token-revoke") {
+        revoke_token(*request, reply);
     } else {
         reply.ok = false;
         reply.message = "unknown admin command \"" + request->command +
-                        "\"; known: ping, status, policy-reload";
+                        "\"; known: ping, status, policy-reload, token-revoke";
         reply.json = "{}";
     }
     protocol::encode_frame(out, MessageType::AdminReply, id, protocol::encode(reply));

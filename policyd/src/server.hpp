@@ -76,7 +76,7 @@ class Connection {
 
 class Server {
   public:
-    Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy);
+    Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy, Revocations &revocations);
     ~Server();
 
     // Binds both sockets and installs signal handlers. Returns false (after logging why) when a
@@ -105,10 +105,13 @@ class Server {
                             std::string &out);
     std::string status_json() const;
     void push_snapshot();
+    void push_revocations();
+    void revoke_token(const protocol::AdminRequest &request, protocol::AdminReply &reply);
 
     uv_loop_t *loop_;
     ServerOptions options_;
     PolicyState &policy_;
+    Revocations &revocations_;
     uv_pipe_t data_listener_{};
     uv_pipe_t admin_listener_{};
     bool data_listening_ = false;

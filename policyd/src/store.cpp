@@ -186,4 +186,70 @@ std::optional<std::string> Store::get(std::string_view database_name, std::strin
     return result;
 }
 
+StoreStatus Store::erase(std::string_view database_name, std::string_view key, StoreError *error) {
+    MDB_txn *txn = nullptr;
+    int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+    if (rc != MDB_SUCCESS) {
+        return translate_error(rc, error);
+    }
+    MDB_dbi dbi;
+    const bool known = dbis_.count(database_name) != 0;
+    StoreStatus status = database(txn, database_name, true, &dbi, error);
+    if (status != StoreStatus::Ok) {
+        mdb_txn_abort(txn);
+        return status;
+    }
+    MDB_val k = as_val(key);
+    rc = mdb_del(txn, dbi, &k, nullptr);
+    if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+        mdb_txn_abort(txn);
+        return translate_error(rc, error);
+    }
+    const int commit_rc = mdb_txn_commit(txn);
+    if (commit_rc != MDB_SUCCESS) {
+        return translate_error(commit_rc, error);
+    }
+    if (!known) {
+        dbis_.emplace(std::string(database_name), dbi);
+    }
+    return rc == MDB_NOTFOUND ? StoreStatus::NotFound : StoreStatus::Ok;
+}
+
+StoreStatus Store::scan(std::string_view database_name, Visitor visitor, void *context,
+                        StoreError *error) {
+    MDB_txn *txn = nullptr;
+    int rc = mdb_txn_begin(env_, nullptr, MDB_RDONLY, &txn);
+    if (rc != MDB_SUCCESS) {
+        return translate_error(rc, error);
+    }
+    MDB_dbi dbi;
+    StoreError open_error;
+    if (database(txn, database_name, false, &dbi, &open_error) != StoreStatus::Ok) {
+        mdb_txn_abort(txn);
+        if (open_error.status == StoreStatus::NotFound) {
+            return StoreStatus::Ok;
+        }
+        if (error != nullptr) {
+            *error = open_error;
+        }
+        return open_error.status;
+    }
+    MDB_cursor *cursor = nullptr;
+    rc = mdb_cursor_open(txn, dbi, &cursor);
+    if (rc != MDB_SUCCESS) {
+        mdb_txn_abort(txn);
+        return translate_error(rc, error);
+    }
+    MDB_val k{};
+    MDB_val v{};
+    for (rc = mdb_cursor_get(cursor, &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+         rc = mdb_cursor_get(cursor, &k, &v, MDB_NEXT)) {
+        visitor(context, std::string_view(static_cast<const char *>(k.mv_data), k.mv_size),
+                std::string_view(static_cast<const char *>(v.mv_data), v.mv_size));
+    }
+    mdb_cursor_close(cursor);
+    mdb_txn_commit(txn);
+    return rc == MDB_NOTFOUND ? StoreStatus::Ok : translate_error(rc, error);
+}
+
 }  // namespace ehrgate::policyd

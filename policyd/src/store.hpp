@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace ehrgate::policyd {
 
@@ -45,10 +46,18 @@ class Store {
                     StoreError *error = nullptr);
     std::optional<std::string> get(std::string_view database, std::string_view key,
                                    StoreError *error = nullptr);
+    StoreStatus erase(std::string_view database, std::string_view key, StoreError *error = nullptr);
+    // Calls visit(key, value) for every entry in key order, in one read transaction. The views
+    // are valid only during the call. A database never written to is empty, not an error.
+    template <typename Visit>
+    StoreStatus for_each(std::string_view database, Visit &&visit, StoreError *error = nullptr);
 
     const std::string &directory() const { return directory_; }
 
   private:
+    using Visitor = void (*)(void *context, std::string_view key, std::string_view value);
+    StoreStatus scan(std::string_view database, Visitor visitor, void *context, StoreError *error);
+
     explicit Store(MDB_env *env, std::string directory)
         : env_(env), directory_(std::move(directory)) {}
 
@@ -61,5 +70,15 @@ class Store {
     std::string directory_;
     std::map<std::string, MDB_dbi, std::less<>> dbis_;
 };
+
+template <typename Visit>
+StoreStatus Store::for_each(std::string_view database, Visit &&visit, StoreError *error) {
+    return scan(
+        database,
+        [](void *context, std::string_view key, std::string_view value) {
+            (*static_cast<std::remove_reference_t<Visit> *>(context))(key, value);
+        },
+        &visit, error);
+}
 
 }  // namespace ehrgate::policyd

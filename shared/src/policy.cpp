@@ -59,6 +59,37 @@ std::optional<TrafficClass> traffic_class_from_name(std::string_view name) {
     return std::nullopt;
 }
 
+char lower_hex(char c) {
+    return c >= 'A' && c <= 'F' ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+bool is_hex(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+// "b a  c a" -> "a b c": a scope string is a set of space-separated tokens.
+std::string canonical_scopes(std::string_view scopes) {
+    std::vector<std::string_view> tokens;
+    size_t start = 0;
+    while (start <= scopes.size()) {
+        const size_t space = std::min(scopes.find(' ', start), scopes.size());
+        if (space > start) {
+            tokens.push_back(scopes.substr(start, space - start));
+        }
+        start = space + 1;
+    }
+    std::sort(tokens.begin(), tokens.end());
+    tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
+    std::string out;
+    for (const std::string_view token : tokens) {
+        if (!out.empty()) {
+            out += ' ';
+        }
+        out += token;
+    }
+    return out;
+}
+
 void put_str(Writer &w, std::string_view key, std::string_view value) {
     w.key(key);
     w.str(value);
@@ -72,31 +103,55 @@ void put_list(Writer &w, std::string_view key, const std::vector<std::string> &v
     }
 }
 
-// Writes `bundle` as it is; callers pass a canonicalized copy.
+// Writes `bundle` as it is; callers pass a canonicalized copy. Every key is always written, so
+// the encoding of a given content is unique.
 void encode_bundle(Writer &w, const Bundle &bundle) {
-    w.map(5);
+    w.map(6);
     put_str(w, "schema", bundle.schema);
     put_str(w, "version", bundle.version);
     put_str(w, "description", bundle.description);
+    w.key("issuers");
+    w.array(static_cast<uint32_t>(bundle.issuers.size()));
+    for (const Issuer &issuer : bundle.issuers) {
+        w.map(7);
+        put_str(w, "id", issuer.id);
+        put_str(w, "issuer", issuer.issuer);
+        put_str(w, "audience", issuer.audience);
+        put_str(w, "jwks_file", issuer.jwks_file);
+        put_str(w, "jwks_json", issuer.jwks_json);
+        put_list(w, "algorithms", issuer.algorithms);
+        w.key("leeway_seconds");
+        w.uint(static_cast<uint64_t>(std::max<int64_t>(issuer.leeway_seconds, 0)));
+    }
     w.key("clients");
     w.array(static_cast<uint32_t>(bundle.clients.size()));
     for (const Client &client : bundle.clients) {
-        w.map(5);
+        w.map(10);
         put_str(w, "id", client.id);
         put_str(w, "display_name", client.display_name);
         put_str(w, "context", context_name(client.context));
         put_str(w, "traffic_class", traffic_class_name(client.traffic_class));
         put_list(w, "purposes", client.purposes);
+        w.key("auth");
+        w.array(static_cast<uint32_t>(client.auth.size()));
+        for (const AuthMethod method : client.auth) {
+            w.str(auth_method_name(method));
+        }
+        put_str(w, "scope_ceiling", client.scope_ceiling);
+        put_list(w, "issuers", client.issuers);
+        put_list(w, "tenants", client.tenants);
+        put_list(w, "certificates", client.certificates);
     }
     w.key("routes");
     w.array(static_cast<uint32_t>(bundle.routes.size()));
     for (const Route &route : bundle.routes) {
-        w.map(5);
+        w.map(6);
         put_str(w, "name", route.name);
         put_str(w, "prefix", route.prefix);
         put_list(w, "methods", route.methods);
         put_list(w, "resources", route.resources);
         put_list(w, "interactions", route.interactions);
+        put_str(w, "tenant", route.tenant);
     }
 }
 
@@ -182,10 +237,59 @@ bool read_string_list(Reader &r, std::vector<std::string> &out, uint32_t max) {
     return true;
 }
 
+// A list of distinct auth method names. Empty is refused: such a client could never
+// authenticate, and the parser never produces one.
+bool read_auth(Reader &r, std::vector<AuthMethod> &out) {
+    std::vector<std::string> names;
+    if (!read_string_list(r, names, kMaxNames) || names.empty()) {
+        return false;
+    }
+    out.clear();
+    for (const std::string &name : names) {
+        const std::optional<AuthMethod> method = auth_method_from_name(name);
+        if (!method || std::find(out.begin(), out.end(), *method) != out.end()) {
+            return false;
+        }
+        out.push_back(*method);
+    }
+    return true;
+}
+
+bool read_issuer(Reader &r, Issuer &issuer) {
+    static constexpr std::array<std::string_view, 7> kKeys = {
+        "id", "issuer", "audience", "jwks_file", "jwks_json", "algorithms", "leeway_seconds"};
+    return read_fields(r, kKeys, 0b0110111, [&](size_t field) {
+        switch (field) {
+            case 0:
+                return read_string(r, issuer.id);
+            case 1:
+                return read_string(r, issuer.issuer);
+            case 2:
+                return read_string(r, issuer.audience);
+            case 3:
+                return read_string(r, issuer.jwks_file);
+            case 4:
+                return read_string(r, issuer.jwks_json);
+            case 5:
+                return read_string_list(r, issuer.algorithms, kMaxNames);
+            default: {
+                // Bounded like the parser bounds it: a corrupt leeway would accept expired tokens.
+                const std::optional<uint64_t> leeway = r.read_uint();
+                if (!leeway || *leeway > static_cast<uint64_t>(kMaxLeewaySeconds)) {
+                    return false;
+                }
+                issuer.leeway_seconds = static_cast<int64_t>(*leeway);
+                return true;
+            }
+        }
+    });
+}
+
 bool read_client(Reader &r, Client &client) {
-    static constexpr std::array<std::string_view, 5> kKeys = {"id", "display_name", "context",
-                                                              "traffic_class", "purposes"};
-    return read_fields(r, kKeys, 0b01101, [&](size_t field) {
+    static constexpr std::array<std::string_view, 10> kKeys = {
+        "id",   "display_name",  "context", "traffic_class", "purposes",
+        "auth", "scope_ceiling", "issuers", "tenants",       "certificates"};
+    return read_fields(r, kKeys, 0b0000001101, [&](size_t field) {
         std::string name;
         switch (field) {
             case 0:
@@ -204,16 +308,26 @@ bool read_client(Reader &r, Client &client) {
                 client.traffic_class = traffic_class.value_or(client.traffic_class);
                 return traffic_class.has_value();
             }
-            default:
+            case 4:
                 return read_string_list(r, client.purposes, kMaxNames);
+            case 5:
+                return read_auth(r, client.auth);
+            case 6:
+                return read_string(r, client.scope_ceiling);
+            case 7:
+                return read_string_list(r, client.issuers, kMaxNames);
+            case 8:
+                return read_string_list(r, client.tenants, kMaxNames);
+            default:
+                return read_string_list(r, client.certificates, kMaxNames);
         }
     });
 }
 
 bool read_route(Reader &r, Route &route) {
-    static constexpr std::array<std::string_view, 5> kKeys = {"name", "prefix", "methods",
-                                                              "resources", "interactions"};
-    return read_fields(r, kKeys, 0b11111, [&](size_t field) {
+    static constexpr std::array<std::string_view, 6> kKeys = {
+        "name", "prefix", "methods", "resources", "interactions", "tenant"};
+    return read_fields(r, kKeys, 0b011111, [&](size_t field) {
         switch (field) {
             case 0:
                 return read_string(r, route.name);
@@ -223,8 +337,10 @@ bool read_route(Reader &r, Route &route) {
                 return read_string_list(r, route.methods, kMaxNames);
             case 3:
                 return read_string_list(r, route.resources, kMaxNames);
-            default:
+            case 4:
                 return read_string_list(r, route.interactions, kMaxNames);
+            default:
+                return read_string(r, route.tenant);
         }
     });
 }
@@ -245,9 +361,9 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 }
 
 bool read_bundle(Reader &r, Bundle &bundle) {
-    static constexpr std::array<std::string_view, 5> kKeys = {"schema", "version", "description",
-                                                              "clients", "routes"};
-    return read_fields(r, kKeys, 0b11011, [&](size_t field) {
+    static constexpr std::array<std::string_view, 6> kKeys = {"schema",  "version", "description",
+                                                              "clients", "routes",  "issuers"};
+    return read_fields(r, kKeys, 0b011011, [&](size_t field) {
         switch (field) {
             case 0:
                 return read_string(r, bundle.schema);
@@ -257,10 +373,39 @@ bool read_bundle(Reader &r, Bundle &bundle) {
                 return read_string(r, bundle.description);
             case 3:
                 return read_object_list(r, bundle.clients, kMaxClients, read_client);
-            default:
+            case 4:
                 return read_object_list(r, bundle.routes, kMaxRoutes, read_route);
+            default:
+                return read_object_list(r, bundle.issuers, kMaxIssuers, read_issuer);
         }
     });
+}
+
+// The lookups (find_client, find_issuer, find_issuer_by_iss, find_client_by_certificate) each
+// expect one answer; a snapshot in which one would depend on order or chance is refused.
+// `bundle` is canonical.
+bool lookups_unambiguous(const Bundle &bundle) {
+    const auto same_id = [](const auto &a, const auto &b) { return a.id == b.id; };
+    if (std::adjacent_find(bundle.clients.begin(), bundle.clients.end(), same_id) !=
+            bundle.clients.end() ||
+        std::adjacent_find(bundle.issuers.begin(), bundle.issuers.end(), same_id) !=
+            bundle.issuers.end()) {
+        return false;
+    }
+    std::vector<std::string_view> values;
+    for (const Issuer &issuer : bundle.issuers) {
+        values.push_back(issuer.issuer);
+    }
+    std::sort(values.begin(), values.end());
+    if (std::adjacent_find(values.begin(), values.end()) != values.end()) {
+        return false;
+    }
+    values.clear();
+    for (const Client &client : bundle.clients) {
+        values.insert(values.end(), client.certificates.begin(), client.certificates.end());
+    }
+    std::sort(values.begin(), values.end());
+    return std::adjacent_find(values.begin(), values.end()) == values.end();
 }
 
 // ---- Evaluation helpers ----------------------------------------------------------------------
@@ -293,6 +438,46 @@ protocol::DecideReply &deny(protocol::DecideReply &reply, uint16_t status, const
 }
 
 }  // namespace
+
+std::string_view auth_method_name(AuthMethod method) {
+    switch (method) {
+        case AuthMethod::Bearer:
+            return "bearer";
+        case AuthMethod::Mtls:
+            return "mtls";
+        case AuthMethod::CertBound:
+            return "cert-bound";
+    }
+    return "";
+}
+
+std::optional<AuthMethod> auth_method_from_name(std::string_view name) {
+    if (name == "bearer")
+        return AuthMethod::Bearer;
+    if (name == "mtls")
+        return AuthMethod::Mtls;
+    if (name == "cert-bound")
+        return AuthMethod::CertBound;
+    return std::nullopt;
+}
+
+std::optional<std::string> normalize_certificate_fingerprint(std::string_view text) {
+    std::string hex;
+    hex.reserve(64);
+    for (const char c : text) {
+        if (c == ':') {
+            continue;
+        }
+        if (!is_hex(c) || hex.size() == 64) {
+            return std::nullopt;
+        }
+        hex.push_back(lower_hex(c));
+    }
+    if (hex.size() != 64) {
+        return std::nullopt;
+    }
+    return hex;
+}
 
 std::string Diagnostic::to_string() const {
     std::string out = file;
@@ -336,11 +521,56 @@ const Route *Bundle::match_route(std::string_view path) const {
     return best;
 }
 
+const Issuer *Bundle::find_issuer_by_iss(std::string_view iss) const {
+    for (const Issuer &issuer : issuers) {
+        if (issuer.issuer == iss) {
+            return &issuer;
+        }
+    }
+    return nullptr;
+}
+
+const Issuer *Bundle::find_issuer(std::string_view id) const {
+    const auto it = std::lower_bound(
+        issuers.begin(), issuers.end(), id,
+        [](const Issuer &issuer, std::string_view wanted) { return issuer.id < wanted; });
+    return it != issuers.end() && it->id == id ? &*it : nullptr;
+}
+
+const Client *Bundle::find_client_by_certificate(std::string_view sha256_hex) const {
+    if (sha256_hex.size() != 64) {
+        return nullptr;
+    }
+    std::array<char, 64> wanted;
+    for (size_t i = 0; i < wanted.size(); ++i) {
+        wanted[i] = lower_hex(sha256_hex[i]);
+    }
+    const std::string_view key(wanted.data(), wanted.size());
+    for (const Client &client : clients) {
+        for (const std::string &certificate : client.certificates) {
+            if (certificate == key) {
+                return &client;
+            }
+        }
+    }
+    return nullptr;
+}
+
 void Bundle::canonicalize() {
+    std::stable_sort(issuers.begin(), issuers.end(),
+                     [](const Issuer &a, const Issuer &b) { return a.id < b.id; });
+    for (Issuer &issuer : issuers) {
+        std::sort(issuer.algorithms.begin(), issuer.algorithms.end());
+    }
     std::stable_sort(clients.begin(), clients.end(),
                      [](const Client &a, const Client &b) { return a.id < b.id; });
     for (Client &client : clients) {
         std::sort(client.purposes.begin(), client.purposes.end());
+        std::sort(client.auth.begin(), client.auth.end());
+        client.scope_ceiling = canonical_scopes(client.scope_ceiling);
+        std::sort(client.issuers.begin(), client.issuers.end());
+        std::sort(client.tenants.begin(), client.tenants.end());
+        std::sort(client.certificates.begin(), client.certificates.end());
     }
     std::stable_sort(routes.begin(), routes.end(), [](const Route &a, const Route &b) {
         return a.prefix != b.prefix ? a.prefix < b.prefix : a.name < b.name;
@@ -387,11 +617,7 @@ std::optional<Snapshot> decode_snapshot(std::string_view body) {
         return std::nullopt;
     }
     snapshot.bundle.canonicalize();
-    // find_client() bisects: two clients with one id would make the answer depend on the sort.
-    const auto duplicate =
-        std::adjacent_find(snapshot.bundle.clients.begin(), snapshot.bundle.clients.end(),
-                           [](const Client &a, const Client &b) { return a.id == b.id; });
-    if (duplicate != snapshot.bundle.clients.end()) {
+    if (!lookups_unambiguous(snapshot.bundle)) {
         return std::nullopt;
     }
     return snapshot;
@@ -453,8 +679,16 @@ protocol::DecideReply evaluate(const Snapshot &snapshot, const protocol::DecideR
         return deny(reply, 403, "interaction-not-permitted",
                     "The gateway policy does not permit this FHIR interaction");
     }
-    if (!request.client_id.empty() && snapshot.bundle.find_client(request.client_id) == nullptr) {
-        return deny(reply, 403, "unknown-client", "The client is not registered with the gateway");
+    if (!request.client_id.empty()) {
+        const Client *client = snapshot.bundle.find_client(request.client_id);
+        if (client == nullptr) {
+            return deny(reply, 403, "unknown-client",
+                        "The client is not registered with the gateway");
+        }
+        if (!route->tenant.empty() && !contains(client->tenants, route->tenant)) {
+            return deny(reply, 403, "tenant-not-permitted",
+                        "The client is not registered for the tenant this route serves");
+        }
     }
 
     reply.decision = protocol::Decision::Permit;

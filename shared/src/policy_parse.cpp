@@ -14,12 +14,16 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <unordered_map>
 
 #include "ehrgate/fhir_request.hpp"
+#include "ehrgate/jose.hpp"
 #include "ehrgate/policy.hpp"
+#include "ehrgate/smart_scopes.hpp"
 
 namespace ehrgate::policy {
 
@@ -53,15 +57,20 @@ constexpr size_t kMaxPurposes = 64;
 constexpr size_t kMaxMethods = 16;
 constexpr size_t kMaxResources = 256;
 constexpr size_t kMaxInteractions = 32;
+constexpr size_t kMaxUrl = 512;  // issuer and audience
+constexpr size_t kMaxPath = 4096;
+constexpr size_t kMaxTenants = 64;
+constexpr size_t kMaxCertificates = 32;
+
+constexpr std::array kAuthMethods = {"bearer"sv, "mtls"sv, "cert-bound"sv};
 
 // ---- Small text helpers ----------------------------------------------------------------------
 
 // Quotes a value from the file for a message: escapes what would garble a terminal and cuts
 // long values, so a diagnostic stays one readable line.
-std::string quote(std::string_view value) {
-    constexpr size_t kMaxShown = 64;
+std::string quote(std::string_view value, size_t max_shown = 64) {
     std::string out = "\"";
-    for (size_t i = 0; i < value.size() && i < kMaxShown; ++i) {
+    for (size_t i = 0; i < value.size() && i < max_shown; ++i) {
         const unsigned char c = static_cast<unsigned char>(value[i]);
         if (c == '"' || c == '\\') {
             out += '\\';
@@ -79,7 +88,7 @@ std::string quote(std::string_view value) {
             out += static_cast<char>(c);
         }
     }
-    if (value.size() > kMaxShown) {
+    if (value.size() > max_shown) {
         out += "...";
     }
     out += '"';
@@ -203,6 +212,91 @@ std::string prefix_problem(std::string_view prefix) {
     return {};
 }
 
+// Returns why `url` cannot be an issuer identifier, or an empty string. The value is compared
+// byte for byte with each token's `iss`, so only its shape is checked here: https (RFC 8414
+// section 2), a host, no user information, query or fragment. Plain http is for a sandbox
+// issuer on the same machine.
+std::string issuer_problem(std::string_view url) {
+    if (url.size() > kMaxUrl) {
+        return "is longer than " + std::to_string(kMaxUrl) + " characters";
+    }
+    if (std::any_of(url.begin(), url.end(),
+                    [](char c) { return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f; })) {
+        return "contains whitespace or control characters";
+    }
+    std::string_view rest;
+    bool https = true;
+    if (url.starts_with("https://")) {
+        rest = url.substr(8);
+    } else if (url.starts_with("http://")) {
+        rest = url.substr(7);
+        https = false;
+    } else {
+        return "must be an https:// URL";
+    }
+    if (url.find_first_of("?#") != std::string_view::npos) {
+        return "must not have a query or fragment";
+    }
+    const std::string_view authority = rest.substr(0, rest.find('/'));
+    if (authority.find('@') != std::string_view::npos) {
+        return "must not contain user information ('@')";
+    }
+    const size_t colon = authority.rfind(':');
+    const std::string_view host = authority.substr(0, colon);
+    if (host.empty()) {
+        return "has no host";
+    }
+    if (colon != std::string_view::npos) {
+        const std::string_view port = authority.substr(colon + 1);
+        if (port.empty() || port.size() > 5 ||
+            !std::all_of(port.begin(), port.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+            return "has an invalid port";
+        }
+    }
+    if (!https && host != "127.0.0.1" && host != "localhost") {
+        return "must use https:// (plain http:// is accepted only for 127.0.0.1 and localhost, "
+               "for a sandbox issuer)";
+    }
+    return {};
+}
+
+// ---- Files -----------------------------------------------------------------------------------
+
+struct FileText {
+    std::string text;
+    std::string error;  // "cannot open: ...", "cannot read: ..."; empty on success
+    bool too_large = false;
+};
+
+// Reads a whole file of at most `max` bytes. Reads at most one byte past the limit: enough to
+// know the file is too large without trusting a size from stat(), which a pipe or a growing
+// file would not have.
+FileText read_file(const std::string &path, size_t max) {
+    FileText result;
+    const std::unique_ptr<std::FILE, int (*)(std::FILE *)> file(std::fopen(path.c_str(), "rb"),
+                                                                &std::fclose);
+    if (!file) {
+        result.error = std::string("cannot open: ") + std::strerror(errno);
+        return result;
+    }
+    std::array<char, 64 * 1024> chunk;
+    while (result.text.size() <= max) {
+        const size_t n = std::fread(chunk.data(), 1, chunk.size(), file.get());
+        result.text.append(chunk.data(), n);
+        if (n < chunk.size()) {
+            break;
+        }
+    }
+    if (std::ferror(file.get())) {
+        result.error = std::string("cannot read: ") + std::strerror(errno);
+        result.text.clear();
+    } else if (result.text.size() > max) {
+        result.too_large = true;
+        result.text.clear();
+    }
+    return result;
+}
+
 // ---- Positions and diagnostics ---------------------------------------------------------------
 
 struct Position {
@@ -268,6 +362,7 @@ class Validator {
     explicit Validator(std::string_view file) : file_(file) {}
 
     void report(Position at, std::string field, std::string message) {
+        ++problems_;
         if (diagnostics_.size() >= kMaxDiagnostics) {
             truncated_ = true;
             return;
@@ -278,6 +373,11 @@ class Validator {
     void report(const Value &value, std::string message) {
         report(value.at, value.path, std::move(message));
     }
+
+    // Problems reported so far, counting those past the cap: comparing two readings tells
+    // whether a part of the bundle was clean, so checks that build on it can be skipped instead
+    // of repeating the same mistake in other words.
+    size_t problems() const { return problems_; }
 
     std::vector<Diagnostic> finish() {
         std::stable_sort(diagnostics_.begin(), diagnostics_.end(),
@@ -418,33 +518,50 @@ class Validator {
   private:
     std::string file_;
     std::vector<Diagnostic> diagnostics_;
+    size_t problems_ = 0;
     bool truncated_ = false;
 };
 
 // ---- Schema v1 -------------------------------------------------------------------------------
 
-constexpr std::array<FieldSpec, 5> kBundleFields = {{
+constexpr std::array<FieldSpec, 6> kBundleFields = {{
     {"schema", true},
     {"version", true},
     {"description", false},
+    {"issuers", false},
     {"clients", true},
     {"routes", true},
 }};
 
-constexpr std::array<FieldSpec, 5> kClientFields = {{
+constexpr std::array<FieldSpec, 6> kIssuerFields = {{
+    {"id", true},
+    {"issuer", true},
+    {"audience", true},
+    {"jwks_file", true},
+    {"algorithms", true},
+    {"leeway_seconds", false},
+}};
+
+constexpr std::array<FieldSpec, 10> kClientFields = {{
     {"id", true},
     {"display_name", false},
     {"context", true},
     {"traffic_class", true},
     {"purposes", false},
+    {"auth", false},
+    {"scope_ceiling", false},
+    {"issuers", false},
+    {"tenants", false},
+    {"certificates", false},
 }};
 
-constexpr std::array<FieldSpec, 5> kRouteFields = {{
+constexpr std::array<FieldSpec, 6> kRouteFields = {{
     {"name", true},
     {"prefix", true},
     {"methods", true},
     {"resources", true},
     {"interactions", true},
+    {"tenant", false},
 }};
 
 // Remembers the first use of a name that must be unique across list entries.
@@ -460,9 +577,17 @@ class UniqueNames {
     std::unordered_map<std::string, int> lines_;
 };
 
+// A name used in one place that must be defined in another, checked once the whole bundle is
+// read (YAML order is free: clients may come before the issuers they name).
+struct Reference {
+    Value at;
+    std::string name;
+};
+
 class BundleParser {
   public:
-    explicit BundleParser(std::string_view file) : v_(file) {}
+    explicit BundleParser(std::string_view file)
+        : v_(file), base_dir_(std::filesystem::path(file).parent_path()) {}
 
     void parse(const YAML::Node &root) {
         const Value top{root, position_of(root), ""};
@@ -482,11 +607,14 @@ class BundleParser {
                 case 2:
                     return description(value);
                 case 3:
+                    return issuers(value);
+                case 4:
                     return clients(value);
                 default:
                     return routes(value);
             }
         });
+        check_references();
     }
 
     Validator &validator() { return v_; }
@@ -531,10 +659,264 @@ class BundleParser {
         bundle_.description = *description;
     }
 
+    // ---- Issuers ----
+
+    void issuers(const Value &list) {
+        UniqueNames ids;
+        UniqueNames urls;
+        v_.walk_list(list, kMaxIssuers, [&](const Value &entry) {
+            Issuer &issuer = bundle_.issuers.emplace_back();
+            std::optional<Value> jwks_file_at;
+            bool algorithms_clean = false;
+            v_.walk_map(entry, kIssuerFields, [&](size_t field, const Value &value) {
+                switch (field) {
+                    case 0:
+                        return issuer_id(value, issuer, ids);
+                    case 1:
+                        return issuer_url(value, issuer, urls);
+                    case 2:
+                        return audience(value, issuer);
+                    case 3:
+                        if (jwks_file(value, issuer)) {
+                            jwks_file_at = value;
+                        }
+                        return;
+                    case 4: {
+                        const size_t before = v_.problems();
+                        algorithms(value, issuer);
+                        algorithms_clean = v_.problems() == before;
+                        return;
+                    }
+                    default:
+                        return leeway(value, issuer);
+                }
+            });
+            // After the walk, so the key check can see the algorithms whatever the field order.
+            if (jwks_file_at) {
+                load_jwks(*jwks_file_at, issuer, algorithms_clean);
+            }
+        });
+    }
+
+    void issuer_id(const Value &value, Issuer &issuer, UniqueNames &ids) {
+        const std::optional<std::string> id = v_.string(value);
+        if (!id) {
+            return;
+        }
+        if (!is_name(*id, false)) {
+            v_.report(value, "invalid issuer id " + quote(*id) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else if (const int first = ids.first_use(*id, value.at.line)) {
+            v_.report(value, "duplicate issuer id " + quote(*id) + "; first defined at line " +
+                                 std::to_string(first));
+        }
+        issuer.id = *id;
+    }
+
+    void issuer_url(const Value &value, Issuer &issuer, UniqueNames &urls) {
+        const std::optional<std::string> url = v_.string(value);
+        if (!url) {
+            return;
+        }
+        if (const std::string problem = issuer_problem(*url); !problem.empty()) {
+            v_.report(value, "invalid issuer " + quote(*url, 128) + ": " + problem);
+        } else if (const int first = urls.first_use(*url, value.at.line)) {
+            // A token's iss must select exactly one entry: its keys, audience and algorithms.
+            v_.report(value, "duplicate issuer " + quote(*url, 128) +
+                                 "; another entry has it at line " + std::to_string(first));
+        }
+        issuer.issuer = *url;
+    }
+
+    void audience(const Value &value, Issuer &issuer) {
+        const std::optional<std::string> audience = v_.string(value);
+        if (!audience) {
+            return;
+        }
+        if (audience->empty()) {
+            v_.report(value, "audience must not be empty");
+        } else if (audience->size() > kMaxUrl) {
+            v_.report(value, "audience is longer than " + std::to_string(kMaxUrl) + " characters");
+        } else if (std::any_of(audience->begin(), audience->end(), [](char c) {
+                       return static_cast<unsigned char>(c) <= 0x20 || c == 0x7f;
+                   })) {
+            v_.report(value, "invalid audience " + quote(*audience, 128) +
+                                 ": contains whitespace or control characters");
+        }
+        issuer.audience = *audience;
+    }
+
+    // Returns whether the value is a path worth trying to read.
+    bool jwks_file(const Value &value, Issuer &issuer) {
+        const std::optional<std::string> path = v_.string(value);
+        if (!path) {
+            return false;
+        }
+        issuer.jwks_file = *path;
+        if (path->empty()) {
+            v_.report(value, "jwks_file must not be empty");
+            return false;
+        }
+        if (path->size() > kMaxPath || has_control(*path, false)) {
+            v_.report(value, "invalid jwks_file " + quote(*path, 128) +
+                                 ": must be a path of at most " + std::to_string(kMaxPath) +
+                                 " characters without control characters");
+            return false;
+        }
+        return true;
+    }
+
+    void algorithms(const Value &list, Issuer &issuer) {
+        v_.string_set(
+            list, jose::kAllAlgorithms.size(), false, false, "algorithm", issuer.algorithms,
+            [&](const Value &entry, const std::string &name) {
+                if (jose::algorithm_from_name(name)) {
+                    return true;
+                }
+                std::array<std::string_view, jose::kAllAlgorithms.size()> names;
+                std::transform(jose::kAllAlgorithms.begin(), jose::kAllAlgorithms.end(),
+                               names.begin(), jose::algorithm_name);
+                std::string message;
+                if (name == "HS256" || name == "HS384" || name == "HS512") {
+                    // With a public key the gateway knows, a symmetric "signature" can be made
+                    // by anyone who knows that key too: the classic algorithm confusion.
+                    message = "symmetric algorithms are never accepted: " + quote(name) +
+                              " needs a shared secret, and the gateway verifies tokens only with "
+                              "the issuer's public keys; use one of " +
+                              join(names);
+                } else if (edit_distance(name, "none") == 0) {
+                    message = "\"none\" is never accepted: it marks an unsigned token";
+                } else if (const std::optional<std::string_view> hint = closest(name, names)) {
+                    message = "unknown algorithm " + quote(name) + "; did you mean \"" +
+                              std::string(*hint) + "\"?";
+                } else {
+                    message =
+                        "unknown algorithm " + quote(name) + "; expected one of " + join(names);
+                }
+                v_.report(entry, std::move(message));
+                return false;
+            });
+    }
+
+    void leeway(const Value &value, Issuer &issuer) {
+        const std::optional<std::string> text = v_.string(value);
+        if (!text) {
+            return;
+        }
+        const bool digits =
+            !text->empty() && text->size() <= 3 &&
+            std::all_of(text->begin(), text->end(), [](char c) { return c >= '0' && c <= '9'; });
+        const int64_t seconds = digits ? std::stoll(*text) : -1;
+        if (seconds < 0 || seconds > kMaxLeewaySeconds) {
+            v_.report(value, "invalid leeway_seconds " + quote(*text) +
+                                 ": expected a whole number of seconds from 0 to " +
+                                 std::to_string(kMaxLeewaySeconds));
+            return;
+        }
+        issuer.leeway_seconds = seconds;
+    }
+
+    // Reads the issuer's JWKS now, so that a missing or broken file refuses the bundle at load
+    // time, and so that workers get the keys in the snapshot instead of reading files.
+    void load_jwks(const Value &at, Issuer &issuer, bool check_algorithms) {
+        const std::filesystem::path written(issuer.jwks_file);
+        const std::string path =
+            written.is_absolute() ? written.string() : (base_dir_ / written).string();
+        // The resolved path, so a relative one shows where it was looked for.
+        const std::string shown = quote(path, 256);
+        FileText file = read_file(path, kMaxJwksBytes);
+        if (!file.error.empty()) {
+            v_.report(at, "jwks_file " + shown + ": " + file.error);
+            return;
+        }
+        if (file.too_large) {
+            v_.report(at, "jwks_file " + shown + " is larger than " +
+                              std::to_string(kMaxJwksBytes) +
+                              " bytes (1 MiB), the limit for a JWKS");
+            return;
+        }
+        std::string error;
+        const std::optional<jose::KeySet> keys = jose::KeySet::parse(file.text, &error);
+        if (!keys) {
+            v_.report(at, "jwks_file " + shown + " is not an acceptable JWKS: " + error);
+            return;
+        }
+        if (keys->size() == 0) {
+            v_.report(at, "jwks_file " + shown + " contains no keys");
+            return;
+        }
+        issuer.jwks_json = std::move(file.text);
+        if (check_algorithms) {
+            check_keys(at, *keys, issuer, shown);
+        }
+    }
+
+    // A key that names its algorithm must name an allowed one: otherwise the operator believes
+    // the issuer signs with something the gateway will refuse (or the allow-list is incomplete).
+    // And at least one key must fit an allowed algorithm, or no token could ever verify.
+    void check_keys(const Value &at, const jose::KeySet &keys, const Issuer &issuer,
+                    const std::string &shown) {
+        const auto allowed = [&](jose::Algorithm alg) {
+            return std::find(issuer.algorithms.begin(), issuer.algorithms.end(),
+                             jose::algorithm_name(alg)) != issuer.algorithms.end();
+        };
+        bool any_usable = false;
+        bool mismatch = false;
+        for (size_t i = 0; i < keys.size(); ++i) {
+            const jose::KeyInfo &info = keys.info(i);
+            if (!info.verifies) {
+                continue;
+            }
+            const std::string key_name =
+                info.kid.empty() ? "key " + std::to_string(i) : "key " + quote(info.kid);
+            if (info.alg) {
+                if (!allowed(*info.alg)) {
+                    mismatch = true;
+                    v_.report(at, "jwks_file " + shown + ": " + key_name + " has alg \"" +
+                                      std::string(jose::algorithm_name(*info.alg)) +
+                                      "\", which is not in this issuer's algorithms (" +
+                                      join(issuer.algorithms) + ")");
+                } else {
+                    any_usable = true;
+                }
+                continue;
+            }
+            for (const jose::Algorithm alg : jose::kAllAlgorithms) {
+                if (allowed(alg) && key_fits(info, alg)) {
+                    any_usable = true;
+                }
+            }
+        }
+        if (!any_usable && !mismatch) {
+            v_.report(at, "jwks_file " + shown +
+                              ": no key can verify any of this issuer's "
+                              "algorithms (" +
+                              join(issuer.algorithms) + ")");
+        }
+    }
+
+    static bool key_fits(const jose::KeyInfo &info, jose::Algorithm alg) {
+        const std::string_view name = jose::algorithm_name(alg);
+        if (info.kty == "RSA") {
+            return name.starts_with("RS") || name.starts_with("PS");
+        }
+        if (info.kty == "EC") {
+            return (name == "ES256" && info.crv == "P-256") ||
+                   (name == "ES384" && info.crv == "P-384") ||
+                   (name == "ES512" && info.crv == "P-521");
+        }
+        return false;
+    }
+
+    // ---- Clients ----
+
     void clients(const Value &list) {
         UniqueNames ids;
         v_.walk_list(list, kMaxClients, [&](const Value &entry) {
+            const size_t index = bundle_.clients.size();
             Client &client = bundle_.clients.emplace_back();
+            std::optional<Value> certificates_at;
+            bool auth_clean = true;
             v_.walk_map(entry, kClientFields, [&](size_t field, const Value &value) {
                 switch (field) {
                     case 0:
@@ -545,10 +927,28 @@ class BundleParser {
                         return context(value, client);
                     case 3:
                         return traffic_class(value, client);
-                    default:
+                    case 4:
                         return purposes(value, client);
+                    case 5: {
+                        const size_t before = v_.problems();
+                        auth(value, client);
+                        auth_clean = v_.problems() == before;
+                        return;
+                    }
+                    case 6:
+                        return scope_ceiling(value, client);
+                    case 7:
+                        return client_issuers(value, client);
+                    case 8:
+                        return client_tenants(value, client);
+                    default:
+                        certificates_at = value;
+                        return certificates(value, client, index);
                 }
             });
+            if (entry.node.IsMap() && auth_clean) {
+                certificates_fit_auth(entry, client, certificates_at);
+            }
         });
     }
 
@@ -629,6 +1029,134 @@ class BundleParser {
             });
     }
 
+    void auth(const Value &list, Client &client) {
+        std::vector<std::string> names;
+        v_.string_set(list, kAuthMethods.size(), false, false, "authentication method", names,
+                      [&](const Value &entry, const std::string &name) {
+                          if (auth_method_from_name(name)) {
+                              return true;
+                          }
+                          const std::optional<std::string_view> hint = closest(name, kAuthMethods);
+                          v_.report(entry,
+                                    "unknown authentication method " + quote(name) +
+                                        (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                              : "; expected one of " + join(kAuthMethods)));
+                          return false;
+                      });
+        client.auth.clear();
+        for (const std::string &name : names) {
+            client.auth.push_back(*auth_method_from_name(name));
+        }
+    }
+
+    void scope_ceiling(const Value &value, Client &client) {
+        const std::optional<std::string> scopes = v_.string(value);
+        if (!scopes) {
+            return;
+        }
+        smart::ScopeError error;
+        if (!smart::parse_scopes(*scopes, &error)) {
+            v_.report(value, "invalid scope_ceiling: " +
+                                 (error.scope.empty() ? error.reason
+                                                      : quote(error.scope) + ": " + error.reason));
+        }
+        client.scope_ceiling = *scopes;
+    }
+
+    void client_issuers(const Value &list, Client &client) {
+        v_.string_set(list, kMaxIssuers, true, false, "issuer", client.issuers,
+                      [&](const Value &entry, const std::string &id) {
+                          if (!is_name(id, false)) {
+                              v_.report(entry, "invalid issuer id " + quote(id) +
+                                                   ": must be 1-64 characters from A-Z a-z 0-9 "
+                                                   ". _ -");
+                              return false;
+                          }
+                          issuer_references_.push_back({entry, id});
+                          return true;
+                      });
+    }
+
+    void client_tenants(const Value &list, Client &client) {
+        v_.string_set(list, kMaxTenants, true, false, "tenant", client.tenants,
+                      [&](const Value &entry, const std::string &tenant) {
+                          if (!is_name(tenant, false)) {
+                              v_.report(entry, "invalid tenant " + quote(tenant) +
+                                                   ": must be 1-64 characters from A-Z a-z 0-9 "
+                                                   ". _ -");
+                              return false;
+                          }
+                          client_tenants_.insert(tenant);
+                          return true;
+                      });
+    }
+
+    void certificates(const Value &list, Client &client, size_t client_index) {
+        std::unordered_map<std::string, int> first_line;
+        v_.walk_list(list, kMaxCertificates, [&](const Value &entry) {
+            const std::optional<std::string> text = v_.string(entry);
+            if (!text) {
+                return;
+            }
+            std::optional<std::string> fingerprint = normalize_certificate_fingerprint(*text);
+            if (!fingerprint) {
+                const size_t digits = static_cast<size_t>(
+                    std::count_if(text->begin(), text->end(), [](char c) { return c != ':'; }));
+                v_.report(entry,
+                          "invalid certificate fingerprint " + quote(*text, 100) +
+                              (digits == 40 ? ": this looks like a SHA-1 fingerprint; " : ": ") +
+                              "expected the SHA-256 of the DER certificate, 64 hex digits "
+                              "(colons allowed), e.g. from `openssl x509 -in client.pem -outform "
+                              "DER | sha256sum`");
+                return;
+            }
+            if (const auto [it, inserted] = first_line.emplace(*fingerprint, entry.at.line);
+                !inserted) {
+                v_.report(entry, "duplicate certificate " + quote(*text, 100) +
+                                     "; first listed at line " + std::to_string(it->second));
+                return;
+            }
+            const auto [owner, inserted] = certificate_owners_.emplace(
+                *fingerprint, std::make_pair(client_index, entry.at.line));
+            if (!inserted) {
+                const Client &other = bundle_.clients[owner->second.first];
+                v_.report(entry, "certificate " + quote(*text, 100) +
+                                     " is already pinned by client " + quote(other.id) +
+                                     " at line " + std::to_string(owner->second.second) +
+                                     "; a certificate identifies exactly one client");
+                return;
+            }
+            client.certificates.push_back(std::move(*fingerprint));
+        });
+    }
+
+    // mtls and cert-bound both need a pinned certificate; pinning one for a client that uses
+    // neither would look like protection that is not there.
+    void certificates_fit_auth(const Value &entry, const Client &client,
+                               const std::optional<Value> &certificates_at) {
+        const auto uses = [&](AuthMethod method) {
+            return std::find(client.auth.begin(), client.auth.end(), method) != client.auth.end();
+        };
+        const bool needs = uses(AuthMethod::Mtls) || uses(AuthMethod::CertBound);
+        const std::string_view which = uses(AuthMethod::Mtls) ? "mtls" : "cert-bound";
+        if (needs && !certificates_at) {
+            v_.report(entry.at, child(entry.path, "certificates"),
+                      "missing required field \"certificates\": auth includes \"" +
+                          std::string(which) + "\", which needs at least one pinned certificate");
+        } else if (needs && certificates_at->node.IsSequence() &&
+                   certificates_at->node.size() == 0) {
+            v_.report(*certificates_at, "must list at least one certificate: auth includes \"" +
+                                            std::string(which) + "\"");
+        } else if (!needs && certificates_at && certificates_at->node.IsSequence() &&
+                   certificates_at->node.size() > 0) {
+            v_.report(*certificates_at,
+                      "certificates are used only with auth mtls or cert-bound; add one of them "
+                      "to auth or remove the certificates");
+        }
+    }
+
+    // ---- Routes ----
+
     void routes(const Value &list) {
         UniqueNames names;
         UniqueNames prefixes;
@@ -644,8 +1172,10 @@ class BundleParser {
                         return methods(value, route);
                     case 3:
                         return resources(value, route);
-                    default:
+                    case 4:
                         return interactions(value, route);
+                    default:
+                        return route_tenant(value, route);
                 }
             });
         });
@@ -731,8 +1261,59 @@ class BundleParser {
                       });
     }
 
+    void route_tenant(const Value &value, Route &route) {
+        const std::optional<std::string> tenant = v_.string(value);
+        if (!tenant) {
+            return;
+        }
+        if (!is_name(*tenant, false)) {
+            v_.report(value, "invalid tenant " + quote(*tenant) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else {
+            route_tenants_.push_back({value, *tenant});
+        }
+        route.tenant = *tenant;
+    }
+
+    // ---- Cross-references ----
+
+    void check_references() {
+        std::vector<std::string_view> issuer_ids;
+        for (const Issuer &issuer : bundle_.issuers) {
+            issuer_ids.push_back(issuer.id);
+        }
+        for (const Reference &ref : issuer_references_) {
+            if (std::find(issuer_ids.begin(), issuer_ids.end(), ref.name) != issuer_ids.end()) {
+                continue;
+            }
+            const std::optional<std::string_view> hint = closest(ref.name, issuer_ids);
+            v_.report(ref.at,
+                      "unknown issuer " + quote(ref.name) +
+                          (hint                 ? "; did you mean \"" + std::string(*hint) + "\"?"
+                           : issuer_ids.empty() ? "; the bundle defines no issuers"
+                                                : "; defined issuers: " + join(issuer_ids)));
+        }
+        // A route tenant no client lists refuses every identified client: almost surely a typo.
+        for (const Reference &ref : route_tenants_) {
+            if (client_tenants_.contains(ref.name)) {
+                continue;
+            }
+            const std::optional<std::string_view> hint = closest(ref.name, client_tenants_);
+            v_.report(ref.at, "no client lists tenant " + quote(ref.name) +
+                                  (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                        : "; add it to the tenants of the clients that may use "
+                                          "this route"));
+        }
+    }
+
     Validator v_;
     Bundle bundle_;
+    std::filesystem::path base_dir_;  // where relative jwks_file paths start
+    std::vector<Reference> issuer_references_;
+    std::vector<Reference> route_tenants_;
+    std::set<std::string, std::less<>> client_tenants_;
+    // Certificate fingerprint -> (client index, line) of its first pinning.
+    std::unordered_map<std::string, std::pair<size_t, int>> certificate_owners_;
 };
 
 ParseResult single_problem(std::string_view file, Position at, std::string message) {
@@ -906,31 +1487,16 @@ ParseResult parse_bundle(std::string_view yaml_text, std::string_view file_name)
 }
 
 ParseResult load_bundle_file(const std::string &path) {
-    const std::unique_ptr<std::FILE, int (*)(std::FILE *)> file(std::fopen(path.c_str(), "rb"),
-                                                                &std::fclose);
-    if (!file) {
-        return single_problem(path, {}, std::string("cannot open: ") + std::strerror(errno));
+    const FileText file = read_file(path, kMaxBundleBytes);
+    if (!file.error.empty()) {
+        return single_problem(path, {}, file.error);
     }
-    // Read at most one byte past the limit: enough to know the file is too large without
-    // trusting a size from stat(), which a pipe or a growing file would not have.
-    std::string text;
-    std::array<char, 64 * 1024> chunk;
-    while (text.size() <= kMaxBundleBytes) {
-        const size_t n = std::fread(chunk.data(), 1, chunk.size(), file.get());
-        text.append(chunk.data(), n);
-        if (n < chunk.size()) {
-            break;
-        }
-    }
-    if (std::ferror(file.get())) {
-        return single_problem(path, {}, std::string("cannot read: ") + std::strerror(errno));
-    }
-    if (text.size() > kMaxBundleBytes) {
+    if (file.too_large) {
         return single_problem(path, {},
                               "the file is larger than " + std::to_string(kMaxBundleBytes) +
                                   " bytes (4 MiB), the limit for a policy bundle");
     }
-    return parse_bundle(text, path);
+    return parse_bundle(file.text, path);
 }
 
 }  // namespace ehrgate::policy

@@ -71,6 +71,10 @@ const char *message_type_name(MessageType type) {
             return "ping";
         case MessageType::Pong:
             return "pong";
+        case MessageType::RevocationFetch:
+            return "revocation-fetch";
+        case MessageType::RevocationList:
+            return "revocation-list";
         case MessageType::AdminRequest:
             return "admin-request";
         case MessageType::AdminReply:
@@ -152,7 +156,7 @@ std::optional<FrameView> FrameDecoder::next() {
         error_ = FrameError::BadVersion;
         return std::nullopt;
     }
-    const bool known_type = *type <= static_cast<uint8_t>(MessageType::Pong) ||
+    const bool known_type = *type <= static_cast<uint8_t>(MessageType::RevocationList) ||
                             *type == static_cast<uint8_t>(MessageType::AdminRequest) ||
                             *type == static_cast<uint8_t>(MessageType::AdminReply);
     if (!known_type) {
@@ -327,6 +331,67 @@ std::optional<PolicyAck> decode_policy_ack(std::string_view body) {
             return read_into_uint(r, msg.serial);
         if (key == "worker_pid")
             return read_into_uint(r, msg.worker_pid);
+        return false;
+    });
+    if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+namespace {
+
+// Revocation lists are bounded like everything else decoded from the wire.
+constexpr uint32_t kMaxRevocations = 1u << 20;
+
+void put_pairs(Writer &w, std::string_view key, const std::vector<std::pair<std::string, int64_t>> &pairs) {
+    w.key(key);
+    w.array(static_cast<uint32_t>(pairs.size()));
+    for (const auto &[name, when] : pairs) {
+        w.array(2);
+        w.str(name);
+        w.sint(when);
+    }
+}
+
+bool read_pairs(Reader &r, std::vector<std::pair<std::string, int64_t>> &out) {
+    const std::optional<uint32_t> n = r.read_array();
+    if (!n || *n > kMaxRevocations) {
+        r.fail();
+        return true;
+    }
+    for (uint32_t i = 0; i < *n && r.ok(); ++i) {
+        const std::optional<uint32_t> fields = r.read_array();
+        const std::optional<std::string_view> name = r.read_str();
+        const std::optional<int64_t> when = r.read_int();
+        if (fields != 2u || !name || !when) {
+            r.fail();
+            return true;
+        }
+        out.emplace_back(std::string(*name), *when);
+    }
+    return true;
+}
+
+}  // namespace
+
+std::string encode(const RevocationList &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(3);
+    w.key("serial");
+    w.uint(msg.serial);
+    put_pairs(w, "jtis", msg.jtis);
+    put_pairs(w, "clients", msg.clients);
+    return out;
+}
+
+std::optional<RevocationList> decode_revocation_list(std::string_view body) {
+    RevocationList msg;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "serial") return read_into_uint(r, msg.serial);
+        if (key == "jtis") return read_pairs(r, msg.jtis);
+        if (key == "clients") return read_pairs(r, msg.clients);
         return false;
     });
     if (!ok) {

@@ -9,9 +9,9 @@ import time
 import pytest
 import requests
 
-from stack import DEMO_PATIENT
+from stack import DEMO_PATIENT, SANDBOX_POLICY_VERSION
 
-POLICY_VERSION = "sandbox-2026.11.25-1"
+POLICY_VERSION = SANDBOX_POLICY_VERSION
 FHIR_JSON = "application/fhir+json"
 
 
@@ -92,8 +92,8 @@ def test_unsafe_correlation_id_is_replaced(shared_stack):
 
 @pytest.mark.parametrize("method,path,status,reason", [
     ("GET", "/fhir/AllergyIntolerance", 403, "resource-type-not-permitted"),
-    ("GET", "/fhir/Patient/" + DEMO_PATIENT + "/$everything", 403, "interaction-not-permitted"),
-    ("POST", "/fhir/$export", 403, "interaction-not-permitted"),
+    ("GET", "/fhir/Patient/" + DEMO_PATIENT + "/$everything", 403, "interaction-not-supported"),
+    ("POST", "/fhir/$export", 403, "interaction-not-supported"),
     ("GET", "/fhir/Patient/a/b/c/d", 400, "unrecognized-fhir-request"),
     ("GET", "/fhir/NotAResource/1", 400, "unrecognized-fhir-request"),
     ("HEAD", "/fhir/AllergyIntolerance", 403, None),
@@ -113,8 +113,9 @@ def test_policy_denials_never_reach_the_ehr(shared_stack, method, path, status, 
 
 def test_denied_post_with_body_is_answered_cleanly(shared_stack):
     before = sandbox_count(shared_stack)
+    token = shared_stack.mint(scope="user/*.cruds")
     response = requests.post(shared_stack.base_url + "/fhir/AllergyIntolerance", data=b'{"resourceType":"x"}' * 500,
-                             headers={**auth(shared_stack), "Content-Type": FHIR_JSON}, timeout=5)
+                             headers={"Authorization": "Bearer " + token, "Content-Type": FHIR_JSON}, timeout=5)
     assert_outcome(response, 403, "resource-type-not-permitted")
     # The connection stays usable after the unread body was discarded.
     assert sandbox_count(shared_stack) == before

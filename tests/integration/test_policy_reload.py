@@ -11,14 +11,16 @@ from pathlib import Path
 
 import requests
 
-from stack import DEMO_PATIENT, ROOT
+from stack import DEMO_PATIENT, ROOT, SANDBOX_POLICY_VERSION
 
-OLD_VERSION = "sandbox-2026.11.25-1"
+OLD_VERSION = SANDBOX_POLICY_VERSION
 
 
 def private_policy(tmp_path: Path) -> Path:
+    """A copy of the sandbox bundle the test may edit, with the JWKS it names beside it."""
     path = tmp_path / "policy.yaml"
     shutil.copy(ROOT / "conf" / "policy.yaml", path)
+    shutil.copytree(ROOT / "conf" / "sandbox", tmp_path / "sandbox", dirs_exist_ok=True)
     return path
 
 
@@ -59,11 +61,11 @@ def test_reload_under_load_switches_every_worker_within_a_second_with_no_failure
         thread.start()
     try:
         time.sleep(1.0)
-        rewrite(policy, "sandbox-2026.11.25-2", drop_resource="Observation")
+        rewrite(policy, "test-reload-2", drop_resource="Observation")
         started = time.monotonic()
         result = stack.ctl("policy", "reload")
         assert result.returncode == 0, result.stderr
-        assert "sandbox-2026.11.25-2" in result.stdout + result.stderr
+        assert "test-reload-2" in result.stdout + result.stderr
         while set(worker_serials(stack)) != {2}:
             assert time.monotonic() - started < 1.0, f"workers still at {worker_serials(stack)} after 1 s"
             time.sleep(0.02)
@@ -74,13 +76,13 @@ def test_reload_under_load_switches_every_worker_within_a_second_with_no_failure
             thread.join()
 
     assert not failures, f"{len(failures)} failed requests during reload, e.g. {failures[:3]}"
-    assert versions_seen[-1] == "sandbox-2026.11.25-2"
-    assert {"sandbox-2026.11.25-1", "sandbox-2026.11.25-2"} == set(versions_seen)
+    assert versions_seen[-1] == "test-reload-2"
+    assert {OLD_VERSION, "test-reload-2"} == set(versions_seen)
     # The new rule is in force.
     denied = requests.get(f"{stack.base_url}/fhir/Observation?patient={DEMO_PATIENT}",
                           headers={"Authorization": "Bearer " + token}, timeout=5)
     assert denied.status_code == 403
-    assert denied.headers["X-Ehrgate-Policy-Version"] == "sandbox-2026.11.25-2"
+    assert denied.headers["X-Ehrgate-Policy-Version"] == "test-reload-2"
 
 
 def test_invalid_bundle_is_refused_and_old_policy_keeps_serving(make_stack, tmp_path):
@@ -113,7 +115,7 @@ def test_sighup_reloads_and_unchanged_reload_is_a_no_op(make_stack, tmp_path):
     unchanged = stack.ctl("policy", "reload")
     assert unchanged.returncode == 0 and "unchanged" in unchanged.stdout + unchanged.stderr
 
-    rewrite(policy, "sandbox-2026.11.25-3")
+    rewrite(policy, "test-reload-3")
     stack.policyd.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 2
     while set(worker_serials(stack)) != {2}:
@@ -121,15 +123,15 @@ def test_sighup_reloads_and_unchanged_reload_is_a_no_op(make_stack, tmp_path):
         time.sleep(0.05)
     response = requests.get(f"{stack.base_url}/fhir/Patient/{DEMO_PATIENT}",
                             headers={"Authorization": "Bearer " + stack.mint()}, timeout=5)
-    assert response.headers["X-Ehrgate-Policy-Version"] == "sandbox-2026.11.25-3"
+    assert response.headers["X-Ehrgate-Policy-Version"] == "test-reload-3"
 
 
 def test_serial_survives_policyd_restart(make_stack, tmp_path):
     policy = private_policy(tmp_path)
     stack = make_stack(policy_file=policy)
-    rewrite(policy, "sandbox-2026.11.25-4")
+    rewrite(policy, "test-reload-4")
     assert stack.ctl("policy", "reload").returncode == 0
     assert stack.stop_policyd() == 0
     stack.start_policyd()
     status = json.loads(stack.ctl("status", check=True).stdout.splitlines()[0])
-    assert status["policy"]["serial"] == 2 and status["policy"]["version"] == "sandbox-2026.11.25-4"
+    assert status["policy"]["serial"] == 2 and status["policy"]["version"] == "test-reload-4"

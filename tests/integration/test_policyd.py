@@ -16,7 +16,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from stack import ROOT
+from stack import ROOT, SANDBOX_POLICY_VERSION
 
 DECIDE_REQUEST, DECIDE_REPLY, POLICY_FETCH, POLICY_SNAPSHOT, PING, PONG, ERROR = 1, 2, 3, 4, 6, 7, 0
 ADMIN_REQUEST = 16
@@ -61,7 +61,7 @@ def test_pipelined_decisions_with_an_independent_msgpack(make_stack):
             ["/fhir/Patient/1", "/fhir/AllergyIntolerance", "/nowhere"])))
         replies = {r[2]: r for r in (read_frame(sock) for _ in range(3))}
     assert replies[100][1] == DECIDE_REPLY and replies[100][3]["decision"] == 1
-    assert replies[100][3]["policy_version"] == "sandbox-2026.11.25-1"
+    assert replies[100][3]["policy_version"] == SANDBOX_POLICY_VERSION
     assert replies[100][3]["resource_type"] == "Patient" and replies[100][3]["interaction"] == "read"
     assert (replies[101][3]["decision"], replies[101][3]["http_status"]) == (0, 403)
     assert (replies[102][3]["decision"], replies[102][3]["reason"]) == (0, "no-route")
@@ -157,7 +157,7 @@ def test_policyd_refuses_to_start_with_an_invalid_bundle(make_stack, tmp_path):
 def test_ctl_validate(make_stack):
     stack = make_stack(start=False)
     ok = stack.ctl("policy", "validate", str(ROOT / "conf" / "policy.yaml"))
-    assert ok.returncode == 0 and "valid, version sandbox-2026.11.25-1" in ok.stdout
+    assert ok.returncode == 0 and f"valid, version {SANDBOX_POLICY_VERSION}," in ok.stdout
     bad = stack.ctl("policy", "validate", str(ROOT / "conf" / "examples" / "invalid-policy.yaml"))
     assert bad.returncode == 1
     assert "invalid-policy.yaml:" in bad.stderr and "problem(s)" in bad.stderr

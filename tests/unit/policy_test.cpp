@@ -40,20 +40,25 @@ ParseResult parse(std::string_view yaml) {
     return parse_bundle(yaml, "test.yaml");
 }
 
-// Parses `yaml` and expects exactly one diagnostic, at the given place, whose message contains
-// `message`.
-void expect_one(std::string_view yaml, int line, int column, std::string_view field,
-                std::string_view message) {
-    const ParseResult result = parse(yaml);
+// Expects exactly one diagnostic, at the given place, whose message contains `message`.
+void check_one(const ParseResult &result, std::string_view file, std::string_view yaml, int line,
+               int column, std::string_view field, std::string_view message) {
     SCOPED_TRACE(std::string(yaml));
     EXPECT_FALSE(result.bundle.has_value());
     ASSERT_EQ(result.diagnostics.size(), 1u) << dump(result.diagnostics);
     const Diagnostic &d = result.diagnostics[0];
-    EXPECT_EQ(d.file, "test.yaml");
+    EXPECT_EQ(d.file, file);
     EXPECT_EQ(d.line, line) << d.to_string();
     EXPECT_EQ(d.column, column) << d.to_string();
     EXPECT_EQ(d.field, field) << d.to_string();
     EXPECT_NE(d.message.find(message), std::string::npos) << d.to_string();
+}
+
+// Parses `yaml` and expects exactly one diagnostic, at the given place, whose message contains
+// `message`.
+void expect_one(std::string_view yaml, int line, int column, std::string_view field,
+                std::string_view message) {
+    check_one(parse(yaml), "test.yaml", yaml, line, column, field, message);
 }
 
 // A bundle with one route whose fields after `prefix` are given by the caller (lines 7..).
@@ -86,8 +91,20 @@ TEST(PolicyBundleFiles, SandboxBundleIsValid) {
     ASSERT_TRUE(result.bundle.has_value());
     const Bundle &b = *result.bundle;
     EXPECT_EQ(b.schema, kSchemaV1);
-    EXPECT_EQ(b.version, "sandbox-2026.11.25-1");
+    EXPECT_EQ(b.version, "sandbox-2026.11.25-2");
     EXPECT_FALSE(b.description.empty());
+
+    ASSERT_EQ(b.issuers.size(), 1u);
+    const Issuer &issuer = b.issuers[0];
+    EXPECT_EQ(issuer.id, "sandbox-dev");
+    EXPECT_EQ(issuer.issuer, "https://sandbox-issuer.ehrgate.local");
+    EXPECT_EQ(issuer.audience, "http://127.0.0.1:8080/fhir");
+    EXPECT_EQ(issuer.jwks_file, "sandbox/dev-issuer-jwks.json");
+    std::ifstream jwks(kSourceDir + "/conf/sandbox/dev-issuer-jwks.json", std::ios::binary);
+    EXPECT_EQ(issuer.jwks_json, std::string(std::istreambuf_iterator<char>(jwks), {}));
+    EXPECT_EQ(issuer.algorithms, (std::vector<std::string>{"ES256", "ES384", "PS256", "RS256"}));
+    EXPECT_EQ(issuer.leeway_seconds, 60);
+    EXPECT_EQ(b.find_issuer_by_iss("https://sandbox-issuer.ehrgate.local"), &issuer);
 
     ASSERT_EQ(b.clients.size(), 3u);  // canonical order: by id
     EXPECT_EQ(b.clients[0].id, "demo-batch");
@@ -104,12 +121,21 @@ TEST(PolicyBundleFiles, SandboxBundleIsValid) {
     EXPECT_EQ(b.clients[2].purposes, (std::vector<std::string>{"PATRQT"}));
     for (const Client &c : b.clients) {
         EXPECT_FALSE(c.display_name.empty()) << c.id;
+        EXPECT_EQ(c.auth, std::vector<AuthMethod>{AuthMethod::Bearer}) << c.id;
+        EXPECT_EQ(c.tenants, std::vector<std::string>{"general-hospital"}) << c.id;
+        EXPECT_TRUE(c.issuers.empty()) << c.id;
+        EXPECT_TRUE(c.certificates.empty()) << c.id;
     }
+    // Canonical form: tokens sorted.
+    EXPECT_EQ(b.clients[0].scope_ceiling, "system/*.rs");
+    EXPECT_EQ(b.clients[1].scope_ceiling, "fhirUser launch offline_access openid user/*.cruds");
+    EXPECT_EQ(b.clients[2].scope_ceiling, "fhirUser launch/patient openid patient/*.rs");
 
     ASSERT_EQ(b.routes.size(), 1u);
     const Route &r = b.routes[0];
     EXPECT_EQ(r.name, "fhir");
     EXPECT_EQ(r.prefix, "/fhir/");
+    EXPECT_EQ(r.tenant, "general-hospital");
     EXPECT_EQ(r.methods,
               (std::vector<std::string>{"DELETE", "GET", "HEAD", "PATCH", "POST", "PUT"}));
     EXPECT_EQ(r.resources,
@@ -324,8 +350,8 @@ TEST(PolicyParse, PrintableGarbageNeverThrows) {
 
 TEST(PolicyParse, UnknownFields) {
     expect_one(std::string(kMinimal) + "extra: 1\n", 10, 1, "extra",
-               "unknown field \"extra\"; expected one of schema, version, description, clients, "
-               "routes");
+               "unknown field \"extra\"; expected one of schema, version, description, issuers, "
+               "clients, routes");
     expect_one(std::string(kMinimal) + "rotues: []\n", 10, 1, "rotues",
                "unknown field \"rotues\"; did you mean \"routes\"?");
     expect_one(with_route_tail("    methods: [GET]\n    resources: [\"*\"]\n    interactions: "
@@ -679,6 +705,597 @@ TEST(PolicyDiagnostic, ToString) {
     EXPECT_EQ((Diagnostic{"", 0, 0, "", "bad"}).to_string(), "bad");
 }
 
+// ---- Authentication: issuers, client credentials, tenants ------------------------------------
+
+const std::string kFingerprint = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+// The same fingerprint as `openssl x509 -fingerprint -sha256` prints it.
+const std::string kFingerprintColons =
+    "9F:86:D0:81:88:4C:7D:65:9A:2F:EA:A0:C5:5A:D0:15:A3:BF:4F:1B:2B:0B:82:2C:D1:5D:6C:15:B0:F0:0A:"
+    "08";
+const std::string kOtherFingerprint(64, 'e');
+
+TEST(PolicyParse, ClientAuthMethods) {
+    // Flow-style client on line 4; a key after traffic_class starts at column 50.
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [mtsl]}\n"), 4,
+               57, "clients[0].auth[0]",
+               "unknown authentication method \"mtsl\"; did you mean \"mtls\"?");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [oauth]}\n"), 4,
+               57, "clients[0].auth[0]",
+               "unknown authentication method \"oauth\"; expected one of bearer, mtls, cert-bound");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: []}\n"), 4, 56,
+               "clients[0].auth", "must list at least one authentication method");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [bearer, "
+                           "bearer]}\n"),
+               4, 65, "clients[0].auth[1]",
+               "duplicate authentication method \"bearer\"; first listed at line 4");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: bearer}\n"), 4,
+               56, "clients[0].auth", "expected a list, got a string");
+
+    // Left out: bearer only.
+    const ParseResult plain =
+        parse(with_client("  - {id: a, context: user, traffic_class: batch}\n"));
+    ASSERT_TRUE(plain.bundle) << dump(plain.diagnostics);
+    EXPECT_EQ(plain.bundle->clients[0].auth, std::vector<AuthMethod>{AuthMethod::Bearer});
+    EXPECT_EQ(plain.bundle->clients[0].scope_ceiling, "");
+
+    // Any order in, canonical order out.
+    const ParseResult all = parse(with_client(
+        "  - {id: a, context: user, traffic_class: batch, auth: [cert-bound, bearer, mtls], "
+        "certificates: [" +
+        kFingerprint + "]}\n"));
+    ASSERT_TRUE(all.bundle) << dump(all.diagnostics);
+    EXPECT_EQ(
+        all.bundle->clients[0].auth,
+        (std::vector<AuthMethod>{AuthMethod::Bearer, AuthMethod::Mtls, AuthMethod::CertBound}));
+}
+
+TEST(PolicyParse, CertificatesFollowTheAuthMethods) {
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [mtls]}\n"), 4,
+               5, "clients[0].certificates",
+               "missing required field \"certificates\": auth includes \"mtls\", which needs at "
+               "least one pinned certificate");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [bearer, "
+                           "cert-bound]}\n"),
+               4, 5, "clients[0].certificates",
+               "missing required field \"certificates\": auth includes \"cert-bound\"");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [cert-bound], "
+                           "certificates: []}\n"),
+               4, 84, "clients[0].certificates",
+               "must list at least one certificate: auth includes \"cert-bound\"");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, certificates: [" +
+                           kFingerprint + "]}\n"),
+               4, 64, "clients[0].certificates",
+               "certificates are used only with auth mtls or cert-bound; add one of them to auth "
+               "or remove the certificates");
+    // A broken auth list is reported once, not again as a certificate problem.
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, auth: [mtsl], "
+                           "certificates: [" +
+                           kFingerprint + "]}\n"),
+               4, 57, "clients[0].auth[0]", "did you mean \"mtls\"?");
+}
+
+// A client pinning certificates, in block style: the first certificate is on line 9, column 9.
+std::string with_certificates(std::string_view certificates, std::string_view more_clients = "") {
+    return with_client(
+        "  - id: a\n    context: system\n    traffic_class: batch\n    auth: "
+        "[mtls]\n    certificates:\n" +
+        std::string(certificates) + std::string(more_clients));
+}
+
+TEST(PolicyParse, CertificateFingerprints) {
+    const std::string expected_form =
+        "expected the SHA-256 of the DER certificate, 64 hex digits (colons allowed), e.g. from "
+        "`openssl x509 -in client.pem -outform DER | sha256sum`";
+    expect_one(with_certificates("      - abc\n"), 9, 9, "clients[0].certificates[0]",
+               "invalid certificate fingerprint \"abc\": " + expected_form);
+    expect_one(with_certificates("      - " + std::string(63, 'a') + "g\n"), 9, 9,
+               "clients[0].certificates[0]", "invalid certificate fingerprint");
+    expect_one(with_certificates("      - " + kFingerprint + "00\n"), 9, 9,
+               "clients[0].certificates[0]", "invalid certificate fingerprint");
+    expect_one(with_certificates("      - \"" + kFingerprint + " \"\n"), 9, 9,
+               "clients[0].certificates[0]", "invalid certificate fingerprint");
+    expect_one(with_certificates("      - \"A9:4A:8F:E5:CC:B1:9B:A6:1C:4C:08:73:D3:91:E9:87:98:2F:"
+                                 "BB:D3\"\n"),
+               9, 9, "clients[0].certificates[0]",
+               "\": this looks like a SHA-1 fingerprint; expected the SHA-256");
+    expect_one(with_certificates("      - [" + kFingerprint + "]\n"), 9, 9,
+               "clients[0].certificates[0]", "expected a string, got a list");
+
+    // Colons and case do not make a different certificate.
+    expect_one(
+        with_certificates("      - " + kFingerprint + "\n      - \"" + kFingerprintColons + "\"\n"),
+        10, 9, "clients[0].certificates[1]",
+        "duplicate certificate \"" + kFingerprintColons + "\"; first listed at line 9");
+    // One certificate, one client: the certificate is how an mTLS caller is identified.
+    expect_one(with_certificates("      - " + kFingerprint + "\n",
+                                 "  - id: b\n    context: system\n    traffic_class: batch\n    "
+                                 "auth: [cert-bound]\n    certificates: [" +
+                                     kOtherFingerprint + ", \"" + kFingerprintColons + "\"]\n"),
+               14, 86, "clients[1].certificates[1]",
+               "certificate \"" + kFingerprintColons +
+                   "\" is already pinned by client \"a\" at line 9; a certificate identifies "
+                   "exactly one client");
+
+    std::string many;
+    for (int i = 0; i < 33; ++i) {
+        many += "      - " + std::string(62, 'a') + (i < 10 ? "0" : "") + std::to_string(i) + "\n";
+    }
+    expect_one(with_certificates(many), 8, 5, "clients[0].certificates",
+               "too many entries (33); at most 32 are allowed");
+
+    // Stored lower-case without colons, sorted; found in any case.
+    const ParseResult ok = parse(with_certificates("      - \"" + kFingerprintColons +
+                                                   "\"\n      - " + std::string(64, 'D') +
+                                                   "\n      - 01" + std::string(62, 'f') + "\n"));
+    ASSERT_TRUE(ok.bundle) << dump(ok.diagnostics);
+    EXPECT_EQ(ok.bundle->clients[0].certificates,
+              (std::vector<std::string>{"01" + std::string(62, 'f'), kFingerprint,
+                                        std::string(64, 'd')}));
+    EXPECT_EQ(ok.bundle->find_client_by_certificate(kFingerprint), &ok.bundle->clients[0]);
+    EXPECT_EQ(ok.bundle->find_client_by_certificate(std::string(64, 'D')), &ok.bundle->clients[0]);
+    EXPECT_EQ(ok.bundle->find_client_by_certificate(kOtherFingerprint), nullptr);
+}
+
+TEST(PolicyParse, ScopeCeiling) {
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, scope_ceiling: "
+                           "\"openid user/Patients.rs\"}\n"),
+               4, 65, "clients[0].scope_ceiling",
+               "invalid scope_ceiling: \"user/Patients.rs\": not a FHIR R4 resource type");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, scope_ceiling: "
+                           "\"patient/*.rw\"}\n"),
+               4, 65, "clients[0].scope_ceiling",
+               "invalid scope_ceiling: \"patient/*.rw\": permissions must be read, write, * or "
+               "an ordered subset of cruds");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, scope_ceiling: "
+                           "\"robot/*.rs\"}\n"),
+               4, 65, "clients[0].scope_ceiling", "invalid scope_ceiling: \"robot/*.rs\": ");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, scope_ceiling: "
+                           "[user/*.rs]}\n"),
+               4, 65, "clients[0].scope_ceiling", "expected a string, got a list");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, scope_ceiling: \"" +
+                           std::string(5000, 'x') + "\"}\n"),
+               4, 65, "clients[0].scope_ceiling",
+               "invalid scope_ceiling: scope string is too long");
+
+    // Stored as a set: tokens sorted, duplicates and extra spaces dropped.
+    const ParseResult ok = parse(with_client(
+        "  - {id: a, context: user, traffic_class: batch, scope_ceiling: \"  user/*.rs openid  "
+        "launch openid patient/Observation.rs?category=laboratory\"}\n  - {id: b, context: "
+        "user, traffic_class: batch, scope_ceiling: \"\"}\n"));
+    ASSERT_TRUE(ok.bundle) << dump(ok.diagnostics);
+    EXPECT_EQ(ok.bundle->clients[0].scope_ceiling,
+              "launch openid patient/Observation.rs?category=laboratory user/*.rs");
+    EXPECT_EQ(ok.bundle->clients[1].scope_ceiling, "");
+}
+
+TEST(PolicyParse, TenantsAndIssuerReferences) {
+    expect_one(
+        with_client("  - {id: a, context: user, traffic_class: batch, tenants: [\"a b\"]}\n"), 4,
+        60, "clients[0].tenants[0]",
+        "invalid tenant \"a b\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, tenants: [t1, t1]}\n"),
+               4, 64, "clients[0].tenants[1]", "duplicate tenant \"t1\"; first listed at line 4");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, issuers: [dev]}\n"), 4,
+               60, "clients[0].issuers[0]",
+               "unknown issuer \"dev\"; the bundle defines no issuers");
+    expect_one(
+        with_client("  - {id: a, context: user, traffic_class: batch, issuers: [\"a/b\"]}\n"), 4,
+        60, "clients[0].issuers[0]", "invalid issuer id \"a/b\"");
+    const ParseResult ok = parse(with_client(
+        "  - {id: a, context: user, traffic_class: batch, tenants: [t2, t1], issuers: []}\n"));
+    ASSERT_TRUE(ok.bundle) << dump(ok.diagnostics);
+    EXPECT_EQ(ok.bundle->clients[0].tenants, (std::vector<std::string>{"t1", "t2"}));
+    EXPECT_TRUE(ok.bundle->clients[0].issuers.empty());
+}
+
+TEST(PolicyParse, RouteTenant) {
+    const auto bundle = [](std::string_view tenant) {
+        return std::string(R"(schema: ehrgate.policy/v1
+version: v1
+clients:
+  - {id: a, context: user, traffic_class: batch, tenants: [general-hospital, clinic-2]}
+routes:
+  - name: r
+    prefix: /
+    methods: [GET]
+    resources: ["*"]
+    interactions: ["*"]
+    tenant: )") +
+               std::string(tenant) + "\n";
+    };
+    expect_one(bundle("general-hospitl"), 11, 13, "routes[0].tenant",
+               "no client lists tenant \"general-hospitl\"; did you mean \"general-hospital\"?");
+    expect_one(bundle("pharmacy"), 11, 13, "routes[0].tenant",
+               "no client lists tenant \"pharmacy\"; add it to the tenants of the clients that may "
+               "use this route");
+    expect_one(bundle("\"x y\""), 11, 13, "routes[0].tenant",
+               "invalid tenant \"x y\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+    expect_one(bundle("[clinic-2]"), 11, 13, "routes[0].tenant", "expected a string, got a list");
+    const ParseResult ok = parse(bundle("clinic-2"));
+    ASSERT_TRUE(ok.bundle) << dump(ok.diagnostics);
+    EXPECT_EQ(ok.bundle->routes[0].tenant, "clinic-2");
+}
+
+TEST(PolicyParse, AuthFieldOrderDoesNotMatter) {
+    const ParseResult a = parse(with_client(
+        "  - {id: a, context: user, traffic_class: batch, auth: [mtls, bearer], certificates: [" +
+        kOtherFingerprint + ", " + kFingerprint +
+        "], tenants: [y, x], scope_ceiling: \"openid user/*.rs\"}\n"));
+    const ParseResult b = parse(
+        with_client("  - {scope_ceiling: \"user/*.rs openid\", tenants: [x, y], certificates: [\"" +
+                    kFingerprintColons + "\", " + kOtherFingerprint +
+                    "], auth: [bearer, mtls], traffic_class: batch, context: user, id: a}\n"));
+    ASSERT_TRUE(a.bundle && b.bundle) << dump(a.diagnostics) << dump(b.diagnostics);
+    EXPECT_EQ(*a.bundle, *b.bundle);
+    EXPECT_EQ(bundle_digest(*a.bundle), bundle_digest(*b.bundle));
+}
+
+// Issuers read their JWKS from disk, so these tests work in a temporary directory holding a copy
+// of the sandbox issuer's JWKS (one EC P-256 key, "alg": "ES256") as jwks.json.
+class PolicyIssuers : public TempDir {
+  protected:
+    void SetUp() override {
+        TempDir::SetUp();
+        write("jwks.json", sandbox_jwks());
+    }
+
+    static std::string sandbox_jwks() {
+        std::ifstream in(kSourceDir + "/conf/sandbox/dev-issuer-jwks.json", std::ios::binary);
+        return std::string(std::istreambuf_iterator<char>(in), {});
+    }
+
+    std::string bundle_path() const { return (dir_ / "policy.yaml").string(); }
+    std::string path(std::string_view name) const { return (dir_ / name).string(); }
+
+    ParseResult parse_here(std::string_view yaml) const {
+        return parse_bundle(yaml, bundle_path());
+    }
+
+    void expect_one_here(std::string_view yaml, int line, int column, std::string_view field,
+                         std::string_view message) const {
+        check_one(parse_here(yaml), bundle_path(), yaml, line, column, field, message);
+    }
+};
+
+// One issuer entry, lines 4 to 8 of the bundle with_issuers() makes; `extra` continues it.
+struct IssuerYaml {
+    std::string id = "dev";
+    std::string issuer = "https://issuer.example";     // line 5, value at column 13
+    std::string audience = "https://gateway.example";  // line 6, column 15
+    std::string jwks_file = "jwks.json";               // line 7, column 16
+    std::string algorithms = "[ES256]";                // line 8, column 17
+    std::string extra{};                               // from line 9
+};
+
+std::string issuer_yaml(const IssuerYaml &i) {
+    return "  - id: " + i.id + "\n    issuer: " + i.issuer + "\n    audience: " + i.audience +
+           "\n    jwks_file: " + i.jwks_file + "\n    algorithms: " + i.algorithms + "\n" + i.extra;
+}
+
+std::string with_issuers(std::string_view issuers, std::string_view clients = "clients: []\n") {
+    return "schema: ehrgate.policy/v1\nversion: v1\nissuers:\n" + std::string(issuers) +
+           std::string(clients) +
+           "routes:\n  - {name: r, prefix: /, methods: [GET], resources: [\"*\"], interactions: "
+           "[\"*\"]}\n";
+}
+
+TEST_F(PolicyIssuers, IssuerCarriesItsJwks) {
+    const ParseResult result =
+        parse_here(with_issuers(issuer_yaml({.algorithms = "[RS256, ES256]"}) +
+                                issuer_yaml({.id = "dev-2",
+                                             .issuer = "http://127.0.0.1:9000/realms/dev",
+                                             .jwks_file = path("jwks.json"),
+                                             .extra = "    leeway_seconds: 0\n"})));
+    ASSERT_TRUE(result.bundle) << dump(result.diagnostics);
+    const Bundle &b = *result.bundle;
+    ASSERT_EQ(b.issuers.size(), 2u);
+    const Issuer &dev = b.issuers[0];
+    EXPECT_EQ(dev.id, "dev");
+    EXPECT_EQ(dev.issuer, "https://issuer.example");
+    EXPECT_EQ(dev.audience, "https://gateway.example");
+    EXPECT_EQ(dev.jwks_file, "jwks.json");  // as written; the text is what counts
+    EXPECT_EQ(dev.jwks_json, sandbox_jwks());
+    EXPECT_EQ(dev.algorithms, (std::vector<std::string>{"ES256", "RS256"}));
+    EXPECT_EQ(dev.leeway_seconds, 60);
+    EXPECT_EQ(b.issuers[1].jwks_file, path("jwks.json"));
+    EXPECT_EQ(b.issuers[1].jwks_json, sandbox_jwks());
+    EXPECT_EQ(b.issuers[1].leeway_seconds, 0);
+
+    EXPECT_EQ(b.find_issuer("dev"), &b.issuers[0]);
+    EXPECT_EQ(b.find_issuer("dev-2"), &b.issuers[1]);
+    EXPECT_EQ(b.find_issuer("dev-3"), nullptr);
+    EXPECT_EQ(b.find_issuer_by_iss("http://127.0.0.1:9000/realms/dev"), &b.issuers[1]);
+    EXPECT_EQ(b.find_issuer_by_iss("https://issuer.example/"), nullptr);  // exact match only
+    EXPECT_EQ(b.find_issuer_by_iss("dev"), nullptr);
+}
+
+TEST_F(PolicyIssuers, JwksFileIsResolvedFromTheBundleDirectory) {
+    std::filesystem::create_directories(dir_ / "conf" / "keys");
+    write("conf/keys/jwks.json", sandbox_jwks());
+    const std::string bundle_file = (dir_ / "conf" / "policy.yaml").string();
+
+    // keys/jwks.json next to the bundle, ../jwks.json above it.
+    for (const char *relative : {"keys/jwks.json", "../jwks.json", "./keys/../keys/jwks.json"}) {
+        const ParseResult result =
+            parse_bundle(with_issuers(issuer_yaml({.jwks_file = relative})), bundle_file);
+        ASSERT_TRUE(result.bundle) << relative << dump(result.diagnostics);
+        EXPECT_EQ(result.bundle->issuers[0].jwks_json, sandbox_jwks());
+        EXPECT_EQ(result.bundle->issuers[0].jwks_file, relative);
+    }
+    // Not relative to the current directory: the message shows where it was looked for.
+    const std::string yaml = with_issuers(issuer_yaml({.jwks_file = "jwks.json"}));
+    check_one(parse_bundle(yaml, bundle_file), bundle_file, yaml, 7, 16, "issuers[0].jwks_file",
+              "jwks_file \"" + (dir_ / "conf" / "jwks.json").string() +
+                  "\": cannot open: No such file or directory");
+    // A bundle file name without a directory: relative to the current directory.
+    const std::string absent = with_issuers(issuer_yaml({.jwks_file = "no-such-jwks-4711.json"}));
+    check_one(parse_bundle(absent, "policy.yaml"), "policy.yaml", absent, 7, 16,
+              "issuers[0].jwks_file",
+              "jwks_file \"no-such-jwks-4711.json\": cannot open: No such file or directory");
+    // Absolute paths are used as they are.
+    EXPECT_TRUE(
+        parse_bundle(with_issuers(issuer_yaml({.jwks_file = path("jwks.json")})), "x/y/p.yaml")
+            .bundle);
+
+    // And through load_bundle_file, as policyd loads it.
+    std::ofstream(bundle_file) << with_issuers(issuer_yaml({.jwks_file = "keys/jwks.json"}));
+    const ParseResult loaded = load_bundle_file(bundle_file);
+    ASSERT_TRUE(loaded.bundle) << dump(loaded.diagnostics);
+    EXPECT_EQ(loaded.bundle->issuers[0].jwks_json, sandbox_jwks());
+}
+
+TEST_F(PolicyIssuers, JwksFileProblems) {
+    const auto at_jwks = [&](const std::string &file, const std::string &message) {
+        expect_one_here(with_issuers(issuer_yaml({.jwks_file = file})), 7, 16,
+                        "issuers[0].jwks_file", message);
+    };
+    at_jwks("absent.json",
+            "jwks_file \"" + path("absent.json") + "\": cannot open: No such file or directory");
+    at_jwks(".", "jwks_file \"" + path(".") + "\": cannot read: Is a directory");
+    at_jwks("\"\"", "jwks_file must not be empty");
+    at_jwks("[a.json]", "expected a string, got a list");
+
+    write("big.json", sandbox_jwks() + std::string(kMaxJwksBytes + 1 - sandbox_jwks().size(), ' '));
+    at_jwks("big.json", "jwks_file \"" + path("big.json") +
+                            "\" is larger than 1048576 bytes (1 MiB), the limit for a JWKS");
+    // Exactly at the limit is fine (JSON allows the trailing white space).
+    write("max.json", sandbox_jwks() + std::string(kMaxJwksBytes - sandbox_jwks().size(), ' '));
+    const ParseResult max = parse_here(with_issuers(issuer_yaml({.jwks_file = "max.json"})));
+    ASSERT_TRUE(max.bundle) << dump(max.diagnostics);
+    EXPECT_EQ(max.bundle->issuers[0].jwks_json.size(), kMaxJwksBytes);
+
+    // jose::KeySet::parse decides what an acceptable JWKS is; its reason is passed on.
+    const std::string not_acceptable =
+        "jwks_file \"" + path("bad.json") + "\" is not an acceptable JWKS: ";
+    write("bad.json", "not json");
+    at_jwks("bad.json", not_acceptable + "JWKS is not valid JSON");
+    write("bad.json", "{}");
+    at_jwks("bad.json", not_acceptable + "JWKS must be an object with a \"keys\" array");
+    write("bad.json", R"({"keys": []})");
+    at_jwks("bad.json", not_acceptable + "JWKS has no keys");
+    write("bad.json", R"({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})");
+    at_jwks("bad.json", "symmetric (\"oct\") keys are not accepted");
+    std::string with_private = sandbox_jwks();
+    with_private.replace(with_private.find("\"use\""), 0, "\"d\": \"AAAA\", ");
+    write("bad.json", with_private);
+    at_jwks("bad.json", "private key member \"d\"");
+}
+
+TEST_F(PolicyIssuers, KeysMustFitTheAlgorithms) {
+    // The key says ES256; the issuer does not allow it.
+    expect_one_here(with_issuers(issuer_yaml({.algorithms = "[RS256, PS256]"})), 7, 16,
+                    "issuers[0].jwks_file",
+                    "jwks_file \"" + path("jwks.json") +
+                        "\": key \"c98h3f-Ybq_RcZM2-utJvy4ZiV5z4XBfMU9WANPj22w\" has alg "
+                        "\"ES256\", which is not in this issuer's algorithms (RS256, PS256)");
+
+    // Without "alg", a P-256 key fits ES256 only.
+    std::string no_alg = sandbox_jwks();
+    const size_t alg = no_alg.find(",\n      \"alg\"");
+    ASSERT_NE(alg, std::string::npos);
+    no_alg.erase(alg, no_alg.find('\n', alg + 2) - alg);
+    write("no-alg.json", no_alg);
+    expect_one_here(
+        with_issuers(issuer_yaml({.jwks_file = "no-alg.json", .algorithms = "[RS256, ES384]"})), 7,
+        16, "issuers[0].jwks_file",
+        "jwks_file \"" + path("no-alg.json") +
+            "\": no key can verify any of this issuer's algorithms (RS256, ES384)");
+    EXPECT_TRUE(parse_here(with_issuers(issuer_yaml(
+                               {.jwks_file = "no-alg.json", .algorithms = "[RS256, ES256]"})))
+                    .bundle);
+
+    // Broken algorithms are reported once, not again against the keys.
+    expect_one_here(with_issuers(issuer_yaml({.algorithms = "[HS256]"})), 8, 18,
+                    "issuers[0].algorithms[0]", "symmetric algorithms are never accepted");
+}
+
+TEST_F(PolicyIssuers, Algorithms) {
+    const auto at_algorithm = [&](const std::string &list, int column, const std::string &field,
+                                  const std::string &message) {
+        expect_one_here(with_issuers(issuer_yaml({.algorithms = list})), 8, column, field, message);
+    };
+    const std::string ours = "RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, ES512";
+    at_algorithm("[HS256]", 18, "issuers[0].algorithms[0]",
+                 "symmetric algorithms are never accepted: \"HS256\" needs a shared secret, and "
+                 "the gateway verifies tokens only with the issuer's public keys; use one of " +
+                     ours);
+    at_algorithm("[ES256, HS384]", 25, "issuers[0].algorithms[1]",
+                 "symmetric algorithms are never accepted: \"HS384\"");
+    at_algorithm("[HS512, ES256]", 18, "issuers[0].algorithms[0]",
+                 "symmetric algorithms are never accepted: \"HS512\"");
+    at_algorithm("[none]", 18, "issuers[0].algorithms[0]",
+                 "\"none\" is never accepted: it marks an unsigned token");
+    at_algorithm("[NoNe]", 18, "issuers[0].algorithms[0]", "\"none\" is never accepted");
+    at_algorithm("[es256]", 18, "issuers[0].algorithms[0]",
+                 "unknown algorithm \"es256\"; did you mean \"ES256\"?");
+    at_algorithm("[ES265]", 18, "issuers[0].algorithms[0]",
+                 "unknown algorithm \"ES265\"; did you mean \"ES256\"?");
+    at_algorithm("[EdDSA]", 18, "issuers[0].algorithms[0]",
+                 "unknown algorithm \"EdDSA\"; expected one of " + ours);
+    at_algorithm("[ES256, RS256, ES256]", 32, "issuers[0].algorithms[2]",
+                 "duplicate algorithm \"ES256\"; first listed at line 8");
+    at_algorithm("[]", 17, "issuers[0].algorithms", "must list at least one algorithm");
+    at_algorithm("ES256", 17, "issuers[0].algorithms", "expected a list, got a string");
+}
+
+TEST_F(PolicyIssuers, IssuerFields) {
+    expect_one_here(with_issuers(issuer_yaml({.id = "\"a b\""})), 4, 9, "issuers[0].id",
+                    "invalid issuer id \"a b\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+    expect_one_here(with_issuers(issuer_yaml({}) + issuer_yaml({.issuer = "https://b.example"})), 9,
+                    9, "issuers[1].id", "duplicate issuer id \"dev\"; first defined at line 4");
+    expect_one_here(with_issuers(issuer_yaml({}) + issuer_yaml({.id = "dev-2"})), 10, 13,
+                    "issuers[1].issuer",
+                    "duplicate issuer \"https://issuer.example\"; another entry has it at line 5");
+    expect_one_here(with_issuers(issuer_yaml({.audience = "\"\""})), 6, 15, "issuers[0].audience",
+                    "audience must not be empty");
+    expect_one_here(with_issuers(issuer_yaml({.audience = "\"a b\""})), 6, 15,
+                    "issuers[0].audience",
+                    "invalid audience \"a b\": contains whitespace or control characters");
+    expect_one_here(with_issuers(issuer_yaml({.extra = "    algorithm: [ES256]\n"})), 9, 5,
+                    "issuers[0].algorithm",
+                    "unknown field \"algorithm\"; did you mean \"algorithms\"?");
+    expect_one_here(with_issuers(issuer_yaml({.extra = "    jwks_uri: https://x\n"})), 9, 5,
+                    "issuers[0].jwks_uri",
+                    "unknown field \"jwks_uri\"; expected one of id, issuer, audience, jwks_file, "
+                    "algorithms, leeway_seconds");
+    expect_one_here(with_issuers("  {}\n"), 4, 3, "issuers", "expected a list, got a mapping");
+
+    const ParseResult missing = parse_here(with_issuers("  - {id: x}\n"));
+    std::vector<std::string> fields;
+    for (const Diagnostic &d : missing.diagnostics) {
+        EXPECT_EQ(d.line, 4);
+        EXPECT_EQ(d.column, 5);
+        fields.push_back(d.field + ": " + d.message);
+    }
+    EXPECT_EQ(fields, (std::vector<std::string>{
+                          "issuers[0].issuer: missing required field \"issuer\"",
+                          "issuers[0].audience: missing required field \"audience\"",
+                          "issuers[0].jwks_file: missing required field \"jwks_file\"",
+                          "issuers[0].algorithms: missing required field \"algorithms\"",
+                      }));
+
+    std::string many;
+    for (size_t i = 0; i <= kMaxIssuers; ++i) {
+        many += "  - {}\n";
+    }
+    expect_one_here(with_issuers(many), 4, 3, "issuers",
+                    "too many entries (65); at most 64 are allowed");
+    // An empty list is an empty list: no token is then accepted at all.
+    const ParseResult none = parse_here(with_issuers("  []\n"));
+    ASSERT_TRUE(none.bundle) << dump(none.diagnostics);
+    EXPECT_TRUE(none.bundle->issuers.empty());
+}
+
+TEST_F(PolicyIssuers, IssuerUrls) {
+    struct Case {
+        const char *url;
+        const char *problem;  // nullptr: accepted
+    };
+    const Case kCases[] = {
+        {"https://issuer.example", nullptr},
+        {"https://issuer.example/realms/ehr", nullptr},
+        {"https://issuer.example:8443/", nullptr},
+        {"http://127.0.0.1", nullptr},
+        {"http://127.0.0.1:9000/realms/dev", nullptr},
+        {"http://localhost:8080", nullptr},
+        {"http://issuer.example",
+         "must use https:// (plain http:// is accepted only for 127.0.0.1 and localhost, for a "
+         "sandbox issuer)"},
+        {"http://127.0.0.1.evil.example/", "must use https://"},
+        {"http://localhost.evil.example", "must use https://"},
+        {"http://localhost@evil.example", "must not contain user information ('@')"},
+        {"https://user@issuer.example", "must not contain user information ('@')"},
+        {"issuer.example", "must be an https:// URL"},
+        {"ftp://issuer.example", "must be an https:// URL"},
+        {"HTTPS://issuer.example", "must be an https:// URL"},
+        {"https://", "has no host"},
+        {"https:///path", "has no host"},
+        {"https://:443", "has no host"},
+        {"https://issuer.example:", "has an invalid port"},
+        {"https://issuer.example:https", "has an invalid port"},
+        {"\"https://issuer.example/?tenant=1\"", "must not have a query or fragment"},
+        {"\"https://issuer.example/#x\"", "must not have a query or fragment"},
+        {"\"https://issuer .example\"", "contains whitespace or control characters"},
+    };
+    for (const Case &c : kCases) {
+        const std::string yaml = with_issuers(issuer_yaml({.issuer = c.url}));
+        if (c.problem == nullptr) {
+            EXPECT_TRUE(parse_here(yaml).bundle) << c.url << dump(parse_here(yaml).diagnostics);
+        } else {
+            expect_one_here(yaml, 5, 13, "issuers[0].issuer", "invalid issuer ");
+            expect_one_here(yaml, 5, 13, "issuers[0].issuer", c.problem);
+        }
+    }
+    expect_one_here(with_issuers(issuer_yaml({.issuer = "https://" + std::string(510, 'a')})), 5,
+                    13, "issuers[0].issuer", "is longer than 512 characters");
+}
+
+TEST_F(PolicyIssuers, LeewaySeconds) {
+    for (const char *ok : {"0", "60", "300", "\"30\""}) {
+        const ParseResult result = parse_here(
+            with_issuers(issuer_yaml({.extra = std::string("    leeway_seconds: ") + ok + "\n"})));
+        ASSERT_TRUE(result.bundle) << ok << dump(result.diagnostics);
+    }
+    for (const char *bad : {"301", "-1", "1.5", "+5", "0x10", "1e2", "sixty", "9999"}) {
+        expect_one_here(
+            with_issuers(issuer_yaml({.extra = std::string("    leeway_seconds: ") + bad + "\n"})),
+            9, 21, "issuers[0].leeway_seconds",
+            std::string("invalid leeway_seconds \"") + bad +
+                "\": expected a whole number of seconds from 0 to 300");
+    }
+    expect_one_here(with_issuers(issuer_yaml({.extra = "    leeway_seconds:\n"})), 9, 5,
+                    "issuers[0].leeway_seconds", "expected a string, got null");
+}
+
+TEST_F(PolicyIssuers, ClientsNameIssuersWhereverTheyAreDefined) {
+    // Clients before issuers in the file: references are checked once everything is read.
+    const std::string clients_first =
+        "schema: ehrgate.policy/v1\nversion: v1\nclients:\n"
+        "  - {id: a, context: user, traffic_class: batch, issuers: [dev]}\n"
+        "routes: [{name: r, prefix: /, methods: [GET], resources: [\"*\"], interactions: "
+        "[\"*\"]}]\nissuers:\n" +
+        issuer_yaml({});
+    const ParseResult ok = parse_here(clients_first);
+    ASSERT_TRUE(ok.bundle) << dump(ok.diagnostics);
+    EXPECT_EQ(ok.bundle->clients[0].issuers, std::vector<std::string>{"dev"});
+
+    const std::string client =
+        "clients:\n  - {id: a, context: user, traffic_class: batch, issuers: [dev, deb]}\n";
+    expect_one_here(with_issuers(issuer_yaml({}), client), 10, 65, "clients[0].issuers[1]",
+                    "unknown issuer \"deb\"; did you mean \"dev\"?");
+    expect_one_here(
+        with_issuers(issuer_yaml({}) + issuer_yaml({.id = "prod", .issuer = "https://p.example"}),
+                     "clients:\n  - {id: a, context: user, traffic_class: batch, issuers: "
+                     "[partner]}\n"),
+        15, 60, "clients[0].issuers[0]", "unknown issuer \"partner\"; defined issuers: dev, prod");
+}
+
+TEST_F(PolicyIssuers, AllProblemsInOnePass) {
+    write("rsa-only.json", R"({"keys": []})");
+    const std::string yaml = with_issuers(
+        issuer_yaml({.issuer = "http://issuer.example",
+                     .jwks_file = "missing.json",
+                     .algorithms = "[HS256, ES256]",
+                     .extra = "    leeway_seconds: 999\n"}) +
+            issuer_yaml(
+                {.id = "two", .issuer = "https://two.example", .jwks_file = "rsa-only.json"}),
+        "clients:\n  - {id: a, context: user, traffic_class: batch, auth: [mtls], issuers: [tw0], "
+        "scope_ceiling: \"user/Foo.r\"}\n");
+    const ParseResult result = parse_here(yaml);
+    EXPECT_FALSE(result.bundle);
+    std::vector<std::pair<int, std::string>> got;
+    for (const Diagnostic &d : result.diagnostics) {
+        got.emplace_back(d.line, d.field);
+    }
+    const std::vector<std::pair<int, std::string>> expected = {
+        {5, "issuers[0].issuer"},        {7, "issuers[0].jwks_file"},
+        {8, "issuers[0].algorithms[0]"}, {9, "issuers[0].leeway_seconds"},
+        {13, "issuers[1].jwks_file"},    {16, "clients[0].certificates"},
+        {16, "clients[0].issuers[0]"},   {16, "clients[0].scope_ceiling"},
+    };
+    EXPECT_EQ(got, expected) << dump(result.diagnostics);
+}
+
 // ---- Snapshots -------------------------------------------------------------------------------
 
 Bundle sandbox_bundle() {
@@ -979,6 +1596,217 @@ TEST(PolicySnapshot, DecoderIsStrictAboutTypesAndLenientAboutNewKeys) {
     EXPECT_FALSE(decode_snapshot(int_key));
 }
 
+Bundle auth_bundle() {
+    Bundle b = small_bundle();
+    Issuer issuer;
+    issuer.id = "idp";
+    issuer.issuer = "https://idp.example";
+    issuer.audience = "https://gateway.example/fhir";
+    issuer.jwks_file = "keys/idp.json";
+    issuer.jwks_json = R"({"keys":[]})";  // the codec carries the text; parse_bundle vets it
+    issuer.algorithms = {"RS256", "ES256"};
+    issuer.leeway_seconds = 30;
+    b.issuers.push_back(issuer);
+    issuer.id = "backup";
+    issuer.issuer = "https://backup.example";
+    issuer.leeway_seconds = 0;
+    b.issuers.push_back(issuer);
+
+    Client batch{"batch", "Batch", LaunchContext::System, TrafficClass::Batch, {"HOPERAT"}};
+    batch.auth = {AuthMethod::CertBound, AuthMethod::Mtls, AuthMethod::Bearer};
+    batch.scope_ceiling = "system/*.rs system/Patient.r";
+    batch.issuers = {"idp", "backup"};
+    batch.tenants = {"t2", "t1"};
+    batch.certificates = {kOtherFingerprint, kFingerprint};
+    b.clients.push_back(batch);
+    b.routes[0].tenant = "t1";
+    return b;
+}
+
+TEST(PolicySnapshot, RoundTripWithAuthentication) {
+    Snapshot snapshot{11, "", auth_bundle()};
+    snapshot.digest_hex = bundle_digest(snapshot.bundle);
+    const std::string encoded = encode_snapshot(snapshot);
+    const std::optional<Snapshot> decoded = decode_snapshot(encoded);
+    ASSERT_TRUE(decoded);
+    Snapshot canonical = snapshot;
+    canonical.bundle.canonicalize();
+    EXPECT_EQ(*decoded, canonical);
+    EXPECT_EQ(encode_snapshot(*decoded), encoded);
+
+    const Bundle &b = decoded->bundle;
+    ASSERT_EQ(b.issuers.size(), 2u);  // by id
+    EXPECT_EQ(b.issuers[0].id, "backup");
+    EXPECT_EQ(b.issuers[0].leeway_seconds, 0);
+    EXPECT_EQ(b.issuers[1].id, "idp");
+    EXPECT_EQ(b.issuers[1].jwks_json, R"({"keys":[]})");
+    EXPECT_EQ(b.issuers[1].jwks_file, "keys/idp.json");
+    EXPECT_EQ(b.issuers[1].algorithms, (std::vector<std::string>{"ES256", "RS256"}));
+    EXPECT_EQ(b.issuers[1].leeway_seconds, 30);
+    const Client *batch = b.find_client("batch");
+    ASSERT_NE(batch, nullptr);
+    EXPECT_EQ(batch->auth, (std::vector<AuthMethod>{AuthMethod::Bearer, AuthMethod::Mtls,
+                                                    AuthMethod::CertBound}));
+    EXPECT_EQ(batch->scope_ceiling, "system/*.rs system/Patient.r");
+    EXPECT_EQ(batch->issuers, (std::vector<std::string>{"backup", "idp"}));
+    EXPECT_EQ(batch->tenants, (std::vector<std::string>{"t1", "t2"}));
+    EXPECT_EQ(batch->certificates, (std::vector<std::string>{kFingerprint, kOtherFingerprint}));
+    EXPECT_EQ(b.find_client("app")->auth, std::vector<AuthMethod>{AuthMethod::Bearer});
+    EXPECT_EQ(b.routes[0].tenant, "t1");
+    EXPECT_EQ(b.find_client_by_certificate(kFingerprint), batch);
+    EXPECT_EQ(b.find_issuer_by_iss("https://backup.example"), &b.issuers[0]);
+
+    // Every new field is content: it changes the digest.
+    const std::string digest = bundle_digest(snapshot.bundle);
+    const auto changed = [&](auto &&edit) {
+        Bundle copy = snapshot.bundle;
+        edit(copy);
+        return bundle_digest(copy) != digest;
+    };
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers[0].jwks_json += " "; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers[0].jwks_file += "x"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers[0].leeway_seconds = 31; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers[0].audience += "/"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers[0].algorithms.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.issuers.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].auth.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].scope_ceiling = "system/*.rs"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].issuers.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].tenants.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].certificates.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.routes[0].tenant.clear(); }));
+    // Order is not content.
+    EXPECT_FALSE(changed([](Bundle &c) { std::swap(c.issuers[0], c.issuers[1]); }));
+    EXPECT_FALSE(
+        changed([](Bundle &c) { c.clients[1].scope_ceiling = "system/Patient.r  system/*.rs"; }));
+}
+
+TEST(PolicySnapshot, DecoderRefusesBrokenAuthentication) {
+    const auto decodes = [](const Bundle &bundle) {
+        return decode_snapshot(encode_snapshot({1, "", bundle})).has_value();
+    };
+    ASSERT_TRUE(decodes(auth_bundle()));
+    const auto edited = [](auto &&edit) {
+        Bundle b = auth_bundle();
+        edit(b);
+        return b;
+    };
+    // Values the parser never produces.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.issuers[0].leeway_seconds = 301; })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) { b.issuers[0].leeway_seconds = 300; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.clients[1].auth.clear(); })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) {
+        b.clients[1].auth = {AuthMethod::Mtls, AuthMethod::Mtls};
+    })));
+    // Lookups that would have two answers.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.issuers[1].id = b.issuers[0].id; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.issuers[1].issuer = b.issuers[0].issuer; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.clients[0].certificates = {kFingerprint}; })));
+
+    // An auth method this version does not know: refused, not skipped.
+    std::string encoded = encode_snapshot({1, "", auth_bundle()});
+    const size_t at = encoded.find("cert-bound");
+    ASSERT_NE(at, std::string::npos);
+    encoded[at + 9] = 'D';
+    EXPECT_FALSE(decode_snapshot(encoded));
+    EXPECT_EQ(encoded.find("cert-bound"), std::string::npos);  // it was the only occurrence
+
+    // A snapshot from before authentication: every new field takes its default.
+    const std::optional<Snapshot> old = decode_snapshot(body());
+    ASSERT_TRUE(old);
+    EXPECT_TRUE(old->bundle.issuers.empty());
+    EXPECT_EQ(old->bundle.clients[0].auth, std::vector<AuthMethod>{AuthMethod::Bearer});
+    EXPECT_EQ(old->bundle.clients[0].scope_ceiling, "");
+    EXPECT_TRUE(old->bundle.clients[0].certificates.empty());
+    EXPECT_EQ(old->bundle.routes[0].tenant, "");
+
+    // Issuer fields: jwks_file and leeway_seconds may be absent, the rest may not.
+    const auto issuer_body = [](std::initializer_list<std::string_view> skip) {
+        const std::pair<std::string_view, std::string_view> fields[] = {
+            {"id", "i"},
+            {"issuer", "https://i.example"},
+            {"audience", "a"},
+            {"jwks_file", "f"},
+            {"jwks_json", "{}"}};
+        std::string out;
+        Writer w(out);
+        w.map(3);
+        w.key("serial");
+        w.uint(1);
+        w.key("digest");
+        w.str("");
+        w.key("bundle");
+        w.map(5);
+        w.key("schema");
+        w.str(kSchemaV1);
+        w.key("version");
+        w.str("v");
+        w.key("clients");
+        w.array(0);
+        w.key("routes");
+        w.array(0);
+        w.key("issuers");
+        w.array(1);
+        const bool with_algorithms =
+            std::find(skip.begin(), skip.end(), "algorithms") == skip.end();
+        uint32_t count = with_algorithms ? 1 : 0;
+        for (const auto &[key, value] : fields) {
+            count += std::find(skip.begin(), skip.end(), key) == skip.end() ? 1 : 0;
+        }
+        w.map(count);
+        for (const auto &[key, value] : fields) {
+            if (std::find(skip.begin(), skip.end(), key) == skip.end()) {
+                w.key(key);
+                w.str(value);
+            }
+        }
+        if (with_algorithms) {
+            w.key("algorithms");
+            w.array(1);
+            w.str("ES256");
+        }
+        return out;
+    };
+    const std::optional<Snapshot> minimal = decode_snapshot(issuer_body({"jwks_file"}));
+    ASSERT_TRUE(minimal);
+    ASSERT_EQ(minimal->bundle.issuers.size(), 1u);
+    EXPECT_EQ(minimal->bundle.issuers[0].leeway_seconds, 60);
+    EXPECT_EQ(minimal->bundle.issuers[0].jwks_json, "{}");
+    for (const char *required : {"id", "issuer", "audience", "jwks_json", "algorithms"}) {
+        EXPECT_FALSE(decode_snapshot(issuer_body({required}))) << required;
+    }
+}
+
+TEST(PolicyBundle, CertificateFingerprints) {
+    EXPECT_EQ(normalize_certificate_fingerprint(kFingerprint), kFingerprint);
+    EXPECT_EQ(normalize_certificate_fingerprint(kFingerprintColons), kFingerprint);
+    std::string upper = kFingerprint;
+    std::transform(upper.begin(), upper.end(), upper.begin(), ::toupper);
+    EXPECT_EQ(normalize_certificate_fingerprint(upper), kFingerprint);
+    EXPECT_EQ(normalize_certificate_fingerprint(":" + kFingerprint + "::"), kFingerprint);
+    for (const std::string bad :
+         {std::string(), std::string(63, 'a'), std::string(65, 'a'), std::string(63, 'a') + "g",
+          kFingerprint + " ", " " + kFingerprint, std::string(40, 'a')}) {
+        EXPECT_FALSE(normalize_certificate_fingerprint(bad)) << bad;
+    }
+
+    Bundle b = auth_bundle();
+    b.canonicalize();
+    EXPECT_EQ(b.find_client_by_certificate(upper)->id, "batch");
+    EXPECT_EQ(b.find_client_by_certificate(kOtherFingerprint)->id, "batch");
+    EXPECT_EQ(b.find_client_by_certificate(kFingerprint.substr(1)), nullptr);
+    EXPECT_EQ(b.find_client_by_certificate(kFingerprintColons), nullptr);  // callers pass hex
+    EXPECT_EQ(b.find_client_by_certificate(std::string(64, '0')), nullptr);
+    EXPECT_EQ(Bundle{}.find_client_by_certificate(kFingerprint), nullptr);
+
+    for (const AuthMethod m : {AuthMethod::Bearer, AuthMethod::Mtls, AuthMethod::CertBound}) {
+        EXPECT_EQ(auth_method_from_name(auth_method_name(m)), m);
+    }
+    EXPECT_EQ(auth_method_name(AuthMethod::CertBound), "cert-bound");
+    EXPECT_FALSE(auth_method_from_name("Bearer"));
+    EXPECT_FALSE(auth_method_from_name(""));
+}
+
 // ---- Decisions -------------------------------------------------------------------------------
 
 protocol::DecideRequest request(std::string method, std::string path, std::string query = "",
@@ -1081,7 +1909,7 @@ TEST(PolicyEvaluate, SandboxDecisionTable) {
         EXPECT_EQ(reply.route, c.route);
         EXPECT_EQ(reply.resource_type, c.resource_type);
         EXPECT_EQ(reply.interaction, c.interaction);
-        EXPECT_EQ(reply.policy_version, "sandbox-2026.11.25-1");
+        EXPECT_EQ(reply.policy_version, "sandbox-2026.11.25-2");
         EXPECT_EQ(reply.policy_serial, 9u);
         EXPECT_FALSE(reply.message.empty());
         // The reply must survive the wire.
@@ -1188,6 +2016,57 @@ TEST(PolicyEvaluate, EmptySnapshotDeniesEverything) {
     EXPECT_EQ(reply.http_status, 404);
     EXPECT_EQ(reply.reason, "no-route");
     EXPECT_EQ(reply.message, "No gateway route serves this path");
+}
+
+TEST(PolicyEvaluate, RouteTenantLimitsWhichClientsMayUseIt) {
+    Snapshot s;
+    s.serial = 4;
+    s.bundle.version = "tenants";
+    s.bundle.routes.push_back({"gh", "/gh/", {"GET"}, {"Patient"}, {"read"}, "general-hospital"});
+    s.bundle.routes.push_back({"open", "/open/", {"GET"}, {"*"}, {"*"}});
+    Client member{"member", "", LaunchContext::User, TrafficClass::Interactive, {}};
+    member.tenants = {"clinic-2", "general-hospital"};
+    Client outsider{"outsider", "", LaunchContext::User, TrafficClass::Interactive, {}};
+    outsider.tenants = {"clinic-2"};
+    Client untenanted{"untenanted", "", LaunchContext::System, TrafficClass::Batch, {}};
+    s.bundle.clients = {untenanted, outsider, member};
+    s.bundle.canonicalize();
+
+    const struct {
+        const char *method;
+        const char *path;
+        const char *client;
+        const char *reason;
+    } kCases[] = {
+        {"GET", "/gh/Patient/1", "member", "permitted"},
+        {"GET", "/gh/Patient/1", "outsider", "tenant-not-permitted"},
+        {"GET", "/gh/Patient/1", "untenanted", "tenant-not-permitted"},
+        // No client id: nothing to compare (authentication, in nginx, decides about those).
+        {"GET", "/gh/Patient/1", "", "permitted"},
+        {"GET", "/gh/Patient/1", "ghost", "unknown-client"},
+        // The route's own rules come first.
+        {"POST", "/gh/Patient", "outsider", "method-not-allowed"},
+        {"GET", "/gh/Observation/1", "outsider", "resource-type-not-permitted"},
+        {"GET", "/gh/Patient", "outsider", "interaction-not-permitted"},
+        // A route without a tenant serves every registered client.
+        {"GET", "/open/Patient/1", "outsider", "permitted"},
+        {"GET", "/open/Patient/1", "untenanted", "permitted"},
+    };
+    for (const auto &c : kCases) {
+        SCOPED_TRACE(std::string(c.method) + " " + c.path + " as " + c.client);
+        const protocol::DecideReply reply = evaluate(s, request(c.method, c.path, "", c.client));
+        EXPECT_EQ(reply.reason, c.reason);
+        EXPECT_EQ(reply.policy_serial, 4u);
+    }
+    const protocol::DecideReply denied =
+        evaluate(s, request("GET", "/gh/Patient/1", "", "outsider"));
+    EXPECT_EQ(denied.decision, protocol::Decision::Deny);
+    EXPECT_EQ(denied.http_status, 403);
+    EXPECT_EQ(denied.route, "gh");
+    EXPECT_EQ(denied.resource_type, "Patient");
+    EXPECT_EQ(denied.interaction, "read");
+    EXPECT_EQ(denied.message, "The client is not registered for the tenant this route serves");
+    EXPECT_TRUE(protocol::decode_decide_reply(protocol::encode(denied)));
 }
 
 TEST(PolicyBundle, FindClientNeedsCanonicalOrder) {

@@ -92,7 +92,7 @@ public:
     static std::optional<KeySet> parse(std::string_view jwks_json, std::string *error) noexcept;
 
     size_t size() const;
-    const KeyInfo &info(size_t index) const;
+    const KeyInfo &info(size_t index) const;  // index < size()
 
     struct Impl;
     const Impl &impl() const { return *impl_; }

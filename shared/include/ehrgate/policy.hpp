@@ -23,17 +23,57 @@ inline constexpr std::string_view kSchemaV1 = "ehrgate.policy/v1";
 inline constexpr size_t kMaxBundleBytes = 4u << 20;
 inline constexpr size_t kMaxClients = 10000;
 inline constexpr size_t kMaxRoutes = 256;
-inline constexpr size_t kMaxDiagnostics = 100;  // parse_bundle stops reporting after this many
+inline constexpr size_t kMaxIssuers = 64;
+inline constexpr size_t kMaxJwksBytes = 1u << 20;  // one issuer's JWKS file
+inline constexpr int64_t kMaxLeewaySeconds = 300;  // clock skew tolerated on exp/nbf/iat
+inline constexpr size_t kMaxDiagnostics = 100;     // parse_bundle stops reporting after this many
 
 enum class TrafficClass : uint8_t { Interactive, Batch };
 enum class LaunchContext : uint8_t { User, Patient, System };
 
+// How a client may prove who it is; a request must succeed with one of its client's methods.
+// Declaration order is the canonical order of Client::auth.
+enum class AuthMethod : uint8_t {
+    Bearer,     // "bearer": a JWT access token from one of the trusted issuers
+    Mtls,       // "mtls": a TLS client certificate pinned in Client::certificates, no token
+    CertBound,  // "cert-bound": a JWT whose cnf."x5t#S256" names the presented, pinned certificate
+};
+
+// The YAML and snapshot spelling: "bearer", "mtls", "cert-bound".
+std::string_view auth_method_name(AuthMethod method);
+std::optional<AuthMethod> auth_method_from_name(std::string_view name);
+
+// An authorization server whose tokens the gateway accepts. The JWKS is read when the bundle is
+// loaded and travels in the snapshot, so nginx workers never touch the file system for it.
+struct Issuer {
+    std::string id;         // the bundle's name for it, referenced by Client::issuers
+    std::string issuer;     // the exact `iss` claim value
+    std::string audience;   // a value that must appear in the token's `aud`
+    std::string jwks_file;  // as written in the bundle, for operators; workers use jwks_json
+    std::string jwks_json;  // the JWKS document, validated with jose::KeySet::parse
+    std::vector<std::string> algorithms;  // JWA names (jose::algorithm_from_name), sorted
+    int64_t leeway_seconds = 60;
+
+    bool operator==(const Issuer &) const = default;
+};
+
+// Members added after the first release carry `{}` initializers: code that builds a Client or a
+// Route with a braced list of the original fields keeps compiling under
+// -Wmissing-field-initializers, and gets the defaults.
 struct Client {
     std::string id;
     std::string display_name;
     LaunchContext context = LaunchContext::System;
     TrafficClass traffic_class = TrafficClass::Batch;
     std::vector<std::string> purposes;  // HL7 v3 PurposeOfUse codes the client may assert
+    std::vector<AuthMethod> auth{AuthMethod::Bearer};  // sorted, distinct, never empty
+    // SMART scopes (smart::parse_scopes syntax): the most any token for this client can grant.
+    // Empty: no resource access at all. Canonical form: distinct tokens, sorted, one space apart.
+    std::string scope_ceiling{};
+    std::vector<std::string> issuers{};  // Issuer ids that may mint its tokens; empty: any issuer
+    std::vector<std::string> tenants{};  // tenants whose routes it may use
+    // SHA-256 of the DER client certificates it may present: 64 lower-case hex digits each.
+    std::vector<std::string> certificates{};
 
     bool operator==(const Client &) const = default;
 };
@@ -44,6 +84,7 @@ struct Route {
     std::vector<std::string> methods;       // upper-case HTTP methods
     std::vector<std::string> resources;     // FHIR resource types, or "*"
     std::vector<std::string> interactions;  // FHIR interactions (see fhir::Interaction names)
+    std::string tenant{};  // when set, only clients listing this tenant may use the route
 
     bool operator==(const Route &) const = default;
 };
@@ -54,16 +95,27 @@ struct Bundle {
     std::string description;
     std::vector<Client> clients;
     std::vector<Route> routes;
+    std::vector<Issuer> issuers{};
 
     // Binary search: `clients` must be sorted by id, which parse_bundle(), decode_snapshot() and
     // canonicalize() guarantee. A bundle assembled by hand must call canonicalize() first.
     const Client *find_client(std::string_view id) const;
     // Longest-prefix match over routes; nullptr when no route covers the path.
     const Route *match_route(std::string_view path) const;
+    // The issuer with this exact `iss` value (byte comparison, no URL normalization).
+    const Issuer *find_issuer_by_iss(std::string_view iss) const;
+    // By Issuer::id; binary search, so the same canonical-order rule as find_client applies.
+    const Issuer *find_issuer(std::string_view id) const;
+    // The client that pinned this certificate fingerprint: 64 hex digits, either case (callers
+    // hash the DER certificate themselves). A fingerprint belongs to at most one client. Linear
+    // in the number of pinned certificates; callers on a hot path should remember the answer
+    // per TLS connection.
+    const Client *find_client_by_certificate(std::string_view sha256_hex) const;
 
-    // Puts the bundle in canonical order: clients by id, routes by prefix, every list of names
-    // sorted. Order carries no meaning in a bundle, so this changes no decision; it makes the
-    // encoding, and so the digest, depend on content alone.
+    // Puts the bundle in canonical order: issuers and clients by id, routes by prefix, every
+    // list of names sorted, each scope_ceiling's tokens sorted and de-duplicated. Order carries
+    // no meaning in a bundle, so this changes no decision; it makes the encoding, and so the
+    // digest, depend on content alone.
     void canonicalize();
 
     bool operator==(const Bundle &) const = default;
@@ -85,12 +137,18 @@ struct ParseResult {
     std::vector<Diagnostic> diagnostics;  // every problem found, in file order
 };
 
-// Parses and validates YAML text. `file_name` is used only in diagnostics. Never throws; the
-// bundle comes back in canonical order (see Bundle::canonicalize).
+// Parses and validates YAML text. `file_name` appears in diagnostics, and its directory is where
+// relative `jwks_file` paths are resolved (the current directory when it has none): the files
+// are read and validated here, and their text is stored in Issuer::jwks_json. Never throws;
+// the bundle comes back in canonical order (see Bundle::canonicalize).
 ParseResult parse_bundle(std::string_view yaml_text, std::string_view file_name);
 
 // Reads the file (no size above 4 MiB) and parses it; an unreadable file is one diagnostic.
 ParseResult load_bundle_file(const std::string &path);
+
+// A certificate fingerprint as the bundle accepts it (64 hex digits, any case, colons anywhere)
+// in its stored form: lower-case hex without colons. nullopt when it is not one.
+std::optional<std::string> normalize_certificate_fingerprint(std::string_view text);
 
 // A bundle compiled for distribution: policyd assigns a serial that increases with every
 // successful (re)load and a SHA-256 digest of the canonical encoding.

@@ -35,6 +35,8 @@ enum class MessageType : uint8_t {
     PolicyAck = 5,       // worker -> policyd: snapshot applied (no reply)
     Ping = 6,
     Pong = 7,
+    RevocationFetch = 8,  // worker -> policyd: send me the revocation list
+    RevocationList = 9,   // policyd -> worker: reply to RevocationFetch, or pushed with id 0
     AdminRequest = 16,  // ehrgatectl -> policyd, admin socket only
     AdminReply = 17,
 };
@@ -118,6 +120,15 @@ struct ErrorBody {
     std::string message;
 };
 
+// Revoked tokens, as every worker must refuse them. Tokens are revoked by `jti` until the time
+// given (the token's own expiry at the latest), and by client: every token of the client issued
+// before `revoked_at` is refused.
+struct RevocationList {
+    uint64_t serial = 0;  // increases with every change
+    std::vector<std::pair<std::string, int64_t>> jtis;     // (jti, revoked until, unix seconds)
+    std::vector<std::pair<std::string, int64_t>> clients;  // (client id, revoked at, unix seconds)
+};
+
 struct PolicyAck {
     uint64_t serial = 0;
     uint32_t worker_pid = 0;
@@ -142,6 +153,7 @@ std::string encode(const DecideRequest &msg);
 std::string encode(const DecideReply &msg);
 std::string encode(const ErrorBody &msg);
 std::string encode(const PolicyAck &msg);
+std::string encode(const RevocationList &msg);
 std::string encode(const AdminRequest &msg);
 std::string encode(const AdminReply &msg);
 
@@ -149,6 +161,7 @@ std::optional<DecideRequest> decode_decide_request(std::string_view body);
 std::optional<DecideReply> decode_decide_reply(std::string_view body);
 std::optional<ErrorBody> decode_error(std::string_view body);
 std::optional<PolicyAck> decode_policy_ack(std::string_view body);
+std::optional<RevocationList> decode_revocation_list(std::string_view body);
 std::optional<AdminRequest> decode_admin_request(std::string_view body);
 std::optional<AdminReply> decode_admin_reply(std::string_view body);
 

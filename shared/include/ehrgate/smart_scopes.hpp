@@ -46,7 +46,7 @@ std::string_view context_name(Context context);  // "patient", "user", "system"
 char permission_letter(Permission permission);   // 'c', 'r', 'u', 'd', 's'
 
 class Permissions {
-public:
+  public:
     constexpr Permissions() = default;
     static constexpr Permissions all() { return Permissions(0x1f); }
     static constexpr Permissions of(Permission permission) {
@@ -67,7 +67,7 @@ public:
     // The v2 spelling, letters in "cruds" order: "rs", "cud". Empty for no permission.
     std::string to_string() const;
 
-private:
+  private:
     explicit constexpr Permissions(unsigned bits) : bits_(static_cast<uint8_t>(bits & 0x1f)) {}
     uint8_t bits_ = 0;
 };
@@ -127,14 +127,14 @@ struct Access {
 
 struct ScopeError {
     enum class Code : uint8_t {
-        TooLong,              // the string exceeds kMaxScopeStringLength
-        TooMany,              // more than kMaxScopes tokens
-        InvalidCharacter,     // a byte outside the RFC 6749 scope-token set
-        Malformed,            // not context/Type.permissions
-        UnknownContext,       // context other than patient, user, system (case-sensitive)
-        UnknownResourceType,  // not a FHIR R4 resource type nor "*"
-        InvalidPermissions,   // neither read/write/* nor an ordered subsequence of cruds
-        MalformedConstraints, // empty or malformed "?name=value" part, or constraints on v1
+        TooLong,               // the string exceeds kMaxScopeStringLength
+        TooMany,               // more than kMaxScopes tokens
+        InvalidCharacter,      // a byte outside the RFC 6749 scope-token set
+        Malformed,             // not context/Type.permissions
+        UnknownContext,        // context other than patient, user, system (case-sensitive)
+        UnknownResourceType,   // not a FHIR R4 resource type nor "*"
+        InvalidPermissions,    // neither read/write/* nor an ordered subsequence of cruds
+        MalformedConstraints,  // empty or malformed "?name=value" part, or constraints on v1
     };
     Code code = Code::Malformed;
     std::string scope;   // the offending token, empty for TooLong and TooMany
@@ -165,7 +165,7 @@ struct RequiredPermission {
 RequiredPermission required_permission(fhir::Interaction interaction);
 
 class ScopeSet {
-public:
+  public:
     const std::vector<ResourceScope> &resource_scopes() const { return resource_; }
     // Accepted tokens that are neither resource nor launch scopes, in first-seen order.
     const std::vector<std::string> &other_scopes() const { return other_; }
@@ -203,7 +203,7 @@ public:
 
     bool operator==(const ScopeSet &) const = default;
 
-private:
+  private:
     friend std::optional<ScopeSet> parse_scopes(std::string_view scopes, ScopeError *error);
 
     std::vector<ResourceScope> resource_;

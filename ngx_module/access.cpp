@@ -48,7 +48,8 @@ u_char *phi_free_log_context(ngx_log_t *log, u_char *buf, size_t len) {
     len -= static_cast<size_t>(p - buf);
     buf = p;
     if (ngx_http_request_t *r = log_ctx->request) {
-        const auto *ctx = static_cast<RequestCtx *>(ngx_http_get_module_ctx(r, ngx_http_ehrgate_module));
+        const auto *ctx =
+            static_cast<RequestCtx *>(ngx_http_get_module_ctx(r, ngx_http_ehrgate_module));
         if (ctx != nullptr && ctx->correlation_id.len > 0) {
             p = ngx_snprintf(buf, len, ", correlation_id: %V", &ctx->correlation_id);
         }

@@ -43,8 +43,8 @@ ngx_int_t init_cache_zone(ngx_shm_zone_t *zone, void *data) noexcept {
     const size_t table_bytes = cache::TokenCacheTable::bytes_for(entries);
     auto *cache = static_cast<CacheZone *>(ngx_slab_alloc(shpool, sizeof(CacheZone) + table_bytes));
     if (cache == nullptr || !cache::TokenCacheTable::attach(cache->table, table_bytes)) {
-        ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0, "ehrgate: token cache zone \"%V\" is too small",
-                      &zone->shm.name);
+        ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0,
+                      "ehrgate: token cache zone \"%V\" is too small", &zone->shm.name);
         return NGX_ERROR;
     }
     cache->table_bytes = table_bytes;
@@ -54,7 +54,7 @@ ngx_int_t init_cache_zone(ngx_shm_zone_t *zone, void *data) noexcept {
 }
 
 class ZoneLock {
-public:
+  public:
     explicit ZoneLock(ngx_shm_zone_t *zone)
         : mutex_(&reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr)->mutex) {
         ngx_shmtx_lock(mutex_);
@@ -63,7 +63,7 @@ public:
     ZoneLock(const ZoneLock &) = delete;
     ZoneLock &operator=(const ZoneLock &) = delete;
 
-private:
+  private:
     ngx_shmtx_t *mutex_;
 };
 
@@ -87,7 +87,9 @@ void invalidate_cache(uint64_t serial) {
     }
 }
 
-int64_t unix_now() { return static_cast<int64_t>(ngx_time()); }
+int64_t unix_now() {
+    return static_cast<int64_t>(ngx_time());
+}
 
 std::optional<auth::ClientCertificate> client_certificate(ngx_http_request_t *r) {
     if (r->connection->ssl == nullptr) {
@@ -107,7 +109,8 @@ std::optional<auth::ClientCertificate> client_certificate(ngx_http_request_t *r)
         if (der_len > 0) {
             unsigned char digest[32];
             unsigned int digest_len = 0;
-            EVP_Digest(der, static_cast<size_t>(der_len), digest, &digest_len, EVP_sha256(), nullptr);
+            EVP_Digest(der, static_cast<size_t>(der_len), digest, &digest_len, EVP_sha256(),
+                       nullptr);
             static constexpr char kHex[] = "0123456789abcdef";
             auth::ClientCertificate certificate;
             for (unsigned int i = 0; i < digest_len; ++i) {
@@ -127,7 +130,8 @@ std::optional<auth::ClientCertificate> client_certificate(ngx_http_request_t *r)
 std::string www_authenticate(const auth::Failure &failure) {
     std::string value = "Bearer realm=\"ehrgate\"";
     if (!failure.bearer_error.empty()) {
-        value += ", error=\"" + failure.bearer_error + "\", error_description=\"" + failure.message + "\"";
+        value += ", error=\"" + failure.bearer_error + "\", error_description=\"" +
+                 failure.message + "\"";
     }
     if (!failure.required_scope.empty()) {
         value += ", scope=\"" + failure.required_scope + "\"";
@@ -144,14 +148,16 @@ ngx_int_t refuse(ngx_http_request_t *r, RequestCtx *ctx, const auth::Failure &fa
     return send_outcome(r, ctx);
 }
 
-ngx_int_t unavailable(ngx_http_request_t *r, RequestCtx *ctx, std::string_view reason, std::string_view message) {
+ngx_int_t unavailable(ngx_http_request_t *r, RequestCtx *ctx, std::string_view reason,
+                      std::string_view message) {
     ctx->auth_status = pool_copy(r->pool, reason);
     record_failure(ctx, NGX_HTTP_SERVICE_UNAVAILABLE, reason, message);
     return send_outcome(r, ctx);
 }
 
 // Verified identity for a bearer token: from the shared cache, else verified and cached.
-auth::TokenResult identity_for_token(const auth::AuthPolicy &policy, std::string_view token, int64_t now) {
+auth::TokenResult identity_for_token(const auth::AuthPolicy &policy, std::string_view token,
+                                     int64_t now) {
     const cache::TokenDigest digest = cache::digest_token(token);
     std::optional<cache::TokenCacheTable> table = cache_table();
     if (table) {
@@ -191,7 +197,8 @@ std::string server_base(ngx_http_request_t *r, const policy::Snapshot &snapshot)
 
 bool add_token_cache_zone(ngx_conf_t *cf, MainConf *mcf) {
     static ngx_str_t name = ngx_string("ehrgate_token_cache");
-    mcf->token_cache = ngx_shared_memory_add(cf, &name, mcf->token_cache_size, &ngx_http_ehrgate_module);
+    mcf->token_cache =
+        ngx_shared_memory_add(cf, &name, mcf->token_cache_size, &ngx_http_ehrgate_module);
     if (mcf->token_cache == nullptr) {
         return false;
     }
@@ -208,13 +215,15 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     SidecarClient *client = worker_client();
     const auth::AuthPolicy *policy = client != nullptr ? client->auth_policy() : nullptr;
     if (policy == nullptr) {
-        return unavailable(r, ctx, "policy-unavailable", "The gateway has no current policy; no request can be authorized");
+        return unavailable(r, ctx, "policy-unavailable",
+                           "The gateway has no current policy; no request can be authorized");
     }
     if (!client->revocations_current()) {
         return unavailable(r, ctx, "revocations-unavailable",
                            "The gateway cannot confirm that tokens are not revoked; try again");
     }
-    // A refusal here is decided by the worker's snapshot: name its version like policyd's replies do.
+    // A refusal here is decided by the worker's snapshot: name its version like policyd's replies
+    // do.
     ctx->policy_version = pool_copy(r->pool, policy->snapshot().bundle.version);
     const int64_t now = unix_now();
     const std::optional<auth::ClientCertificate> certificate = client_certificate(r);
@@ -222,7 +231,8 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     auth::TokenResult authenticated;
     if (r->headers_in.authorization != nullptr) {
         auth::Failure failure;
-        const std::optional<std::string_view> token = auth::bearer_token(view(r->headers_in.authorization->value), &failure);
+        const std::optional<std::string_view> token =
+            auth::bearer_token(view(r->headers_in.authorization->value), &failure);
         if (!token) {
             return refuse(r, ctx, failure);
         }
@@ -233,7 +243,8 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
         ctx->auth_status = pool_copy(r->pool, "public");
         return NGX_DECLINED;
     } else {
-        return refuse(r, ctx, auth::Failure{401, "no-token", "An access token is required", "", {}});
+        return refuse(r, ctx,
+                      auth::Failure{401, "no-token", "An access token is required", "", {}});
     }
     if (!authenticated.identity) {
         return refuse(r, ctx, authenticated.failure);
@@ -251,7 +262,8 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     request.server_base = base;
     request.certificate = certificate ? &*certificate : nullptr;
     request.now = now;
-    const auth::Authorization authorization = auth::authorize(*policy, identity, request, client->revocations());
+    const auth::Authorization authorization =
+        auth::authorize(*policy, identity, request, client->revocations());
     switch (authorization.kind) {
         case auth::Authorization::Kind::Deny:
             return refuse(r, ctx, authorization.failure);

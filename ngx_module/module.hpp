@@ -66,7 +66,8 @@ SidecarClient *worker_client();
 RequestCtx *request_ctx(ngx_http_request_t *r);
 
 // Records a refusal to answer with send_outcome().
-void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason, std::string_view message);
+void record_failure(RequestCtx *ctx, uint16_t status, std::string_view reason,
+                    std::string_view message);
 // Answers with ctx's status and an OperationOutcome from within the access phase; finalizes.
 ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx);
 

@@ -52,7 +52,8 @@ ngx_conf_num_bounds_t g_max_pending_bounds = {ngx_conf_check_num_bounds, 1, 6553
 char *check_token_cache_size(ngx_conf_t *cf, void *, void *data) noexcept {
     const size_t size = *static_cast<size_t *>(data);
     if (size < 256 * 1024 || size > (size_t{1} << 30)) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "ehrgate_token_cache_size must be between 256k and 1g");
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "ehrgate_token_cache_size must be between 256k and 1g");
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     return NGX_CONF_OK;

@@ -31,11 +31,12 @@ RequestCtx *checked_ctx(ngx_http_request_t *r) {
 }
 
 // Replaces the held response with an OperationOutcome; the upstream body is discarded.
-ngx_int_t send_replacement(ngx_http_request_t *r, RequestCtx *ctx, ngx_uint_t status, std::string_view reason,
-                           std::string_view message) {
+ngx_int_t send_replacement(ngx_http_request_t *r, RequestCtx *ctx, ngx_uint_t status,
+                           std::string_view reason, std::string_view message) {
     ngx_log_error(NGX_LOG_WARN, r->connection->log, 0, "ehrgate: response withheld: %s",
                   std::string(reason).c_str());
-    const std::string body = outcome::render(static_cast<unsigned>(status), reason, message, view(ctx->correlation_id));
+    const std::string body =
+        outcome::render(static_cast<unsigned>(status), reason, message, view(ctx->correlation_id));
     const ngx_str_t copy = pool_copy(r->pool, body);
     auto *b = static_cast<ngx_buf_t *>(ngx_pcalloc(r->pool, sizeof(ngx_buf_t)));
     if (copy.data == nullptr || b == nullptr) {
@@ -78,7 +79,8 @@ ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
     }
     const ngx_table_elt_t *encoding = r->headers_out.content_encoding;
     if (encoding != nullptr && encoding->hash != 0 &&
-        !(encoding->value.len == 8 && ngx_strncasecmp(encoding->value.data, (u_char *)"identity", 8) == 0)) {
+        !(encoding->value.len == 8 &&
+          ngx_strncasecmp(encoding->value.data, (u_char *)"identity", 8) == 0)) {
         // Cannot look inside: never release it.
         ctx->check_state = kReplacing;
         r->filter_need_in_memory = 1;
@@ -98,7 +100,8 @@ bool hold(ngx_http_request_t *r, RequestCtx *ctx, const ngx_buf_t *b) {
         return false;
     }
     if (ctx->check_len + n > ctx->check_cap) {
-        const size_t cap = std::max(ctx->check_cap * 2, std::max<size_t>(ctx->check_len + n, 16384));
+        const size_t cap =
+            std::max(ctx->check_cap * 2, std::max<size_t>(ctx->check_len + n, 16384));
         auto *data = static_cast<u_char *>(ngx_pnalloc(r->pool, cap));
         if (data == nullptr) {
             return false;
@@ -138,7 +141,8 @@ ngx_int_t verdict(ngx_http_request_t *r, RequestCtx *ctx) {
     limits.max_bytes = kMaxCheckedBody;
     limits.max_depth = 64;
     const std::optional<json::Value> resource =
-        json::parse(std::string_view(reinterpret_cast<char *>(ctx->check_data), ctx->check_len), &error, limits);
+        json::parse(std::string_view(reinterpret_cast<char *>(ctx->check_data), ctx->check_len),
+                    &error, limits);
     if (!resource) {
         return send_replacement(r, ctx, NGX_HTTP_BAD_GATEWAY, "upstream-response-unverifiable",
                                 "The EHR's response could not be verified and was withheld");
@@ -146,7 +150,8 @@ ngx_int_t verdict(ngx_http_request_t *r, RequestCtx *ctx) {
     std::string base;
     if (r->headers_in.host != nullptr) {
         // Absolute references are recognized below this endpoint's own base only.
-        if (const SidecarClient *client = worker_client(); client != nullptr && client->snapshot() != nullptr) {
+        if (const SidecarClient *client = worker_client();
+            client != nullptr && client->snapshot() != nullptr) {
             if (const policy::Route *route = client->snapshot()->bundle.match_route(view(r->uri))) {
                 base = (r->connection->ssl != nullptr ? "https://" : "http://") +
                        std::string(view(r->headers_in.host->value)) +
@@ -189,7 +194,8 @@ ngx_int_t body_filter(ngx_http_request_t *r, ngx_chain_t *in) noexcept {
         }
         return verdict(r, ctx);
     } catch (const std::exception &e) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "ehrgate: response check failed: %s", e.what());
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "ehrgate: response check failed: %s",
+                      e.what());
         return NGX_ERROR;
     }
 }

@@ -335,9 +335,11 @@ void SidecarClient::on_snapshot(void *data, CallOutcome outcome, const protocol:
     }
 }
 
-void SidecarClient::on_revocations(void *data, CallOutcome outcome, const protocol::FrameView *frame) {
+void SidecarClient::on_revocations(void *data, CallOutcome outcome,
+                                   const protocol::FrameView *frame) {
     auto *self = static_cast<SidecarClient *>(data);
-    if (outcome == CallOutcome::Reply && frame->header.type == protocol::MessageType::RevocationList) {
+    if (outcome == CallOutcome::Reply &&
+        frame->header.type == protocol::MessageType::RevocationList) {
         self->apply_revocations(frame->body);
     }
 }
@@ -375,7 +377,9 @@ void SidecarClient::apply_snapshot(std::string_view body) {
     std::string error;
     auth_policy_ = auth::AuthPolicy::compile(snapshot_, &error);
     if (auth_policy_ == nullptr) {
-        ngx_log_error(NGX_LOG_ERR, log_, 0, "ehrgate: cannot compile the authentication policy: %s; bearer tokens are refused until the next snapshot",
+        ngx_log_error(NGX_LOG_ERR, log_, 0,
+                      "ehrgate: cannot compile the authentication policy: %s; bearer tokens are "
+                      "refused until the next snapshot",
                       error.c_str());
     }
     if (policy_change_callback_ != nullptr) {

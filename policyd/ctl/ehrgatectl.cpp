@@ -340,8 +340,10 @@ int main(int argc, char **argv) {
     if (command == "token" && args.size() >= 2 && args[1] == "revoke") {
         protocol::AdminRequest request{"token-revoke", {}};
         for (size_t i = 2; i < args.size(); i += 2) {
-            if (i + 1 >= args.size() || (args[i] != "--jti" && args[i] != "--client" && args[i] != "--until")) {
-                fail(2, "usage: ehrgatectl token revoke --jti ID [--until UNIX_TIME] | --client ID");
+            if (i + 1 >= args.size() ||
+                (args[i] != "--jti" && args[i] != "--client" && args[i] != "--until")) {
+                fail(2,
+                     "usage: ehrgatectl token revoke --jti ID [--until UNIX_TIME] | --client ID");
             }
             request.args.emplace_back(args[i].substr(2), args[i + 1]);
         }

@@ -43,8 +43,9 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
         }
         case MessageType::RevocationFetch:
             protocol::encode_frame(out, MessageType::RevocationList, id,
-                                   revocations != nullptr ? revocations->encoded()
-                                                          : protocol::encode(protocol::RevocationList{}));
+                                   revocations != nullptr
+                                       ? revocations->encoded()
+                                       : protocol::encode(protocol::RevocationList{}));
             return DispatchResult::Ok;
         case MessageType::Ping:
             protocol::encode_frame(out, MessageType::Pong, id, protocol::empty_body());

@@ -157,8 +157,10 @@ int main(int argc, char **argv) {
     log::info(initial.message);
 
     Revocations revocations(*store);
-    if (revocations.load(static_cast<int64_t>(std::time(nullptr)), &store_error) != StoreStatus::Ok) {
-        log::error(std::string("cannot read revocations: ") + store_status_name(store_error.status));
+    if (revocations.load(static_cast<int64_t>(std::time(nullptr)), &store_error) !=
+        StoreStatus::Ok) {
+        log::error(std::string("cannot read revocations: ") +
+                   store_status_name(store_error.status));
         return 1;
     }
 

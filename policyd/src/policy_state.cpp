@@ -88,17 +88,6 @@ ReloadOutcome PolicyState::reload() {
                           std::to_string(current_->serial) + ")";
         return outcome;
     }
-    // Audit records name the policy version that decided a request, so one version label must
-    // always mean one content.
-    if (current_ && current_->bundle.version == parsed.bundle->version) {
-        outcome.message = "policy bundle " + source_path_ +
-                          " refused: content changed but version \"" + parsed.bundle->version +
-                          "\" is already active; bump `version`";
-        outcome.diagnostics.push_back(
-            {source_path_, 0, 0, "version", "content changed but the version label did not"});
-        return outcome;
-    }
-
     StoreError error;
     const std::optional<std::string> stored = store_.get(kPolicyDb, kActiveKey, &error);
     if (!stored && error.status != StoreStatus::NotFound && error.status != StoreStatus::Ok) {
@@ -107,6 +96,37 @@ ReloadOutcome PolicyState::reload() {
         return outcome;
     }
     const std::optional<ActiveRecord> previous = stored ? decode_active(*stored) : std::nullopt;
+    if (stored && !previous) {
+        // Guessing would risk moving the serial back, and workers trust it to only go forward.
+        outcome.message =
+            "policy store unreadable: the active-policy record is corrupt; restore the "
+            "data directory from backup";
+        return outcome;
+    }
+    // Audit records name the policy version that decided a request, so one version label must
+    // always mean one content: across every version ever activated, restarts included.
+    bool label_reused = false;
+    const StoreStatus history_status = store_.for_each(
+        kHistoryDb,
+        [&](std::string_view, std::string_view value) {
+            const std::optional<ActiveRecord> record = decode_active(value);
+            label_reused = label_reused || (record && record->version == parsed.bundle->version &&
+                                            record->digest != digest);
+        },
+        &error);
+    if (history_status != StoreStatus::Ok) {
+        outcome.message = std::string("policy store unreadable: ") +
+                          store_status_name(history_status) + " (" + error.detail + ")";
+        return outcome;
+    }
+    if (label_reused) {
+        outcome.message = "policy bundle " + source_path_ +
+                          " refused: content changed but version \"" + parsed.bundle->version +
+                          "\" was already used for other content; bump `version`";
+        outcome.diagnostics.push_back(
+            {source_path_, 0, 0, "version", "content changed but the version label did not"});
+        return outcome;
+    }
 
     auto next = std::make_shared<policy::Snapshot>();
     next->bundle = std::move(*parsed.bundle);

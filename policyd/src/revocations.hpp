@@ -13,7 +13,7 @@
 namespace ehrgate::policyd {
 
 class Revocations {
-public:
+  public:
     // Revoked jtis are kept at most this long when no expiry is given: longer than any access
     // token lives.
     static constexpr int64_t kDefaultJtiRetentionSeconds = 24 * 3600;
@@ -34,7 +34,7 @@ public:
     // The RevocationList body, rebuilt on change only.
     const std::string &encoded() const { return encoded_; }
 
-private:
+  private:
     void rebuild();
 
     Store &store_;

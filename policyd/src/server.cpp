@@ -102,8 +102,7 @@ void Connection::process_frames() {
             continue;
         }
         if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
-                              &server_.revocations_) ==
-            DispatchResult::CloseConnection) {
+                              &server_.revocations_) == DispatchResult::CloseConnection) {
             write(std::move(out));
             shutdown();
             return;
@@ -198,7 +197,8 @@ void Connection::on_close(uv_handle_t *handle) {
 
 // ---- Server ----------------------------------------------------------------------------------
 
-Server::Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy, Revocations &revocations)
+Server::Server(uv_loop_t *loop, ServerOptions options, PolicyState &policy,
+               Revocations &revocations)
     : loop_(loop), options_(std::move(options)), policy_(policy), revocations_(revocations) {}
 
 Server::~Server() = default;
@@ -394,9 +394,11 @@ namespace {
 
 // Token ids and client ids are opaque, but they end up in logs and JSON: printable ASCII only.
 bool valid_identifier(std::string_view value) {
-    if (value.empty() || value.size() > 256) return false;
+    if (value.empty() || value.size() > 256)
+        return false;
     for (const char ch : value) {
-        if (ch <= 0x20 || ch >= 0x7f || ch == '"' || ch == '\\') return false;
+        if (ch <= 0x20 || ch >= 0x7f || ch == '"' || ch == '\\')
+            return false;
     }
     return true;
 }
@@ -412,7 +414,8 @@ void Server::revoke_token(const protocol::AdminRequest &request, protocol::Admin
         return;
     }
     if (!valid_identifier(jti.empty() ? client : jti)) {
-        reply.message = "invalid identifier: 1-256 printable ASCII characters without spaces or quotes";
+        reply.message =
+            "invalid identifier: 1-256 printable ASCII characters without spaces or quotes";
         return;
     }
     StoreError error;
@@ -434,15 +437,16 @@ void Server::revoke_token(const protocol::AdminRequest &request, protocol::Admin
     }
     if (status != StoreStatus::Ok) {
         // Not recorded durably means not revoked: say so rather than pretend.
-        reply.message = std::string("revocation not recorded: ") + store_status_name(status) + " (" +
-                        error.detail + ")";
+        reply.message = std::string("revocation not recorded: ") + store_status_name(status) +
+                        " (" + error.detail + ")";
         return;
     }
     push_revocations();
     log::info(std::string("token revocation recorded (") + (jti.empty() ? "client" : "jti") +
               "), pushed to workers");
     reply.ok = true;
-    reply.message = jti.empty() ? "every token of client " + std::string(client) + " issued until now is revoked"
+    reply.message = jti.empty() ? "every token of client " + std::string(client) +
+                                      " issued until now is revoked"
                                 : "token " + std::string(jti) + " revoked";
     reply.json = "{\"revocations_serial\":" + std::to_string(revocations_.serial()) +
                  ",\"revoked_jtis\":" + std::to_string(revocations_.jti_count()) +

@@ -33,13 +33,17 @@ bool is_b64token(std::string_view token) {
     size_t i = 0;
     for (; i < token.size(); ++i) {
         const char c = token[i];
-        const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                        c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/';
-        if (!ok) break;
+        const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+                        (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' || c == '~' ||
+                        c == '+' || c == '/';
+        if (!ok)
+            break;
     }
-    if (i == 0) return false;
+    if (i == 0)
+        return false;
     for (; i < token.size(); ++i) {
-        if (token[i] != '=') return false;
+        if (token[i] != '=')
+            return false;
     }
     return true;
 }
@@ -85,29 +89,44 @@ std::optional<Identity> decode_identity(std::string_view bytes) {
     const std::optional<uint32_t> count = r.read_map();
     auto str = [&](std::string &out) {
         const std::optional<std::string_view> v = r.read_str();
-        if (v) out.assign(*v);
+        if (v)
+            out.assign(*v);
     };
     for (uint32_t i = 0; count && i < *count && r.ok(); ++i) {
         const std::optional<std::string_view> key = r.read_str();
-        if (!key) break;
-        if (*key == "client_id") str(identity.client_id);
-        else if (*key == "issuer_id") str(identity.issuer_id);
-        else if (*key == "sub") str(identity.subject);
-        else if (*key == "fhir_user") str(identity.fhir_user);
-        else if (*key == "patient") str(identity.patient);
-        else if (*key == "jti") str(identity.jti);
-        else if (*key == "scope") str(identity.scope);
-        else if (*key == "cnf") str(identity.cnf_x5t_s256);
-        else if (*key == "exp") identity.expires_at = r.read_int().value_or(0);
-        else if (*key == "iat") identity.issued_at = r.read_int().value_or(0);
-        else if (*key == "has_iat") identity.has_iat = r.read_bool().value_or(false);
+        if (!key)
+            break;
+        if (*key == "client_id")
+            str(identity.client_id);
+        else if (*key == "issuer_id")
+            str(identity.issuer_id);
+        else if (*key == "sub")
+            str(identity.subject);
+        else if (*key == "fhir_user")
+            str(identity.fhir_user);
+        else if (*key == "patient")
+            str(identity.patient);
+        else if (*key == "jti")
+            str(identity.jti);
+        else if (*key == "scope")
+            str(identity.scope);
+        else if (*key == "cnf")
+            str(identity.cnf_x5t_s256);
+        else if (*key == "exp")
+            identity.expires_at = r.read_int().value_or(0);
+        else if (*key == "iat")
+            identity.issued_at = r.read_int().value_or(0);
+        else if (*key == "has_iat")
+            identity.has_iat = r.read_bool().value_or(false);
         else if (*key == "purpose_of_use") {
             const std::optional<uint32_t> n = r.read_array();
             for (uint32_t k = 0; n && k < *n && k < 64 && r.ok(); ++k) {
                 const std::optional<std::string_view> v = r.read_str();
-                if (v) identity.purpose_of_use.emplace_back(*v);
+                if (v)
+                    identity.purpose_of_use.emplace_back(*v);
             }
-            if (n && *n > 64) r.fail();
+            if (n && *n > 64)
+                r.fail();
         } else {
             r.skip();
         }
@@ -120,8 +139,8 @@ std::optional<Identity> decode_identity(std::string_view bytes) {
 
 // ---- Compiled policy -------------------------------------------------------------------------
 
-std::shared_ptr<const AuthPolicy> AuthPolicy::compile(std::shared_ptr<const policy::Snapshot> snapshot,
-                                                      std::string *error) {
+std::shared_ptr<const AuthPolicy> AuthPolicy::compile(
+    std::shared_ptr<const policy::Snapshot> snapshot, std::string *error) {
     auto compiled = std::shared_ptr<AuthPolicy>(new AuthPolicy());
     compiled->snapshot_ = std::move(snapshot);
     const policy::Bundle &bundle = compiled->snapshot_->bundle;
@@ -145,7 +164,8 @@ std::shared_ptr<const AuthPolicy> AuthPolicy::compile(std::shared_ptr<const poli
     }
     for (const policy::Client &client : bundle.clients) {
         smart::ScopeError scope_error;
-        std::optional<smart::ScopeSet> ceiling = smart::parse_scopes(client.scope_ceiling, &scope_error);
+        std::optional<smart::ScopeSet> ceiling =
+            smart::parse_scopes(client.scope_ceiling, &scope_error);
         if (!ceiling) {
             *error = "client " + client.id + ": scope_ceiling: " + scope_error.reason;
             return nullptr;
@@ -165,15 +185,21 @@ const AuthPolicy::ClientEntry *AuthPolicy::client(std::string_view id) const {
 std::optional<std::string_view> bearer_token(std::string_view authorization, Failure *failure) {
     const size_t space = authorization.find(' ');
     if (space == std::string_view::npos || !iequals(authorization.substr(0, space), "Bearer")) {
-        *failure = Failure{401, "not-bearer", "Authorization must use the Bearer scheme", "invalid_request", {}};
+        *failure = Failure{
+            401, "not-bearer", "Authorization must use the Bearer scheme", "invalid_request", {}};
         return std::nullopt;
     }
     std::string_view token = authorization.substr(space + 1);
-    while (!token.empty() && token.front() == ' ') token.remove_prefix(1);
-    while (!token.empty() && token.back() == ' ') token.remove_suffix(1);
+    while (!token.empty() && token.front() == ' ')
+        token.remove_prefix(1);
+    while (!token.empty() && token.back() == ' ')
+        token.remove_suffix(1);
     if (!is_b64token(token)) {
-        *failure = Failure{400, "malformed-authorization", "The Bearer credential is malformed",
-                           "invalid_request", {}};
+        *failure = Failure{400,
+                           "malformed-authorization",
+                           "The Bearer credential is malformed",
+                           "invalid_request",
+                           {}};
         return std::nullopt;
     }
     return token;
@@ -182,7 +208,8 @@ std::optional<std::string_view> bearer_token(std::string_view authorization, Fai
 TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token, int64_t now) {
     TokenResult result;
     if (policy.issuers().empty()) {
-        result.failure = invalid_token("no-trusted-issuer", "No token issuer is trusted by this gateway");
+        result.failure =
+            invalid_token("no-trusted-issuer", "No token issuer is trusted by this gateway");
         return result;
     }
     // The token's key names its issuer: try each trusted issuer's keys. A key that is not one of
@@ -205,31 +232,36 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
     }
     if (!verified.ok()) {
         const std::string_view name = jose::token_error_name(verified.error);
-        result.failure = invalid_token(std::string(name), "The access token is not valid (" + std::string(name) + ")");
+        result.failure = invalid_token(std::string(name),
+                                       "The access token is not valid (" + std::string(name) + ")");
         return result;
     }
     const jose::Claims &claims = verified.claims;
     const AuthPolicy::ClientEntry *client = policy.client(claims.client_id);
     if (claims.client_id.empty() || client == nullptr) {
-        result.failure = invalid_token("unknown-client", "The token's client is not registered with this gateway");
+        result.failure = invalid_token("unknown-client",
+                                       "The token's client is not registered with this gateway");
         return result;
     }
     if (!has_method(*client->client, policy::AuthMethod::Bearer) &&
         !has_method(*client->client, policy::AuthMethod::CertBound)) {
-        result.failure = invalid_token("auth-method-not-allowed", "This client may not authenticate with a bearer token");
+        result.failure = invalid_token("auth-method-not-allowed",
+                                       "This client may not authenticate with a bearer token");
         return result;
     }
     const std::vector<std::string> &allowed_issuers = client->client->issuers;
-    if (!allowed_issuers.empty() &&
-        std::find(allowed_issuers.begin(), allowed_issuers.end(), issuer->issuer->id) == allowed_issuers.end()) {
-        result.failure = invalid_token("issuer-not-allowed-for-client", "This issuer may not issue tokens for this client");
+    if (!allowed_issuers.empty() && std::find(allowed_issuers.begin(), allowed_issuers.end(),
+                                              issuer->issuer->id) == allowed_issuers.end()) {
+        result.failure = invalid_token("issuer-not-allowed-for-client",
+                                       "This issuer may not issue tokens for this client");
         return result;
     }
     // A malformed scope makes the token invalid: guessing what was meant could widen access.
     smart::ScopeError scope_error;
     const std::optional<smart::ScopeSet> scopes = smart::parse_scopes(claims.scope, &scope_error);
     if (!scopes) {
-        result.failure = invalid_token("malformed-scope", "The token's scope is malformed: " + scope_error.reason);
+        result.failure = invalid_token("malformed-scope",
+                                       "The token's scope is malformed: " + scope_error.reason);
         return result;
     }
     Identity identity;
@@ -249,14 +281,19 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
     return result;
 }
 
-TokenResult authenticate_certificate(const AuthPolicy &policy, const ClientCertificate &certificate) {
+TokenResult authenticate_certificate(const AuthPolicy &policy,
+                                     const ClientCertificate &certificate) {
     TokenResult result;
-    const policy::Client *registered = policy.snapshot().bundle.find_client_by_certificate(certificate.sha256_hex);
+    const policy::Client *registered =
+        policy.snapshot().bundle.find_client_by_certificate(certificate.sha256_hex);
     if (registered == nullptr || !has_method(*registered, policy::AuthMethod::Mtls)) {
-        result.failure = Failure{401, registered == nullptr ? "unknown-certificate" : "auth-method-not-allowed",
-                                 "No access token, and the client certificate does not identify a client "
-                                 "allowed to use certificate authentication",
-                                 "", {}};
+        result.failure =
+            Failure{401,
+                    registered == nullptr ? "unknown-certificate" : "auth-method-not-allowed",
+                    "No access token, and the client certificate does not identify a client "
+                    "allowed to use certificate authentication",
+                    "",
+                    {}};
         return result;
     }
     const AuthPolicy::ClientEntry *client = policy.client(registered->id);
@@ -274,9 +311,12 @@ namespace {
 
 smart::Context context_of(policy::LaunchContext context) {
     switch (context) {
-        case policy::LaunchContext::User: return smart::Context::User;
-        case policy::LaunchContext::Patient: return smart::Context::Patient;
-        case policy::LaunchContext::System: return smart::Context::System;
+        case policy::LaunchContext::User:
+            return smart::Context::User;
+        case policy::LaunchContext::Patient:
+            return smart::Context::Patient;
+        case policy::LaunchContext::System:
+            return smart::Context::System;
     }
     return smart::Context::Patient;
 }
@@ -299,11 +339,12 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
     const AuthPolicy::ClientEntry *client = policy.client(identity.client_id);
     if (client == nullptr) {
         // Registered when the token was verified, gone since (policy reload).
-        result.failure = invalid_token("unknown-client", "The token's client is not registered with this gateway");
+        result.failure = invalid_token("unknown-client",
+                                       "The token's client is not registered with this gateway");
         return result;
     }
-    if (revocations.is_revoked(identity.jti, identity.client_id, identity.issued_at, identity.has_iat,
-                               request.now)) {
+    if (revocations.is_revoked(identity.jti, identity.client_id, identity.issued_at,
+                               identity.has_iat, request.now)) {
         result.failure = invalid_token("revoked", "The access token has been revoked");
         return result;
     }
@@ -320,19 +361,22 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
                                    !has_method(registered, policy::AuthMethod::Bearer);
         if (!identity.cnf_x5t_s256.empty() || needs_binding) {
             if (request.certificate == nullptr) {
-                result.failure = invalid_token("certificate-required",
-                                               "The access token is bound to a client certificate, and none was presented");
+                result.failure = invalid_token(
+                    "certificate-required",
+                    "The access token is bound to a client certificate, and none was presented");
                 return result;
             }
             if (identity.cnf_x5t_s256 != request.certificate->sha256_base64url) {
-                result.failure = invalid_token("certificate-mismatch",
-                                               "The access token is bound to a different client certificate");
+                result.failure =
+                    invalid_token("certificate-mismatch",
+                                  "The access token is bound to a different client certificate");
                 return result;
             }
             if (std::find(registered.certificates.begin(), registered.certificates.end(),
                           request.certificate->sha256_hex) == registered.certificates.end()) {
-                result.failure = invalid_token("certificate-not-registered",
-                                               "The client certificate is not registered for this client");
+                result.failure =
+                    invalid_token("certificate-not-registered",
+                                  "The client certificate is not registered for this client");
                 return result;
             }
         }
@@ -343,10 +387,14 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
         result.failure = Failure{404, "no-route", "No gateway route serves this path", {}, {}};
         return result;
     }
-    const std::optional<fhir::RequestTargetView> target =
-        fhir::classify_view(request.method, request.path.substr(route->prefix.size()), request.query);
+    const std::optional<fhir::RequestTargetView> target = fhir::classify_view(
+        request.method, request.path.substr(route->prefix.size()), request.query);
     if (!target) {
-        result.failure = Failure{400, "unrecognized-fhir-request", "The request is not a recognized FHIR interaction", {}, {}};
+        result.failure = Failure{400,
+                                 "unrecognized-fhir-request",
+                                 "The request is not a recognized FHIR interaction",
+                                 {},
+                                 {}};
         return result;
     }
     result.resource_type.assign(target->resource_type);
@@ -358,7 +406,8 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
         return result;
     }
     if (required.kind == smart::RequiredPermission::Kind::Unsupported) {
-        result.failure = forbidden("interaction-not-supported", "This FHIR interaction is not available through the gateway");
+        result.failure = forbidden("interaction-not-supported",
+                                   "This FHIR interaction is not available through the gateway");
         return result;
     }
     smart::ScopeError scope_error;
@@ -374,12 +423,14 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
     }
     const std::string_view type = target->resource_type;
     std::string needed = std::string(smart::context_name(context_of(registered.context))) + "/" +
-                         std::string(type.empty() ? "*" : type) + "." + smart::permission_letter(required.permission);
+                         std::string(type.empty() ? "*" : type) + "." +
+                         smart::permission_letter(required.permission);
 
     // user/ and system/ scopes reach whatever the user or system may; patient/ scopes reach one
     // patient's compartment only.
     for (const smart::Context context : {smart::Context::User, smart::Context::System}) {
-        const smart::Access access = scopes->allows_interaction(context, target->interaction, type, &*query);
+        const smart::Access access =
+            scopes->allows_interaction(context, target->interaction, type, &*query);
         if (access.kind == smart::Access::Kind::Allowed) {
             result.kind = Authorization::Kind::Allow;
             return result;
@@ -387,7 +438,9 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
         if (access.kind == smart::Access::Kind::AllowedWithConstraint) {
             // Granular scopes on reads need a response-side category check that does not exist
             // yet: refuse rather than release what the scope may not cover.
-            result.failure = forbidden("granular-scope-needs-search", "A category-restricted scope permits searches that name the category, not reads by id");
+            result.failure = forbidden("granular-scope-needs-search",
+                                       "A category-restricted scope permits searches that name the "
+                                       "category, not reads by id");
             result.failure.bearer_error = "insufficient_scope";
             result.failure.required_scope = needed;
             return result;
@@ -396,17 +449,20 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
     const smart::Access patient_access =
         scopes->allows_interaction(smart::Context::Patient, target->interaction, type, &*query);
     if (patient_access.kind != smart::Access::Kind::Allowed) {
-        result.failure = forbidden("insufficient-scope", "The token's scopes do not permit this request");
+        result.failure =
+            forbidden("insufficient-scope", "The token's scopes do not permit this request");
         result.failure.bearer_error = "insufficient_scope";
         result.failure.required_scope = needed;
         return result;
     }
     if (identity.patient.empty()) {
-        result.failure = forbidden("no-patient-context", "Patient scopes need a patient in the token's launch context");
+        result.failure = forbidden("no-patient-context",
+                                   "Patient scopes need a patient in the token's launch context");
         return result;
     }
-    const compartment::Decision decision = compartment::check(
-        request.method, *target, request.query, compartment::PatientContext{identity.patient, request.server_base});
+    const compartment::Decision decision =
+        compartment::check(request.method, *target, request.query,
+                           compartment::PatientContext{identity.patient, request.server_base});
     switch (decision.kind) {
         case compartment::Decision::Kind::Allow:
             result.kind = Authorization::Kind::Allow;
@@ -422,7 +478,9 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
         case compartment::Decision::Kind::CheckRequestBody:
             // Request bodies are not inspected yet: a patient-context write could name another
             // patient, so it is refused.
-            result.failure = forbidden("patient-write-unverifiable", "Writes with a patient-context token are not available through the gateway");
+            result.failure = forbidden(
+                "patient-write-unverifiable",
+                "Writes with a patient-context token are not available through the gateway");
             return result;
         case compartment::Decision::Kind::Refuse:
             break;

@@ -344,7 +344,8 @@ namespace {
 // Revocation lists are bounded like everything else decoded from the wire.
 constexpr uint32_t kMaxRevocations = 1u << 20;
 
-void put_pairs(Writer &w, std::string_view key, const std::vector<std::pair<std::string, int64_t>> &pairs) {
+void put_pairs(Writer &w, std::string_view key,
+               const std::vector<std::pair<std::string, int64_t>> &pairs) {
     w.key(key);
     w.array(static_cast<uint32_t>(pairs.size()));
     for (const auto &[name, when] : pairs) {
@@ -389,9 +390,12 @@ std::string encode(const RevocationList &msg) {
 std::optional<RevocationList> decode_revocation_list(std::string_view body) {
     RevocationList msg;
     const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
-        if (key == "serial") return read_into_uint(r, msg.serial);
-        if (key == "jtis") return read_pairs(r, msg.jtis);
-        if (key == "clients") return read_pairs(r, msg.clients);
+        if (key == "serial")
+            return read_into_uint(r, msg.serial);
+        if (key == "jtis")
+            return read_pairs(r, msg.jtis);
+        if (key == "clients")
+            return read_pairs(r, msg.clients);
         return false;
     });
     if (!ok) {

@@ -31,7 +31,8 @@ bool is_patient_reference(std::string_view reference, std::string_view patient_i
 }
 
 // Collects the values at a dotted path, descending into arrays at every step.
-void collect(const json::Value &node, std::string_view path, std::vector<const json::Value *> &out) {
+void collect(const json::Value &node, std::string_view path,
+             std::vector<const json::Value *> &out) {
     if (const json::Value::Array *array = node.as_array()) {
         for (const json::Value &element : *array) {
             collect(element, path, out);
@@ -45,7 +46,8 @@ void collect(const json::Value &node, std::string_view path, std::vector<const j
     const size_t dot = path.find('.');
     const json::Value *child = node.find(path.substr(0, dot));
     if (child != nullptr) {
-        collect(*child, dot == std::string_view::npos ? std::string_view() : path.substr(dot + 1), out);
+        collect(*child, dot == std::string_view::npos ? std::string_view() : path.substr(dot + 1),
+                out);
     }
 }
 
@@ -97,7 +99,8 @@ bool resource_in_patient_compartment(const json::Value &resource, std::string_vi
         }
         for (const json::Value &entry : *list) {
             const json::Value *inner = entry.find("resource");
-            if (inner != nullptr && !single_resource_in_compartment(*inner, patient_id, server_base)) {
+            if (inner != nullptr &&
+                !single_resource_in_compartment(*inner, patient_id, server_base)) {
                 return false;
             }
         }

@@ -71,7 +71,8 @@ bool TokenCacheTable::lookup(const TokenDigest &digest, int64_t now, std::string
     Slot *ways = slots_ + (set % header_->sets) * kWays;
     for (size_t i = 0; i < kWays; ++i) {
         Slot &slot = ways[i];
-        if (slot.expires_at > now && slot.generation == header_->generation && slot.digest == digest) {
+        if (slot.expires_at > now && slot.generation == header_->generation &&
+            slot.digest == digest) {
             slot.last_used = ++header_->tick;
             ++header_->hits;
             payload->assign(slot.payload, slot.payload_len);
@@ -82,8 +83,8 @@ bool TokenCacheTable::lookup(const TokenDigest &digest, int64_t now, std::string
     return false;
 }
 
-bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at, std::string_view payload,
-                             int64_t now) {
+bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at,
+                             std::string_view payload, int64_t now) {
     if (payload.size() > kMaxPayload || expires_at <= now) {
         return false;
     }
@@ -93,15 +94,18 @@ bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at, std:
     // Prefer the same token's slot, then a dead slot, then the least recently used one.
     Slot *victim = nullptr;
     for (size_t i = 0; i < kWays && victim == nullptr; ++i) {
-        if (ways[i].digest == digest) victim = &ways[i];
+        if (ways[i].digest == digest)
+            victim = &ways[i];
     }
     for (size_t i = 0; i < kWays && victim == nullptr; ++i) {
-        if (ways[i].expires_at <= now || ways[i].generation != header_->generation) victim = &ways[i];
+        if (ways[i].expires_at <= now || ways[i].generation != header_->generation)
+            victim = &ways[i];
     }
     if (victim == nullptr) {
         victim = &ways[0];
         for (size_t i = 1; i < kWays; ++i) {
-            if (ways[i].last_used < victim->last_used) victim = &ways[i];
+            if (ways[i].last_used < victim->last_used)
+                victim = &ways[i];
         }
     }
     victim->digest = digest;
@@ -113,10 +117,20 @@ bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at, std:
     return true;
 }
 
-void TokenCacheTable::set_generation(uint64_t generation) { header_->generation = generation; }
-uint64_t TokenCacheTable::generation() const { return header_->generation; }
-size_t TokenCacheTable::capacity() const { return header_->sets * kWays; }
-uint64_t TokenCacheTable::hits() const { return header_->hits; }
-uint64_t TokenCacheTable::misses() const { return header_->misses; }
+void TokenCacheTable::set_generation(uint64_t generation) {
+    header_->generation = generation;
+}
+uint64_t TokenCacheTable::generation() const {
+    return header_->generation;
+}
+size_t TokenCacheTable::capacity() const {
+    return header_->sets * kWays;
+}
+uint64_t TokenCacheTable::hits() const {
+    return header_->hits;
+}
+uint64_t TokenCacheTable::misses() const {
+    return header_->misses;
+}
 
 }  // namespace ehrgate::cache

@@ -194,6 +194,58 @@ TEST(PolicyBundleFiles, InvalidExampleReportsEveryProblemInOnePass) {
                   "GET, HEAD, POST, PUT, PATCH, DELETE");
 }
 
+TEST(PolicyBundleFiles, InvalidAuthExampleReportsEveryProblemInOnePass) {
+    const std::string path = kSourceDir + "/conf/examples/invalid-auth.yaml";
+    const ParseResult result = load_bundle_file(path);
+    EXPECT_FALSE(result.bundle.has_value());
+    struct Expected {
+        int line;
+        int column;
+        const char *field;
+        std::string message;
+    };
+    const Expected expected[] = {
+        {10, 13, "issuers[0].issuer",
+         "invalid issuer \"http://issuer.example.org\": must use https:// (plain http:// is "
+         "accepted only for 127.0.0.1 and localhost, for a sandbox issuer)"},
+        {13, 25, "issuers[0].algorithms[1]",
+         "symmetric algorithms are never accepted: \"HS256\" needs a shared secret, and the "
+         "gateway verifies tokens only with the issuer's public keys; use one of RS256, RS384, "
+         "RS512, PS256, PS384, PS512, ES256, ES384, ES512"},
+        // Relative to the bundle's directory; the sandbox JWKS on line 12 was found that way.
+        {17, 16, "issuers[1].jwks_file",
+         "jwks_file \"" + kSourceDir +
+             "/conf/examples/partner-jwks.json\": cannot open: No such file or directory"},
+        {19, 21, "issuers[1].leeway_seconds",
+         "invalid leeway_seconds \"3600\": expected a whole number of seconds from 0 to 300"},
+        {24, 20, "clients[0].auth[1]",
+         "unknown authentication method \"mtsl\"; did you mean \"mtls\"?"},
+        {25, 20, "clients[0].scope_ceiling",
+         "invalid scope_ceiling: \"user/Patients.rs\": not a FHIR R4 resource type"},
+        {26, 15, "clients[0].issuers[0]", "unknown issuer \"dve\"; did you mean \"dev\"?"},
+        {33, 9, "clients[1].certificates[0]",
+         "invalid certificate fingerprint "
+         "\"A9:4A:8F:E5:CC:B1:9B:A6:1C:4C:08:73:D3:91:E9:87:98:2F:BB:D3\": this looks like a "
+         "SHA-1 fingerprint; expected the SHA-256 of the DER certificate, 64 hex digits (colons "
+         "allowed), e.g. from `openssl x509 -in client.pem -outform DER | sha256sum`"},
+        {34, 5, "clients[2].certificates",
+         "missing required field \"certificates\": auth includes \"cert-bound\", which needs at "
+         "least one pinned certificate"},
+        {44, 13, "routes[0].tenant",
+         "no client lists tenant \"general-hospitl\"; did you mean \"general-hospital\"?"},
+    };
+    ASSERT_EQ(result.diagnostics.size(), std::size(expected)) << dump(result.diagnostics);
+    for (size_t i = 0; i < std::size(expected); ++i) {
+        const Diagnostic &d = result.diagnostics[i];
+        SCOPED_TRACE(d.to_string());
+        EXPECT_EQ(d.file, path);
+        EXPECT_EQ(d.line, expected[i].line);
+        EXPECT_EQ(d.column, expected[i].column);
+        EXPECT_EQ(d.field, expected[i].field);
+        EXPECT_EQ(d.message, expected[i].message);
+    }
+}
+
 TEST(PolicyBundleFiles, SyntaxErrorExample) {
     const std::string path = kSourceDir + "/conf/examples/syntax-error.yaml";
     const ParseResult result = load_bundle_file(path);
@@ -820,7 +872,8 @@ TEST(PolicyParse, CertificateFingerprints) {
     for (int i = 0; i < 33; ++i) {
         many += "      - " + std::string(62, 'a') + (i < 10 ? "0" : "") + std::to_string(i) + "\n";
     }
-    expect_one(with_certificates(many), 8, 5, "clients[0].certificates",
+    // A block list is placed at its first entry.
+    expect_one(with_certificates(many), 9, 7, "clients[0].certificates",
                "too many entries (33); at most 32 are allowed");
 
     // Stored lower-case without colons, sorted; found in any case.
@@ -1211,7 +1264,7 @@ TEST_F(PolicyIssuers, IssuerUrls) {
         {"https://", "has no host"},
         {"https:///path", "has no host"},
         {"https://:443", "has no host"},
-        {"https://issuer.example:", "has an invalid port"},
+        {"\"https://issuer.example:\"", "has an invalid port"},
         {"https://issuer.example:https", "has an invalid port"},
         {"\"https://issuer.example/?tenant=1\"", "must not have a query or fragment"},
         {"\"https://issuer.example/#x\"", "must not have a query or fragment"},
@@ -1402,7 +1455,7 @@ TEST(PolicySnapshot, DigestIsSha256OfTheCanonicalBundleEncoding) {
     EXPECT_EQ(sha256_hex(bundle_bytes(encode_snapshot(snapshot))), digest);
 
     // Golden value: changes only when the canonical encoding changes, which is a protocol change.
-    EXPECT_EQ(digest, "83ff7a6602750a483fcffb1f080725fe29d370201abc93f2c0ec5962342b5d97");
+    EXPECT_EQ(digest, "e78379d16cb6e33ca3ad5c43ac8c53e58923df95a8111322dc66729996f4edcf");
 
     // The serial and the digest field are not part of it.
     Snapshot other{99, "something", bundle};
@@ -1784,7 +1837,7 @@ TEST(PolicyBundle, CertificateFingerprints) {
     std::transform(upper.begin(), upper.end(), upper.begin(), ::toupper);
     EXPECT_EQ(normalize_certificate_fingerprint(upper), kFingerprint);
     EXPECT_EQ(normalize_certificate_fingerprint(":" + kFingerprint + "::"), kFingerprint);
-    for (const std::string bad :
+    for (const std::string &bad :
          {std::string(), std::string(63, 'a'), std::string(65, 'a'), std::string(63, 'a') + "g",
           kFingerprint + " ", " " + kFingerprint, std::string(40, 'a')}) {
         EXPECT_FALSE(normalize_certificate_fingerprint(bad)) << bad;

@@ -451,9 +451,9 @@ TEST_F(PolicyStateTest, StoreWriteFailureRefusesAndKeepsTheSnapshot) {
     EXPECT_EQ(state.encoded(), encoded_v1);
 }
 
-// One version label must always mean one content (audit records name the version). Today the
-// check only compares with the in-memory snapshot, so a restart forgets it.
-TEST_F(PolicyStateTest, DISABLED_SameVersionWithNewContentIsRefusedAfterRestart) {
+// One version label must always mean one content (audit records name the version), also across
+// a restart.
+TEST_F(PolicyStateTest, SameVersionWithNewContentIsRefusedAfterRestart) {
     {
         PolicyState state(*store_, path_);
         ASSERT_EQ(state.reload().kind, ReloadOutcome::Kind::Activated);
@@ -467,7 +467,7 @@ TEST_F(PolicyStateTest, DISABLED_SameVersionWithNewContentIsRefusedAfterRestart)
 
 // The serial only moves forward: workers compare serials. An unreadable active record must not
 // send it back to 1.
-TEST_F(PolicyStateTest, DISABLED_CorruptActiveRecordNeverMovesTheSerialBack) {
+TEST_F(PolicyStateTest, CorruptActiveRecordNeverMovesTheSerialBack) {
     {
         PolicyState state(*store_, path_);
         ASSERT_EQ(state.reload().kind, ReloadOutcome::Kind::Activated);

@@ -10,10 +10,11 @@ namespace ehrgate::cache {
 namespace {
 
 class TokenCacheTest : public ::testing::Test {
-protected:
-    std::vector<std::max_align_t> memory_ =
-        std::vector<std::max_align_t>(TokenCacheTable::bytes_for(64) / sizeof(std::max_align_t) + 1);
-    TokenCacheTable table_ = *TokenCacheTable::attach(memory_.data(), memory_.size() * sizeof(std::max_align_t));
+  protected:
+    std::vector<std::max_align_t> memory_ = std::vector<std::max_align_t>(
+        TokenCacheTable::bytes_for(64) / sizeof(std::max_align_t) + 1);
+    TokenCacheTable table_ =
+        *TokenCacheTable::attach(memory_.data(), memory_.size() * sizeof(std::max_align_t));
 };
 
 TEST_F(TokenCacheTest, MissThenHitUntilExpiry) {

@@ -34,7 +34,7 @@ struct Identity {
     std::string fhir_user;  // `fhirUser`
     std::string patient;    // SMART launch patient
     std::string jti;
-    std::string scope;      // effective grant: the token's scopes within the client's ceiling
+    std::string scope;         // effective grant: the token's scopes within the client's ceiling
     std::string cnf_x5t_s256;  // certificate binding (RFC 8705), base64url SHA-256
     std::vector<std::string> purpose_of_use;
     int64_t expires_at = 0;
@@ -63,11 +63,11 @@ struct Failure {
 // The policy's authentication data compiled for fast use: parsed key sets, scope ceilings,
 // lookups by id. Built once per snapshot in every worker, shared by all requests.
 class AuthPolicy {
-public:
+  public:
     // Fails only when the snapshot is inconsistent (policyd validated it, so that means a bug or
     // version skew); the worker then refuses bearer tokens rather than guess.
-    static std::shared_ptr<const AuthPolicy> compile(std::shared_ptr<const policy::Snapshot> snapshot,
-                                                     std::string *error);
+    static std::shared_ptr<const AuthPolicy> compile(
+        std::shared_ptr<const policy::Snapshot> snapshot, std::string *error);
 
     const policy::Snapshot &snapshot() const { return *snapshot_; }
 
@@ -83,7 +83,7 @@ public:
     const std::vector<IssuerKeys> &issuers() const { return issuers_; }
     const ClientEntry *client(std::string_view id) const;
 
-private:
+  private:
     std::shared_ptr<const policy::Snapshot> snapshot_;
     std::vector<IssuerKeys> issuers_;
     std::unordered_map<std::string, ClientEntry> clients_;
@@ -108,12 +108,13 @@ struct ClientCertificate {
 
 // An identity for a request that brought only a client certificate: the client registered for
 // that certificate, if its auth methods include mtls, with its scope ceiling as the grant.
-TokenResult authenticate_certificate(const AuthPolicy &policy, const ClientCertificate &certificate);
+TokenResult authenticate_certificate(const AuthPolicy &policy,
+                                     const ClientCertificate &certificate);
 
 struct Request {
     std::string_view method;
-    std::string_view path;   // decoded URI path
-    std::string_view query;  // raw query string, without '?'
+    std::string_view path;         // decoded URI path
+    std::string_view query;        // raw query string, without '?'
     std::string_view server_base;  // this endpoint's absolute FHIR base, for absolute references
     const ClientCertificate *certificate = nullptr;  // nullptr: no (verified) client certificate
     int64_t now = 0;
@@ -122,10 +123,10 @@ struct Request {
 struct Authorization {
     enum class Kind : uint8_t { Allow, AllowNarrowed, AllowCheckResponse, Deny };
     Kind kind = Kind::Deny;
-    Failure failure;               // when Deny
-    std::string narrowed_query;    // when AllowNarrowed: forward this query instead
-    std::string patient_id;        // when AllowCheckResponse: the response must be in this
-                                   // patient's compartment
+    Failure failure;             // when Deny
+    std::string narrowed_query;  // when AllowNarrowed: forward this query instead
+    std::string patient_id;      // when AllowCheckResponse: the response must be in this
+                                 // patient's compartment
     std::string resource_type;
     std::string interaction;
 };

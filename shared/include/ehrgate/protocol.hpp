@@ -37,7 +37,7 @@ enum class MessageType : uint8_t {
     Pong = 7,
     RevocationFetch = 8,  // worker -> policyd: send me the revocation list
     RevocationList = 9,   // policyd -> worker: reply to RevocationFetch, or pushed with id 0
-    AdminRequest = 16,  // ehrgatectl -> policyd, admin socket only
+    AdminRequest = 16,    // ehrgatectl -> policyd, admin socket only
     AdminReply = 17,
 };
 
@@ -124,7 +124,7 @@ struct ErrorBody {
 // given (the token's own expiry at the latest), and by client: every token of the client issued
 // before `revoked_at` is refused.
 struct RevocationList {
-    uint64_t serial = 0;  // increases with every change
+    uint64_t serial = 0;                                   // increases with every change
     std::vector<std::pair<std::string, int64_t>> jtis;     // (jti, revoked until, unix seconds)
     std::vector<std::pair<std::string, int64_t>> clients;  // (client id, revoked at, unix seconds)
 };

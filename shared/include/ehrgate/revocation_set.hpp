@@ -11,19 +11,19 @@
 namespace ehrgate {
 
 class RevocationSet {
-public:
+  public:
     RevocationSet() = default;
     explicit RevocationSet(const protocol::RevocationList &list);
 
     // A token is revoked when its jti is listed (and the entry has not lapsed), or when its client
     // was revoked at or after the token was issued. A token without `iat` from a revoked client
     // is revoked: nothing shows it came later.
-    bool is_revoked(std::string_view jti, std::string_view client_id, int64_t issued_at, bool has_iat,
-                    int64_t now) const;
+    bool is_revoked(std::string_view jti, std::string_view client_id, int64_t issued_at,
+                    bool has_iat, int64_t now) const;
 
     uint64_t serial() const { return serial_; }
 
-private:
+  private:
     struct Hash {
         using is_transparent = void;
         size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }

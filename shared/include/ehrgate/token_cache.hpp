@@ -26,7 +26,7 @@ using TokenDigest = std::array<uint8_t, 32>;
 TokenDigest digest_token(std::string_view token);
 
 class TokenCacheTable {
-public:
+  public:
     static constexpr size_t kWays = 4;
     static constexpr size_t kSlotBytes = 1024;
     static constexpr size_t kMaxPayload = kSlotBytes - 64;
@@ -43,7 +43,8 @@ public:
     bool lookup(const TokenDigest &digest, int64_t now, std::string *payload);
     // Stores a verified token's payload until `expires_at`. Payloads over kMaxPayload are not
     // cached (the caller verifies such tokens every time).
-    bool insert(const TokenDigest &digest, int64_t expires_at, std::string_view payload, int64_t now);
+    bool insert(const TokenDigest &digest, int64_t expires_at, std::string_view payload,
+                int64_t now);
     // Invalidates every entry (policy generation change).
     void set_generation(uint64_t generation);
     uint64_t generation() const;
@@ -55,7 +56,7 @@ public:
     struct Header;
     struct Slot;
 
-private:
+  private:
     TokenCacheTable(Header *header, Slot *slots) : header_(header), slots_(slots) {}
 
     Header *header_;

@@ -13,66 +13,16 @@
 #include "ehrgate/base64url.hpp"
 #include "ehrgate/token_cache.hpp"
 #include "module.hpp"
+#include "shm_table.hpp"
 
 namespace ehrgate::ngx {
 
 namespace {
 
-// Zone layout: this header, then the TokenCacheTable block.
-struct CacheZone {
-    size_t table_bytes;
-    alignas(64) unsigned char table[1];
-};
-
 ngx_shm_zone_t *g_cache_zone;  // this worker's view of the zone (set in watch_policy_changes)
 
-ngx_int_t init_cache_zone(ngx_shm_zone_t *zone, void *data) noexcept {
-    if (data != nullptr) {
-        // nginx -s reload with an unchanged size: keep the old zone and what it caches. The
-        // generation check invalidates entries if the policy changed meanwhile.
-        zone->data = data;
-        return NGX_OK;
-    }
-    auto *shpool = reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr);
-    if (zone->shm.exists) {
-        zone->data = shpool->data;
-        return NGX_OK;
-    }
-    // Leave a quarter of the zone to the slab allocator's own bookkeeping.
-    const size_t entries = (zone->shm.size * 3 / 4) / cache::TokenCacheTable::kSlotBytes;
-    const size_t table_bytes = cache::TokenCacheTable::bytes_for(entries);
-    auto *cache = static_cast<CacheZone *>(ngx_slab_alloc(shpool, sizeof(CacheZone) + table_bytes));
-    if (cache == nullptr || !cache::TokenCacheTable::attach(cache->table, table_bytes)) {
-        ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0,
-                      "ehrgate: token cache zone \"%V\" is too small", &zone->shm.name);
-        return NGX_ERROR;
-    }
-    cache->table_bytes = table_bytes;
-    shpool->data = cache;
-    zone->data = cache;
-    return NGX_OK;
-}
-
-class ZoneLock {
-  public:
-    explicit ZoneLock(ngx_shm_zone_t *zone)
-        : mutex_(&reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr)->mutex) {
-        ngx_shmtx_lock(mutex_);
-    }
-    ~ZoneLock() { ngx_shmtx_unlock(mutex_); }
-    ZoneLock(const ZoneLock &) = delete;
-    ZoneLock &operator=(const ZoneLock &) = delete;
-
-  private:
-    ngx_shmtx_t *mutex_;
-};
-
 std::optional<cache::TokenCacheTable> cache_table() {
-    if (g_cache_zone == nullptr || g_cache_zone->data == nullptr) {
-        return std::nullopt;
-    }
-    auto *cache = static_cast<CacheZone *>(g_cache_zone->data);
-    return cache::TokenCacheTable::attach(cache->table, cache->table_bytes);
+    return zone_table<cache::TokenCacheTable>(g_cache_zone);
 }
 
 void invalidate_cache(uint64_t serial) {
@@ -202,7 +152,7 @@ bool add_token_cache_zone(ngx_conf_t *cf, MainConf *mcf) {
     if (mcf->token_cache == nullptr) {
         return false;
     }
-    mcf->token_cache->init = init_cache_zone;
+    mcf->token_cache->init = init_table_zone<cache::TokenCacheTable>;
     return true;
 }
 

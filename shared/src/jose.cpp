@@ -8,6 +8,7 @@
 #include <openssl/rsa.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <new>
 
@@ -122,6 +123,13 @@ struct KeySet::Impl {
         std::shared_ptr<EVP_PKEY> pkey;
         size_t signature_bytes = 0;  // RSA: modulus bytes; EC: 2 * coordinate bytes
         std::string ec_order;        // EC: group order, big-endian, coordinate bytes long
+        // One EVP_DigestVerifyInit'ed context per algorithm this key may verify, indexed by
+        // Algorithm; null for the others. Under OpenSSL 3 the init (provider and algorithm
+        // fetches, key export) costs as much as an RSA-2048 verification itself, so it is done
+        // once here and each verification copies the template instead. The templates are never
+        // modified after parse: EVP_MD_CTX_copy_ex only reads its source (and takes reference
+        // counts atomically), so threads may copy the same template concurrently.
+        std::array<std::unique_ptr<EVP_MD_CTX, MdCtxFree>, kAllAlgorithms.size()> templates;
     };
     std::vector<Key> keys;
 };
@@ -129,6 +137,41 @@ struct KeySet::Impl {
 namespace {
 
 using Key = KeySet::Impl::Key;
+
+bool key_fits(const Key &key, const AlgSpec &spec) {
+    if (key.family != spec.family) {
+        return false;
+    }
+    if (spec.family == Family::Ec && key.info.crv != spec.crv) {
+        return false;
+    }
+    return !key.info.alg || *key.info.alg == spec.alg;
+}
+
+// Builds the per-algorithm verification templates of a key (see Impl::Key::templates).
+bool prepare_templates(Key &key) {
+    if (!key.info.verifies) {
+        return true;
+    }
+    for (const AlgSpec &spec : kSpecs) {
+        if (!key_fits(key, spec)) {
+            continue;
+        }
+        MdCtxPtr ctx(EVP_MD_CTX_new());
+        EVP_PKEY_CTX *pctx = nullptr;
+        const EVP_MD *md = digest_of(spec);
+        if (!ctx || EVP_DigestVerifyInit(ctx.get(), &pctx, md, nullptr, key.pkey.get()) != 1) {
+            return false;
+        }
+        if (spec.pss && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) != 1 ||
+                         EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, RSA_PSS_SALTLEN_DIGEST) != 1 ||
+                         EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, md) != 1)) {
+            return false;
+        }
+        key.templates[static_cast<size_t>(spec.alg)] = std::move(ctx);
+    }
+    return true;
+}
 
 // ---------------------------------------------------------------------------------------------
 // JWKS parsing
@@ -178,6 +221,9 @@ public:
                             key.info.kty + "\"" +
                             (key.info.crv.empty() ? "" : " crv \"" + key.info.crv + "\""));
             }
+        }
+        if (!prepare_templates(key)) {
+            return fail("OpenSSL could not set up verification with this key");
         }
         return key;
     }
@@ -474,11 +520,16 @@ size_t ecdsa_raw_to_der(std::string_view raw, std::string_view order, unsigned c
 
 constexpr size_t kMaxEcdsaDer = 3 + 2 * (2 + 1 + 66);
 
-// true when the signature verifies; false for any failure (the error queue is cleaned).
-bool verify_with_key(const Key &key, const AlgSpec &spec, std::string_view signing_input,
-                     std::string_view signature) {
+enum class Outcome : uint8_t { Verified, Failed, Internal };
+
+Outcome verify_with_key(const Key &key, const AlgSpec &spec, std::string_view signing_input,
+                        std::string_view signature) {
+    const EVP_MD_CTX *tmpl = key.templates[static_cast<size_t>(spec.alg)].get();
+    if (tmpl == nullptr) {
+        return Outcome::Failed;  // not reached: candidates are selected with key_fits
+    }
     if (signature.size() != key.signature_bytes) {
-        return false;
+        return Outcome::Failed;
     }
     const auto *sig = reinterpret_cast<const unsigned char *>(signature.data());
     size_t sig_length = signature.size();
@@ -486,38 +537,23 @@ bool verify_with_key(const Key &key, const AlgSpec &spec, std::string_view signi
     if (spec.family == Family::Ec) {
         sig_length = ecdsa_raw_to_der(signature, key.ec_order, der);
         if (sig_length == 0) {
-            return false;
+            return Outcome::Failed;
         }
         sig = der;
     }
     ErrorQueueMark mark;
     MdCtxPtr ctx(EVP_MD_CTX_new());
-    if (!ctx) {
-        return false;
+    if (!ctx || EVP_MD_CTX_copy_ex(ctx.get(), tmpl) != 1) {
+        return Outcome::Internal;
     }
-    const EVP_MD *md = digest_of(spec);
-    EVP_PKEY_CTX *pctx = nullptr;
-    if (EVP_DigestVerifyInit(ctx.get(), &pctx, md, nullptr, key.pkey.get()) != 1) {
-        return false;
-    }
-    if (spec.pss && (EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING) != 1 ||
-                     EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, RSA_PSS_SALTLEN_DIGEST) != 1 ||
-                     EVP_PKEY_CTX_set_rsa_mgf1_md(pctx, md) != 1)) {
-        return false;
-    }
+    // Without FINALISE, EVP_DigestVerifyFinal duplicates the whole context once more so the
+    // caller could keep feeding data; this context is used once.
+    EVP_MD_CTX_set_flags(ctx.get(), EVP_MD_CTX_FLAG_FINALISE);
     return EVP_DigestVerify(ctx.get(), sig, sig_length,
                             reinterpret_cast<const unsigned char *>(signing_input.data()),
-                            signing_input.size()) == 1;
-}
-
-bool key_fits(const Key &key, const AlgSpec &spec) {
-    if (key.family != spec.family) {
-        return false;
-    }
-    if (spec.family == Family::Ec && key.info.crv != spec.crv) {
-        return false;
-    }
-    return !key.info.alg || *key.info.alg == spec.alg;
+                            signing_input.size()) == 1
+               ? Outcome::Verified
+               : Outcome::Failed;
 }
 
 TokenError select_and_verify(const KeySet::Impl &impl, const AlgSpec &spec, const std::string *kid,
@@ -543,12 +579,19 @@ TokenError select_and_verify(const KeySet::Impl &impl, const AlgSpec &spec, cons
         return kid != nullptr && kid_known ? TokenError::KeyAlgorithmMismatch
                                            : TokenError::UnknownKey;
     }
+    bool internal = false;
     for (size_t i = 0; i < count; ++i) {
-        if (verify_with_key(*candidates[i], spec, signing_input, signature)) {
-            return TokenError::None;
+        switch (verify_with_key(*candidates[i], spec, signing_input, signature)) {
+            case Outcome::Verified:
+                return TokenError::None;
+            case Outcome::Internal:
+                internal = true;
+                break;
+            case Outcome::Failed:
+                break;
         }
     }
-    return TokenError::BadSignature;
+    return internal ? TokenError::Internal : TokenError::BadSignature;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -845,6 +845,16 @@ class BundleParser {
             v_.report(at, "jwks_file " + shown + " contains no keys");
             return;
         }
+        jwks_total_bytes_ += file.text.size();
+        if (jwks_total_bytes_ > kMaxJwksTotalBytes) {
+            v_.report(at, "jwks_file " + shown + " brings the JWKS files of all issuers to " +
+                              std::to_string(jwks_total_bytes_) +
+                              " bytes; together they may "
+                              "have at most " +
+                              std::to_string(kMaxJwksTotalBytes) +
+                              " (1 MiB), since every snapshot carries them");
+            return;
+        }
         issuer.jwks_json = std::move(file.text);
         if (check_algorithms) {
             check_keys(at, *keys, issuer, shown);
@@ -889,8 +899,7 @@ class BundleParser {
         }
         if (!any_usable && !mismatch) {
             v_.report(at, "jwks_file " + shown +
-                              ": no key can verify any of this issuer's "
-                              "algorithms (" +
+                              ": no key can verify any of this issuer's algorithms (" +
                               join(issuer.algorithms) + ")");
         }
     }
@@ -1309,6 +1318,7 @@ class BundleParser {
     Validator v_;
     Bundle bundle_;
     std::filesystem::path base_dir_;  // where relative jwks_file paths start
+    size_t jwks_total_bytes_ = 0;
     std::vector<Reference> issuer_references_;
     std::vector<Reference> route_tenants_;
     std::set<std::string, std::less<>> client_tenants_;

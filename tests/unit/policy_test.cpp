@@ -1117,6 +1117,19 @@ TEST_F(PolicyIssuers, JwksFileProblems) {
     ASSERT_TRUE(max.bundle) << dump(max.diagnostics);
     EXPECT_EQ(max.bundle->issuers[0].jwks_json.size(), kMaxJwksBytes);
 
+    // Every snapshot carries all JWKS texts: together they are bounded too.
+    const std::string half = sandbox_jwks() + std::string(kMaxJwksTotalBytes / 2, ' ');
+    write("half.json", half);
+    const std::string two_halves = with_issuers(
+        issuer_yaml({.jwks_file = "half.json"}) +
+        issuer_yaml({.id = "dev-2", .issuer = "https://b.example", .jwks_file = "half.json"}));
+    expect_one_here(two_halves, 12, 16, "issuers[1].jwks_file",
+                    "jwks_file \"" + path("half.json") +
+                        "\" brings the JWKS files of all issuers to " +
+                        std::to_string(2 * half.size()) +
+                        " bytes; together they may have at most 1048576 (1 MiB), since every "
+                        "snapshot carries them");
+
     // jose::KeySet::parse decides what an acceptable JWKS is; its reason is passed on.
     const std::string not_acceptable =
         "jwks_file \"" + path("bad.json") + "\" is not an acceptable JWKS: ";

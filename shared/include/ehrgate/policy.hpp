@@ -25,6 +25,8 @@ inline constexpr size_t kMaxClients = 10000;
 inline constexpr size_t kMaxRoutes = 256;
 inline constexpr size_t kMaxIssuers = 64;
 inline constexpr size_t kMaxJwksBytes = 1u << 20;  // one issuer's JWKS file
+// All JWKS texts together: they travel in every snapshot, which must fit a protocol frame.
+inline constexpr size_t kMaxJwksTotalBytes = 1u << 20;
 inline constexpr int64_t kMaxLeewaySeconds = 300;  // clock skew tolerated on exp/nbf/iat
 inline constexpr size_t kMaxDiagnostics = 100;     // parse_bundle stops reporting after this many
 

@@ -79,9 +79,10 @@ ngx_int_t send_outcome(ngx_http_request_t *r, RequestCtx *ctx) {
     ngx_str_set(&r->headers_out.content_type, "application/fhir+json; charset=utf-8");
     r->headers_out.content_type_len = sizeof("application/fhir+json") - 1;
     r->headers_out.content_length_n = static_cast<off_t>(body.size());
-    if (ctx->status == NGX_HTTP_SERVICE_UNAVAILABLE) {
+    if (ctx->retry_after.len > 0 || ctx->status == NGX_HTTP_SERVICE_UNAVAILABLE) {
         ngx_str_t one = ngx_string("1");
-        if (push_header(r, "Retry-After", one) == nullptr) {
+        if (push_header(r, "Retry-After", ctx->retry_after.len > 0 ? ctx->retry_after : one) ==
+            nullptr) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
     }
@@ -223,6 +224,8 @@ ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
     } headers[] = {
         {ngx_string("X-Request-ID"), ctx->correlation_id},
         {ngx_string("X-Ehrgate-Policy-Version"), ctx->policy_version},
+        {ngx_string("RateLimit-Policy"), ctx->ratelimit_policy},
+        {ngx_string("RateLimit"), ctx->ratelimit},
     };
     for (const auto &header : headers) {
         if (header.value.len == 0) {
@@ -254,7 +257,10 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
         }
         switch (ctx->state) {
             case DecisionState::Idle: {
-                const ngx_int_t rc = authenticate(r, ctx);
+                ngx_int_t rc = authenticate(r, ctx);
+                if (rc == NGX_DECLINED) {
+                    rc = apply_limits(r, ctx);
+                }
                 return rc == NGX_DECLINED ? start_decision(r, ctx) : rc;
             }
             case DecisionState::Waiting:

@@ -145,6 +145,18 @@ std::string server_base(ngx_http_request_t *r, const policy::Snapshot &snapshot)
 
 }  // namespace
 
+std::string token_cache_status_json() {
+    std::optional<cache::TokenCacheTable> table = cache_table();
+    if (!table) {
+        return "{}";
+    }
+    ZoneLock lock(g_cache_zone);
+    return "{\"capacity\":" + std::to_string(table->capacity()) +
+           ",\"hits\":" + std::to_string(table->hits()) +
+           ",\"misses\":" + std::to_string(table->misses()) +
+           ",\"generation\":" + std::to_string(table->generation()) + "}";
+}
+
 bool add_token_cache_zone(ngx_conf_t *cf, MainConf *mcf) {
     static ngx_str_t name = ngx_string("ehrgate_token_cache");
     mcf->token_cache =

@@ -2,9 +2,11 @@
 // and the per-worker sidecar client.
 #pragma once
 
+#include <string>
 #include <string_view>
 #include <type_traits>
 
+#include "ehrgate/rate_limit.hpp"
 #include "ngx.hpp"
 #include "sidecar_client.hpp"
 
@@ -16,6 +18,8 @@ struct MainConf {
     ngx_addr_t *policyd;  // nullptr when `ehrgate_policyd` is absent
     ngx_shm_zone_t *token_cache;
     size_t token_cache_size;
+    ngx_shm_zone_t *limit_zone;
+    size_t limit_zone_size;
     ngx_msec_t timeout;
     ngx_uint_t max_pending;
     ngx_msec_t reconnect_max;
@@ -55,6 +59,13 @@ struct RequestCtx {
     u_char *check_data;
     size_t check_len;
     size_t check_cap;
+    // Throttling (limits.cpp): the slots this request holds until its pool is destroyed.
+    ratelimit::Hold limit_hold;
+    bool limit_held;
+    ngx_str_t limit_status;
+    ngx_str_t ratelimit_policy;  // RateLimit-Policy header value
+    ngx_str_t ratelimit;         // RateLimit header value
+    ngx_str_t retry_after;       // Retry-After for refusals; empty: "1" on 503
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);
@@ -78,6 +89,17 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx);
 bool add_token_cache_zone(ngx_conf_t *cf, MainConf *mcf);
 // Worker start: policy changes invalidate the cache.
 void watch_policy_changes(SidecarClient &client, MainConf *mcf);
+
+// Throttling (limits.cpp). apply_limits: NGX_DECLINED to go on, else the handler's result.
+bool add_limit_zone(ngx_conf_t *cf, MainConf *mcf);
+void attach_limit_zone(MainConf *mcf);
+ngx_int_t apply_limits(ngx_http_request_t *r, RequestCtx *ctx);
+void release_limits(RequestCtx *ctx);
+std::string limiter_status_json();
+std::string token_cache_status_json();
+
+// `ehrgate_status;` content handler (status.cpp).
+char *set_status_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
 
 // Response compartment check (response_check.cpp).
 ngx_int_t install_response_check_filter() noexcept;

@@ -49,16 +49,15 @@ char *set_enabled(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
 ngx_conf_num_bounds_t g_max_pending_bounds = {ngx_conf_check_num_bounds, 1, 65534};
 
 // At least a few hundred entries; at most what a slab zone sensibly holds.
-char *check_token_cache_size(ngx_conf_t *cf, void *, void *data) noexcept {
+char *check_zone_size(ngx_conf_t *cf, void *, void *data) noexcept {
     const size_t size = *static_cast<size_t *>(data);
     if (size < 256 * 1024 || size > (size_t{1} << 30)) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "ehrgate_token_cache_size must be between 256k and 1g");
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "zone size must be between 256k and 1g");
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     return NGX_CONF_OK;
 }
-ngx_conf_post_t g_token_cache_bounds = {check_token_cache_size};
+ngx_conf_post_t g_zone_size_bounds = {check_zone_size};
 
 ngx_command_t g_commands[] = {
     {ngx_string("ehrgate_policyd"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_policyd,
@@ -72,7 +71,12 @@ ngx_command_t g_commands[] = {
      ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, reconnect_max), nullptr},
     {ngx_string("ehrgate_token_cache_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      ngx_conf_set_size_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, token_cache_size),
-     &g_token_cache_bounds},
+     &g_zone_size_bounds},
+    {ngx_string("ehrgate_limit_zone_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_size_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, limit_zone_size),
+     &g_zone_size_bounds},
+    {ngx_string("ehrgate_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status_handler, 0, 0,
+     nullptr},
     {ngx_string("ehrgate"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG, set_enabled,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, enabled), nullptr},
@@ -88,13 +92,15 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     mcf->max_pending = NGX_CONF_UNSET_UINT;
     mcf->reconnect_max = NGX_CONF_UNSET_MSEC;
     mcf->token_cache_size = NGX_CONF_UNSET_SIZE;
+    mcf->limit_zone_size = NGX_CONF_UNSET_SIZE;
     return mcf;
 }
 
 char *init_main_conf(ngx_conf_t *cf, void *conf) noexcept {
     auto *mcf = static_cast<MainConf *>(conf);
     ngx_conf_init_size_value(mcf->token_cache_size, 4 * 1024 * 1024);
-    if (mcf->policyd != nullptr && !add_token_cache_zone(cf, mcf)) {
+    ngx_conf_init_size_value(mcf->limit_zone_size, 8 * 1024 * 1024);
+    if (mcf->policyd != nullptr && (!add_token_cache_zone(cf, mcf) || !add_limit_zone(cf, mcf))) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     ngx_conf_init_msec_value(mcf->timeout, 250);
@@ -166,6 +172,7 @@ ngx_int_t init_process(ngx_cycle_t *cycle) noexcept {
         settings.reconnect_max = mcf->reconnect_max;
         g_client = std::make_unique<SidecarClient>(settings, cycle->log);
         watch_policy_changes(*g_client, mcf);
+        attach_limit_zone(mcf);
         g_client->start();
     } catch (const std::exception &e) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "ehrgate: worker start failed: %s", e.what());
@@ -234,6 +241,8 @@ ngx_str_t make_correlation_id(ngx_http_request_t *r) {
 
 void cleanup_request_ctx(void *data) noexcept {
     auto *ctx = static_cast<RequestCtx *>(data);
+    // Every ending of a request destroys its pool: this is where concurrency slots come back.
+    release_limits(ctx);
     if (ctx->timer.timer_set) {
         ngx_del_timer(&ctx->timer);
     }

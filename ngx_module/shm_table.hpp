@@ -17,7 +17,7 @@ struct TableBlock {
 
 // Holds the zone's slab mutex for a scope: every table call happens under it.
 class ZoneLock {
-public:
+  public:
     explicit ZoneLock(ngx_shm_zone_t *zone)
         : mutex_(&reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr)->mutex) {
         ngx_shmtx_lock(mutex_);
@@ -26,7 +26,7 @@ public:
     ZoneLock(const ZoneLock &) = delete;
     ZoneLock &operator=(const ZoneLock &) = delete;
 
-private:
+  private:
     ngx_shmtx_t *mutex_;
 };
 
@@ -56,10 +56,11 @@ ngx_int_t init_table_zone(ngx_shm_zone_t *zone, void *data) noexcept {
         }
     }
     const size_t table_bytes = Table::bytes_for(low);
-    auto *block = static_cast<TableBlock *>(ngx_slab_alloc(shpool, sizeof(TableBlock) + table_bytes));
+    auto *block =
+        static_cast<TableBlock *>(ngx_slab_alloc(shpool, sizeof(TableBlock) + table_bytes));
     if (low == 0 || block == nullptr || !Table::attach(block->table, table_bytes)) {
-        ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0, "ehrgate: shared memory zone \"%V\" is too small",
-                      &zone->shm.name);
+        ngx_log_error(NGX_LOG_EMERG, zone->shm.log, 0,
+                      "ehrgate: shared memory zone \"%V\" is too small", &zone->shm.name);
         return NGX_ERROR;
     }
     block->table_bytes = table_bytes;

@@ -117,6 +117,9 @@ void SidecarClient::connect() {
     // list is in (it arrives on this connection before any decision reply we wait for).
     revocations_current_ = false;
     call(protocol::MessageType::RevocationFetch, protocol::empty_body(), on_revocations, this);
+    // Send now: connect() runs from init_process and from timers, and an event posted there
+    // would wait for the next epoll wakeup, which on an idle worker may be much later.
+    flush();
 }
 
 void SidecarClient::schedule_reconnect() {

@@ -18,6 +18,7 @@ enum class Field : uintptr_t {
     User,
     Patient,
     AuthStatus,
+    LimitStatus,
 };
 
 void set_value(ngx_http_variable_value_t *v, const ngx_str_t &value) {
@@ -79,6 +80,9 @@ ngx_int_t get_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             case Field::AuthStatus:
                 set_value(v, ctx->auth_status);
                 break;
+            case Field::LimitStatus:
+                set_value(v, ctx->limit_status);
+                break;
             case Field::Decision: {
                 static ngx_str_t permit = ngx_string("permit");
                 static ngx_str_t deny = ngx_string("deny");
@@ -114,6 +118,7 @@ VariableSpec g_variables[] = {
     {ngx_string("ehrgate_user"), Field::User},
     {ngx_string("ehrgate_patient"), Field::Patient},
     {ngx_string("ehrgate_auth_status"), Field::AuthStatus},
+    {ngx_string("ehrgate_limit_status"), Field::LimitStatus},
 };
 
 }  // namespace

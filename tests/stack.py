@@ -176,6 +176,8 @@ class Stack:
 
     def start_nginx(self, timeout: float = 10, wait_for_policy: bool = True) -> None:
         self.render_nginx_conf()
+        # The run dir may hold an error.log from earlier runs: only what this nginx writes counts.
+        self._log_offset = self.error_log.stat().st_size if self.error_log.exists() else 0
         self.nginx = subprocess.Popen([NGINX, "-p", str(self.run_dir), "-c", str(self.nginx_conf)],
                                       stdout=subprocess.DEVNULL, stderr=open(self.run_dir / "nginx.stderr", "ab"))
         deadline = time.monotonic() + timeout
@@ -193,8 +195,11 @@ class Stack:
 
     def _workers_have_policy(self) -> bool:
         """Every worker has connected to policyd and applied its snapshot."""
-        log = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
-        return log.count("active in worker") >= self.workers
+        if not self.error_log.exists():
+            return False
+        with open(self.error_log, "rb") as log:
+            log.seek(self._log_offset)
+            return log.read().decode(errors="replace").count("active in worker") >= self.workers
 
     # ---- helpers for tests and the run command -----------------------------------------------
     def ctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:

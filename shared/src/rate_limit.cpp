@@ -324,6 +324,14 @@ uint64_t LimiterTable::evictions() const {
     return header_->evictions;
 }
 
+uint64_t LimiterTable::total_in_flight() const {
+    uint64_t total = 0;
+    for (size_t i = 0; i < capacity(); ++i) {
+        total += entries_[i].in_flight;
+    }
+    return total;
+}
+
 namespace {
 
 uint32_t locate(LimiterTable::Header &header, LimiterTable::Entry *entries, const PrefixedKey &key,

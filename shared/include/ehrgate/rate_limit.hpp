@@ -108,6 +108,9 @@ class LimiterTable {
     std::optional<Bucket> bucket(std::string_view key) const;
     size_t capacity() const;
     size_t live_entries() const;
+    // Requests holding a concurrency slot right now, over all clients and upstreams. Zero when
+    // nothing is in flight: anything else after a quiet period is a leaked slot.
+    uint64_t total_in_flight() const;
     uint64_t evictions() const;
 
     struct Header;

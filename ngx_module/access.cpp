@@ -250,6 +250,9 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
         return NGX_DECLINED;
     }
     r->connection->log->handler = phi_free_log_context;
+    // Forward the URI that is authorized: nginx's normalized one (dot segments and %2E resolved),
+    // not the raw request line, which an upstream might resolve to another resource.
+    r->valid_unparsed_uri = 0;
     try {
         RequestCtx *ctx = request_ctx(r);
         if (ctx == nullptr) {

@@ -59,7 +59,7 @@ class Stack:
 
     def __init__(self, build_dir: Path, run_dir: Path, *, port: int | None = None,
                  ehr_port: int | None = None, workers: int = 2, decision_timeout: str = "250ms",
-                 policy_file: Path | None = None, error_log_level: str = "info", extra_http: str = ""):
+                 policy_file: Path | None = None, error_log_level: str = "notice", extra_http: str = ""):
         self.build_dir = Path(build_dir).resolve()
         self.run_dir = Path(run_dir).resolve()
         self.port = port or free_port()

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 
+#include "ehrgate/base64url.hpp"
 #include "ehrgate/compartment.hpp"
 #include "ehrgate/fhir_request.hpp"
+#include "ehrgate/json.hpp"
 #include "ehrgate/msgpack.hpp"
 
 namespace ehrgate::auth {
@@ -51,6 +53,38 @@ bool is_b64token(std::string_view token) {
 void put(msgpack::Writer &w, std::string_view key, std::string_view value) {
     w.key(key);
     w.str(value);
+}
+
+jose::VerifyOptions verify_options(const AuthPolicy::IssuerKeys &issuer, int64_t now) {
+    jose::VerifyOptions options;
+    options.allowed_algorithms = issuer.algorithms;
+    options.issuer = issuer.issuer->issuer;
+    options.audience = issuer.issuer->audience;
+    options.now = now;
+    options.leeway_seconds = issuer.issuer->leeway_seconds;
+    return options;
+}
+
+// The `iss` claim of a token whose signature is not checked yet: only to choose whose keys verify
+// it. nullopt when the payload cannot be read or has no string `iss`.
+std::optional<std::string> unverified_issuer(std::string_view token) {
+    const size_t first = token.find('.');
+    const size_t second = first == std::string_view::npos ? first : token.find('.', first + 1);
+    if (second == std::string_view::npos || token.size() > jose::kDefaultMaxTokenBytes) {
+        return std::nullopt;
+    }
+    const std::optional<std::string> payload =
+        base64url::decode(token.substr(first + 1, second - first - 1));
+    if (!payload) {
+        return std::nullopt;
+    }
+    json::ParseError error;
+    const std::optional<json::Value> claims = json::parse(*payload, &error);
+    const json::Value *iss = claims ? claims->find("iss") : nullptr;
+    if (iss == nullptr || iss->as_string() == nullptr) {
+        return std::nullopt;
+    }
+    return *iss->as_string();
 }
 
 }  // namespace
@@ -184,12 +218,15 @@ const AuthPolicy::ClientEntry *AuthPolicy::client(std::string_view id) const {
 
 std::optional<std::string_view> bearer_token(std::string_view authorization, Failure *failure) {
     const size_t space = authorization.find(' ');
-    if (space == std::string_view::npos || !iequals(authorization.substr(0, space), "Bearer")) {
-        *failure = Failure{
-            401, "not-bearer", "Authorization must use the Bearer scheme", "invalid_request", {}};
+    const std::string_view scheme = authorization.substr(0, space);
+    if (!iequals(scheme, "Bearer")) {
+        // RFC 6750 section 3: a request without a Bearer credential gets a challenge without an
+        // error code.
+        *failure = Failure{401, "not-bearer", "Authorization must use the Bearer scheme", "", {}};
         return std::nullopt;
     }
-    std::string_view token = authorization.substr(space + 1);
+    std::string_view token =
+        space == std::string_view::npos ? std::string_view() : authorization.substr(space + 1);
     while (!token.empty() && token.front() == ' ')
         token.remove_prefix(1);
     while (!token.empty() && token.back() == ' ')
@@ -212,22 +249,39 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
             invalid_token("no-trusted-issuer", "No token issuer is trusted by this gateway");
         return result;
     }
-    // The token's key names its issuer: try each trusted issuer's keys. A key that is not one of
-    // an issuer's ("unknown-key") moves on; any other verdict is final.
-    jose::VerifyResult verified;
+    // The issuer is chosen by the token's own (not yet verified) `iss`; verify_jwt then checks
+    // the signature with that issuer's keys only and the `iss` again. A kid-less token is thus
+    // never tried against another issuer's keys.
+    const std::optional<std::string> claimed_issuer = unverified_issuer(token);
     const AuthPolicy::IssuerKeys *issuer = nullptr;
     for (const AuthPolicy::IssuerKeys &candidate : policy.issuers()) {
-        jose::VerifyOptions options;
-        options.allowed_algorithms = candidate.algorithms;
-        options.issuer = candidate.issuer->issuer;
-        options.audience = candidate.issuer->audience;
-        options.now = now;
-        options.leeway_seconds = candidate.issuer->leeway_seconds;
-        verified = jose::verify_jwt(token, candidate.keys, options);
-        if (verified.error != jose::TokenError::UnknownKey &&
-            verified.error != jose::TokenError::AlgNotAllowed) {
+        if (claimed_issuer && candidate.issuer->issuer == *claimed_issuer) {
             issuer = &candidate;
-            break;
+        }
+    }
+    if (issuer == nullptr && claimed_issuer) {
+        result.failure =
+            invalid_token("untrusted-issuer", "The token's issuer is not trusted by this gateway");
+        return result;
+    }
+    jose::VerifyResult verified;
+    const AuthPolicy::IssuerKeys *chosen = issuer;
+    if (issuer != nullptr) {
+        verified = jose::verify_jwt(token, issuer->keys, verify_options(*issuer, now));
+    } else {
+        // The payload is unreadable, so the token fails whatever keys are tried; trying each
+        // issuer only finds the most precise reason (the one whose key it names).
+        for (const AuthPolicy::IssuerKeys &candidate : policy.issuers()) {
+            chosen = &candidate;
+            verified = jose::verify_jwt(token, candidate.keys, verify_options(candidate, now));
+            if (verified.error != jose::TokenError::UnknownKey &&
+                verified.error != jose::TokenError::AlgNotAllowed) {
+                break;
+            }
+        }
+        if (verified.ok()) {
+            // Cannot happen (the verifier reads the same payload); never accept on a guess.
+            verified.error = jose::TokenError::Internal;
         }
     }
     if (!verified.ok()) {
@@ -266,7 +320,7 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
     }
     Identity identity;
     identity.client_id = claims.client_id;
-    identity.issuer_id = issuer->issuer->id;
+    identity.issuer_id = chosen->issuer->id;
     identity.subject = claims.sub;
     identity.fhir_user = claims.fhir_user;
     identity.patient = claims.patient;
@@ -274,7 +328,9 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
     identity.scope = scopes->intersect_ceiling(client->ceiling).to_string();
     identity.cnf_x5t_s256 = claims.cnf_x5t_s256;
     identity.purpose_of_use = claims.purpose_of_use;
-    identity.expires_at = claims.exp.value_or(now);
+    // Usable until exp plus the issuer's leeway: the same tolerance verify_jwt applied, kept for
+    // the cache and the per-request re-check.
+    identity.expires_at = claims.exp.value_or(now) + chosen->issuer->leeway_seconds;
     identity.issued_at = claims.iat.value_or(0);
     identity.has_iat = claims.iat.has_value();
     result.identity = std::move(identity);
@@ -472,6 +528,14 @@ Authorization authorize(const AuthPolicy &policy, const Identity &identity, cons
             result.narrowed_query = decision.narrowed_query;
             return result;
         case compartment::Decision::Kind::CheckResponse:
+            if (request.method == "HEAD") {
+                // Nothing to check in a HEAD response, but its headers (ETag, length) still
+                // describe the resource: refuse rather than release them unchecked.
+                result.failure =
+                    forbidden("patient-head-unverifiable",
+                              "HEAD by id is not available with a patient-context token; use GET");
+                return result;
+            }
             result.kind = Authorization::Kind::AllowCheckResponse;
             result.patient_id = identity.patient;
             return result;

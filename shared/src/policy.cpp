@@ -9,6 +9,7 @@
 
 #include "ehrgate/fhir_request.hpp"
 #include "ehrgate/msgpack.hpp"
+#include "ehrgate/rate_limit.hpp"
 
 namespace ehrgate::policy {
 
@@ -103,10 +104,20 @@ void put_list(Writer &w, std::string_view key, const std::vector<std::string> &v
     }
 }
 
-// Writes `bundle` as it is; callers pass a canonicalized copy. Every key is always written, so
-// the encoding of a given content is unique.
+bool throttling_set(const Throttling &throttling) {
+    return !throttling.interactive_plan.empty() || !throttling.batch_plan.empty() ||
+           !throttling.unclassified_plan.empty();
+}
+
+// Writes `bundle` as it is; callers pass a canonicalized copy. Every key is always written,
+// except the throttling ones, which are written only when set: a bundle without throttling keeps
+// the encoding, and so the digest, it had before throttling existed (policyd ties each version
+// label to one digest forever, so an upgrade must not change the digest of unchanged content).
+// Either way the encoding of a given content is unique.
 void encode_bundle(Writer &w, const Bundle &bundle) {
-    w.map(6);
+    const bool throttling = throttling_set(bundle.throttling);
+    w.map(6 + (bundle.rate_plans.empty() ? 0 : 1) + (bundle.upstreams.empty() ? 0 : 1) +
+          (throttling ? 1 : 0));
     put_str(w, "schema", bundle.schema);
     put_str(w, "version", bundle.version);
     put_str(w, "description", bundle.description);
@@ -126,7 +137,7 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
     w.key("clients");
     w.array(static_cast<uint32_t>(bundle.clients.size()));
     for (const Client &client : bundle.clients) {
-        w.map(10);
+        w.map(client.rate_plan.empty() ? 10 : 11);
         put_str(w, "id", client.id);
         put_str(w, "display_name", client.display_name);
         put_str(w, "context", context_name(client.context));
@@ -141,17 +152,60 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
         put_list(w, "issuers", client.issuers);
         put_list(w, "tenants", client.tenants);
         put_list(w, "certificates", client.certificates);
+        if (!client.rate_plan.empty()) {
+            put_str(w, "rate_plan", client.rate_plan);
+        }
     }
     w.key("routes");
     w.array(static_cast<uint32_t>(bundle.routes.size()));
     for (const Route &route : bundle.routes) {
-        w.map(6);
+        w.map(route.upstream.empty() ? 6 : 7);
         put_str(w, "name", route.name);
         put_str(w, "prefix", route.prefix);
         put_list(w, "methods", route.methods);
         put_list(w, "resources", route.resources);
         put_list(w, "interactions", route.interactions);
         put_str(w, "tenant", route.tenant);
+        if (!route.upstream.empty()) {
+            put_str(w, "upstream", route.upstream);
+        }
+    }
+    if (!bundle.rate_plans.empty()) {
+        w.key("rate_plans");
+        w.array(static_cast<uint32_t>(bundle.rate_plans.size()));
+        for (const RatePlan &plan : bundle.rate_plans) {
+            w.map(6);
+            put_str(w, "name", plan.name);
+            put_str(w, "rate", plan.rate);
+            // A negative value (only a hand-built bundle has one) goes out as 0: refused too.
+            w.key("rate_units_per_second");
+            w.uint(static_cast<uint64_t>(std::max<int64_t>(plan.rate_units_per_second, 0)));
+            w.key("burst");
+            w.uint(static_cast<uint64_t>(std::max<int64_t>(plan.burst, 0)));
+            w.key("concurrency");
+            w.uint(plan.concurrency);
+            w.key("dry_run");
+            w.boolean(plan.dry_run);
+        }
+    }
+    if (!bundle.upstreams.empty()) {
+        w.key("upstreams");
+        w.array(static_cast<uint32_t>(bundle.upstreams.size()));
+        for (const Upstream &upstream : bundle.upstreams) {
+            w.map(3);
+            put_str(w, "name", upstream.name);
+            w.key("capacity");
+            w.uint(upstream.capacity);
+            w.key("interactive_reserve");
+            w.uint(upstream.interactive_reserve);
+        }
+    }
+    if (throttling) {
+        w.key("throttling");
+        w.map(3);
+        put_str(w, "interactive_plan", bundle.throttling.interactive_plan);
+        put_str(w, "batch_plan", bundle.throttling.batch_plan);
+        put_str(w, "unclassified_plan", bundle.throttling.unclassified_plan);
     }
 }
 
@@ -286,10 +340,11 @@ bool read_issuer(Reader &r, Issuer &issuer) {
 }
 
 bool read_client(Reader &r, Client &client) {
-    static constexpr std::array<std::string_view, 10> kKeys = {
-        "id",   "display_name",  "context", "traffic_class", "purposes",
-        "auth", "scope_ceiling", "issuers", "tenants",       "certificates"};
-    return read_fields(r, kKeys, 0b0000001101, [&](size_t field) {
+    static constexpr std::array<std::string_view, 11> kKeys = {
+        "id",       "display_name", "context",       "traffic_class",
+        "purposes", "auth",         "scope_ceiling", "issuers",
+        "tenants",  "certificates", "rate_plan"};
+    return read_fields(r, kKeys, 0b00000001101, [&](size_t field) {
         std::string name;
         switch (field) {
             case 0:
@@ -318,16 +373,18 @@ bool read_client(Reader &r, Client &client) {
                 return read_string_list(r, client.issuers, kMaxNames);
             case 8:
                 return read_string_list(r, client.tenants, kMaxNames);
-            default:
+            case 9:
                 return read_string_list(r, client.certificates, kMaxNames);
+            default:
+                return read_string(r, client.rate_plan);
         }
     });
 }
 
 bool read_route(Reader &r, Route &route) {
-    static constexpr std::array<std::string_view, 6> kKeys = {
-        "name", "prefix", "methods", "resources", "interactions", "tenant"};
-    return read_fields(r, kKeys, 0b011111, [&](size_t field) {
+    static constexpr std::array<std::string_view, 7> kKeys = {
+        "name", "prefix", "methods", "resources", "interactions", "tenant", "upstream"};
+    return read_fields(r, kKeys, 0b0011111, [&](size_t field) {
         switch (field) {
             case 0:
                 return read_string(r, route.name);
@@ -339,8 +396,89 @@ bool read_route(Reader &r, Route &route) {
                 return read_string_list(r, route.resources, kMaxNames);
             case 4:
                 return read_string_list(r, route.interactions, kMaxNames);
-            default:
+            case 5:
                 return read_string(r, route.tenant);
+            default:
+                return read_string(r, route.upstream);
+        }
+    });
+}
+
+// An unsigned integer no larger than `max`.
+template <typename T>
+bool read_bounded(Reader &r, T &out, uint64_t max) {
+    const std::optional<uint64_t> value = r.read_uint();
+    if (!value || *value > max) {
+        return false;
+    }
+    out = static_cast<T>(*value);
+    return true;
+}
+
+// Ranges as the parser enforces them, and a rate_units_per_second that is what `rate` means: a
+// worker throttles by the number, an operator reads the text, and they must not disagree.
+bool read_rate_plan(Reader &r, RatePlan &plan) {
+    static constexpr std::array<std::string_view, 6> kKeys = {
+        "name", "rate", "rate_units_per_second", "burst", "concurrency", "dry_run"};
+    const bool ok = read_fields(r, kKeys, 0b001111, [&](size_t field) {
+        switch (field) {
+            case 0:
+                return read_string(r, plan.name) && !plan.name.empty();
+            case 1:
+                return read_string(r, plan.rate);
+            case 2:
+                return read_bounded(r, plan.rate_units_per_second, INT64_MAX);
+            case 3:
+                return read_bounded(r, plan.burst, static_cast<uint64_t>(kMaxBurst)) &&
+                       plan.burst >= 1;
+            case 4:
+                return read_bounded(r, plan.concurrency, kMaxConcurrency);
+            default: {
+                const std::optional<bool> dry_run = r.read_bool();
+                plan.dry_run = dry_run.value_or(false);
+                return dry_run.has_value();
+            }
+        }
+    });
+    if (!ok || ratelimit::parse_rate(plan.rate) != plan.rate_units_per_second) {
+        r.fail();
+        return false;
+    }
+    return true;
+}
+
+bool read_upstream(Reader &r, Upstream &upstream) {
+    static constexpr std::array<std::string_view, 3> kKeys = {"name", "capacity",
+                                                              "interactive_reserve"};
+    const bool ok = read_fields(r, kKeys, 0b011, [&](size_t field) {
+        switch (field) {
+            case 0:
+                return read_string(r, upstream.name) && !upstream.name.empty();
+            case 1:
+                return read_bounded(r, upstream.capacity, kMaxUpstreamCapacity) &&
+                       upstream.capacity >= 1;
+            default:
+                return read_bounded(r, upstream.interactive_reserve, kMaxUpstreamCapacity);
+        }
+    });
+    if (!ok || upstream.interactive_reserve >= upstream.capacity) {
+        r.fail();
+        return false;
+    }
+    return true;
+}
+
+bool read_throttling(Reader &r, Throttling &throttling) {
+    static constexpr std::array<std::string_view, 3> kKeys = {"interactive_plan", "batch_plan",
+                                                              "unclassified_plan"};
+    return read_fields(r, kKeys, 0b111, [&](size_t field) {
+        switch (field) {
+            case 0:
+                return read_string(r, throttling.interactive_plan);
+            case 1:
+                return read_string(r, throttling.batch_plan);
+            default:
+                return read_string(r, throttling.unclassified_plan);
         }
     });
 }
@@ -361,9 +499,10 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 }
 
 bool read_bundle(Reader &r, Bundle &bundle) {
-    static constexpr std::array<std::string_view, 6> kKeys = {"schema",  "version", "description",
-                                                              "clients", "routes",  "issuers"};
-    return read_fields(r, kKeys, 0b011011, [&](size_t field) {
+    static constexpr std::array<std::string_view, 9> kKeys = {
+        "schema",  "version",    "description", "clients",   "routes",
+        "issuers", "rate_plans", "upstreams",   "throttling"};
+    return read_fields(r, kKeys, 0b000011011, [&](size_t field) {
         switch (field) {
             case 0:
                 return read_string(r, bundle.schema);
@@ -375,8 +514,14 @@ bool read_bundle(Reader &r, Bundle &bundle) {
                 return read_object_list(r, bundle.clients, kMaxClients, read_client);
             case 4:
                 return read_object_list(r, bundle.routes, kMaxRoutes, read_route);
-            default:
+            case 5:
                 return read_object_list(r, bundle.issuers, kMaxIssuers, read_issuer);
+            case 6:
+                return read_object_list(r, bundle.rate_plans, kMaxRatePlans, read_rate_plan);
+            case 7:
+                return read_object_list(r, bundle.upstreams, kMaxUpstreams, read_upstream);
+            default:
+                return read_throttling(r, bundle.throttling);
         }
     });
 }
@@ -406,6 +551,41 @@ bool lookups_unambiguous(const Bundle &bundle) {
     }
     std::sort(values.begin(), values.end());
     return std::adjacent_find(values.begin(), values.end()) == values.end();
+}
+
+// Every throttling name resolves, to exactly one plan or upstream, and throttling is set exactly
+// when there are plans: otherwise plan_for() would have no answer for some caller, and a worker
+// would have to guess between refusing and not throttling. `bundle` is canonical.
+bool throttling_consistent(const Bundle &bundle) {
+    const auto same_name = [](const auto &a, const auto &b) { return a.name == b.name; };
+    if (std::adjacent_find(bundle.rate_plans.begin(), bundle.rate_plans.end(), same_name) !=
+            bundle.rate_plans.end() ||
+        std::adjacent_find(bundle.upstreams.begin(), bundle.upstreams.end(), same_name) !=
+            bundle.upstreams.end()) {
+        return false;
+    }
+    if (bundle.rate_plans.empty() && throttling_set(bundle.throttling)) {
+        return false;
+    }
+    const auto plan_named = [&](const std::string &name) {
+        return bundle.find_rate_plan(name) != nullptr;
+    };
+    if (!bundle.rate_plans.empty() && !(plan_named(bundle.throttling.interactive_plan) &&
+                                        plan_named(bundle.throttling.batch_plan) &&
+                                        plan_named(bundle.throttling.unclassified_plan))) {
+        return false;
+    }
+    for (const Client &client : bundle.clients) {
+        if (!client.rate_plan.empty() && !plan_named(client.rate_plan)) {
+            return false;
+        }
+    }
+    for (const Route &route : bundle.routes) {
+        if (!route.upstream.empty() && bundle.find_upstream(route.upstream) == nullptr) {
+            return false;
+        }
+    }
+    return true;
 }
 
 // ---- Evaluation helpers ----------------------------------------------------------------------
@@ -556,6 +736,35 @@ const Client *Bundle::find_client_by_certificate(std::string_view sha256_hex) co
     return nullptr;
 }
 
+const RatePlan *Bundle::find_rate_plan(std::string_view name) const {
+    const auto it = std::lower_bound(
+        rate_plans.begin(), rate_plans.end(), name,
+        [](const RatePlan &plan, std::string_view wanted) { return plan.name < wanted; });
+    return it != rate_plans.end() && it->name == name ? &*it : nullptr;
+}
+
+const Upstream *Bundle::find_upstream(std::string_view name) const {
+    const auto it = std::lower_bound(
+        upstreams.begin(), upstreams.end(), name,
+        [](const Upstream &upstream, std::string_view wanted) { return upstream.name < wanted; });
+    return it != upstreams.end() && it->name == name ? &*it : nullptr;
+}
+
+const RatePlan *Bundle::plan_for(const Client *client) const {
+    if (rate_plans.empty()) {
+        return nullptr;
+    }
+    if (client == nullptr) {
+        return find_rate_plan(throttling.unclassified_plan);
+    }
+    if (!client->rate_plan.empty()) {
+        return find_rate_plan(client->rate_plan);
+    }
+    return find_rate_plan(client->traffic_class == TrafficClass::Interactive
+                              ? throttling.interactive_plan
+                              : throttling.batch_plan);
+}
+
 void Bundle::canonicalize() {
     std::stable_sort(issuers.begin(), issuers.end(),
                      [](const Issuer &a, const Issuer &b) { return a.id < b.id; });
@@ -580,6 +789,10 @@ void Bundle::canonicalize() {
         std::sort(route.resources.begin(), route.resources.end());
         std::sort(route.interactions.begin(), route.interactions.end());
     }
+    std::stable_sort(rate_plans.begin(), rate_plans.end(),
+                     [](const RatePlan &a, const RatePlan &b) { return a.name < b.name; });
+    std::stable_sort(upstreams.begin(), upstreams.end(),
+                     [](const Upstream &a, const Upstream &b) { return a.name < b.name; });
 }
 
 std::string encode_snapshot(const Snapshot &snapshot) {
@@ -617,7 +830,7 @@ std::optional<Snapshot> decode_snapshot(std::string_view body) {
         return std::nullopt;
     }
     snapshot.bundle.canonicalize();
-    if (!lookups_unambiguous(snapshot.bundle)) {
+    if (!lookups_unambiguous(snapshot.bundle) || !throttling_consistent(snapshot.bundle)) {
         return std::nullopt;
     }
     return snapshot;

@@ -23,6 +23,7 @@
 #include "ehrgate/fhir_request.hpp"
 #include "ehrgate/jose.hpp"
 #include "ehrgate/policy.hpp"
+#include "ehrgate/rate_limit.hpp"
 #include "ehrgate/smart_scopes.hpp"
 
 namespace ehrgate::policy {
@@ -161,6 +162,39 @@ bool is_name(std::string_view value, bool allow_colon) {
     }
     return std::all_of(value.begin(), value.end(),
                        [&](char c) { return is_name_char(c) || (allow_colon && c == ':'); });
+}
+
+// A whole number from `min` to `max` in plain decimal digits: no sign, no spaces, none of YAML
+// 1.1's 0x10, 0o17 or 1_000 (which some YAML tools would read differently).
+std::optional<int64_t> whole_number(std::string_view text, int64_t min, int64_t max) {
+    if (text.empty() || text.size() > 18 ||
+        !std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+        return std::nullopt;
+    }
+    int64_t value = 0;
+    for (const char c : text) {
+        value = value * 10 + (c - '0');
+    }
+    if (value < min || value > max) {
+        return std::nullopt;
+    }
+    return value;
+}
+
+// Why `text` is not a rate ratelimit::parse_rate accepts, with a hint for nginx's "50r/s".
+std::string rate_problem(std::string_view text) {
+    std::string problem =
+        "expected N/s, N/m or N/h (N requests per second, minute or hour, 1 to 10000000), "
+        "e.g. 50/s";
+    const size_t r = text.find("r/");
+    if (r != std::string_view::npos && r > 0) {
+        std::string fixed(text);
+        fixed.erase(r, 1);
+        if (ratelimit::parse_rate(fixed)) {
+            problem = "write " + quote(fixed) + ", not nginx's " + quote(text) + "; " + problem;
+        }
+    }
+    return problem;
 }
 
 bool has_control(std::string_view value, bool allow_newlines) {
@@ -524,13 +558,16 @@ class Validator {
 
 // ---- Schema v1 -------------------------------------------------------------------------------
 
-constexpr std::array<FieldSpec, 6> kBundleFields = {{
+constexpr std::array<FieldSpec, 9> kBundleFields = {{
     {"schema", true},
     {"version", true},
     {"description", false},
     {"issuers", false},
     {"clients", true},
     {"routes", true},
+    {"rate_plans", false},
+    {"upstreams", false},
+    {"throttling", false},  // required exactly when rate_plans lists a plan
 }};
 
 constexpr std::array<FieldSpec, 6> kIssuerFields = {{
@@ -542,7 +579,7 @@ constexpr std::array<FieldSpec, 6> kIssuerFields = {{
     {"leeway_seconds", false},
 }};
 
-constexpr std::array<FieldSpec, 10> kClientFields = {{
+constexpr std::array<FieldSpec, 11> kClientFields = {{
     {"id", true},
     {"display_name", false},
     {"context", true},
@@ -553,15 +590,37 @@ constexpr std::array<FieldSpec, 10> kClientFields = {{
     {"issuers", false},
     {"tenants", false},
     {"certificates", false},
+    {"rate_plan", false},
 }};
 
-constexpr std::array<FieldSpec, 6> kRouteFields = {{
+constexpr std::array<FieldSpec, 7> kRouteFields = {{
     {"name", true},
     {"prefix", true},
     {"methods", true},
     {"resources", true},
     {"interactions", true},
     {"tenant", false},
+    {"upstream", false},
+}};
+
+constexpr std::array<FieldSpec, 5> kRatePlanFields = {{
+    {"name", true},
+    {"rate", true},
+    {"burst", true},
+    {"concurrency", false},
+    {"dry_run", false},
+}};
+
+constexpr std::array<FieldSpec, 3> kUpstreamFields = {{
+    {"name", true},
+    {"capacity", true},
+    {"interactive_reserve", false},
+}};
+
+constexpr std::array<FieldSpec, 3> kThrottlingFields = {{
+    {"interactive_plan", true},
+    {"batch_plan", true},
+    {"unclassified_plan", true},
 }};
 
 // Remembers the first use of a name that must be unique across list entries.
@@ -610,11 +669,18 @@ class BundleParser {
                     return issuers(value);
                 case 4:
                     return clients(value);
-                default:
+                case 5:
                     return routes(value);
+                case 6:
+                    return rate_plans(value);
+                case 7:
+                    return upstreams(value);
+                default:
+                    return throttling(value);
             }
         });
         check_references();
+        check_throttling(top);
     }
 
     Validator &validator() { return v_; }
@@ -950,9 +1016,11 @@ class BundleParser {
                         return client_issuers(value, client);
                     case 8:
                         return client_tenants(value, client);
-                    default:
+                    case 9:
                         certificates_at = value;
                         return certificates(value, client, index);
+                    default:
+                        return client_rate_plan(value, client);
                 }
             });
             if (entry.node.IsMap() && auth_clean) {
@@ -1183,8 +1251,10 @@ class BundleParser {
                         return resources(value, route);
                     case 4:
                         return interactions(value, route);
-                    default:
+                    case 5:
                         return route_tenant(value, route);
+                    default:
+                        return route_upstream(value, route);
                 }
             });
         });
@@ -1284,6 +1354,260 @@ class BundleParser {
         route.tenant = *tenant;
     }
 
+    void route_upstream(const Value &value, Route &route) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (!is_name(*name, false)) {
+            v_.report(value, "invalid upstream name " + quote(*name) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else {
+            upstream_references_.push_back({value, *name});
+        }
+        route.upstream = *name;
+    }
+
+    // ---- Throttling ----
+
+    void client_rate_plan(const Value &value, Client &client) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (!is_name(*name, false)) {
+            v_.report(value, "invalid rate plan name " + quote(*name) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else {
+            plan_references_.push_back({value, *name});
+        }
+        client.rate_plan = *name;
+    }
+
+    void rate_plans(const Value &list) {
+        rate_plans_at_ = list;
+        UniqueNames names;
+        v_.walk_list(list, kMaxRatePlans, [&](const Value &entry) {
+            RatePlan &plan = bundle_.rate_plans.emplace_back();
+            v_.walk_map(entry, kRatePlanFields, [&](size_t field, const Value &value) {
+                switch (field) {
+                    case 0:
+                        return unique_name(value, "rate plan name", names, plan.name);
+                    case 1:
+                        return rate(value, plan);
+                    case 2:
+                        number(value, "burst", "tokens", 1, kMaxBurst, plan.burst);
+                        return;
+                    case 3:
+                        number(value, "concurrency", "requests", 0, kMaxConcurrency,
+                               plan.concurrency, " (no cap)");
+                        return;
+                    default:
+                        return boolean(value, "dry_run", plan.dry_run);
+                }
+            });
+        });
+    }
+
+    void upstreams(const Value &list) {
+        upstreams_at_ = list;
+        UniqueNames names;
+        v_.walk_list(list, kMaxUpstreams, [&](const Value &entry) {
+            Upstream &upstream = bundle_.upstreams.emplace_back();
+            std::optional<Value> capacity_at;
+            std::optional<Value> reserve_at;
+            v_.walk_map(entry, kUpstreamFields, [&](size_t field, const Value &value) {
+                switch (field) {
+                    case 0:
+                        return unique_name(value, "upstream name", names, upstream.name);
+                    case 1:
+                        if (number(value, "capacity", "requests", 1, kMaxUpstreamCapacity,
+                                   upstream.capacity)) {
+                            capacity_at = value;
+                        }
+                        return;
+                    default:
+                        if (number(value, "interactive_reserve", "requests", 0,
+                                   kMaxUpstreamCapacity, upstream.interactive_reserve)) {
+                            reserve_at = value;
+                        }
+                        return;
+                }
+            });
+            // After the walk, whatever the field order; only when both numbers are valid.
+            if (capacity_at && reserve_at && upstream.interactive_reserve >= upstream.capacity) {
+                v_.report(*reserve_at,
+                          "interactive_reserve (" + std::to_string(upstream.interactive_reserve) +
+                              ") must be less than capacity (" + std::to_string(upstream.capacity) +
+                              "): batch traffic is refused once capacity - interactive_reserve "
+                              "requests are in flight, so this would refuse all of it");
+            }
+        });
+    }
+
+    void throttling(const Value &map) {
+        throttling_at_ = map;
+        Throttling &throttling = bundle_.throttling;
+        v_.walk_map(map, kThrottlingFields, [&](size_t field, const Value &value) {
+            std::string &name = field == 0   ? throttling.interactive_plan
+                                : field == 1 ? throttling.batch_plan
+                                             : throttling.unclassified_plan;
+            const std::optional<std::string> text = v_.string(value);
+            if (!text) {
+                return;
+            }
+            if (!is_name(*text, false)) {
+                v_.report(value, "invalid rate plan name " + quote(*text) +
+                                     ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+            } else {
+                throttling_references_.push_back({value, *text});
+            }
+            name = *text;
+        });
+    }
+
+    // A name unique among the entries of one list (rate plans, upstreams).
+    void unique_name(const Value &value, std::string_view what, UniqueNames &names,
+                     std::string &out) {
+        const std::optional<std::string> name = v_.string(value);
+        if (!name) {
+            return;
+        }
+        if (!is_name(*name, false)) {
+            v_.report(value, "invalid " + std::string(what) + " " + quote(*name) +
+                                 ": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+        } else if (const int first = names.first_use(*name, value.at.line)) {
+            v_.report(value, "duplicate " + std::string(what) + " " + quote(*name) +
+                                 "; first defined at line " + std::to_string(first));
+        }
+        out = *name;
+    }
+
+    void rate(const Value &value, RatePlan &plan) {
+        const std::optional<std::string> text = v_.string(value);
+        if (!text) {
+            return;
+        }
+        plan.rate = *text;
+        if (const std::optional<int64_t> units = ratelimit::parse_rate(*text)) {
+            plan.rate_units_per_second = *units;
+        } else {
+            v_.report(value, "invalid rate " + quote(*text) + ": " + rate_problem(*text));
+        }
+    }
+
+    // Returns whether the value was a number in range (and stored).
+    template <typename T>
+    bool number(const Value &value, std::string_view field, std::string_view unit, int64_t min,
+                int64_t max, T &out, std::string_view min_note = "") {
+        const std::optional<std::string> text = v_.string(value);
+        if (!text) {
+            return false;
+        }
+        const std::optional<int64_t> number = whole_number(*text, min, max);
+        if (!number) {
+            v_.report(value, "invalid " + std::string(field) + " " + quote(*text) +
+                                 ": expected a whole number of " + std::string(unit) + " from " +
+                                 std::to_string(min) + std::string(min_note) + " to " +
+                                 std::to_string(max));
+            return false;
+        }
+        out = static_cast<T>(*number);
+        return true;
+    }
+
+    void boolean(const Value &value, std::string_view field, bool &out) {
+        const std::optional<std::string> text = v_.string(value);
+        if (!text) {
+            return;
+        }
+        if (*text == "true" || *text == "false") {
+            out = *text == "true";
+        } else {
+            v_.report(value, "invalid " + std::string(field) + " " + quote(*text) +
+                                 ": expected true or false");
+        }
+    }
+
+    // Position of a top-level key, for problems about the presence of a whole section.
+    static Position key_position(const Value &top, std::string_view name) {
+        for (auto it = top.node.begin(); it != top.node.end(); ++it) {
+            const YAML::Node key = it->first;
+            if (key.IsScalar() && key.Scalar() == name) {
+                return position_of(key);
+            }
+        }
+        return top.at;
+    }
+
+    static bool lists_entries(const std::optional<Value> &list) {
+        return list && list->node.IsSequence() && list->node.size() > 0;
+    }
+
+    // Throttling is off unless rate_plans lists a plan; then (and only then) `throttling` must
+    // say which plan each kind of caller gets, and every plan or upstream named must exist.
+    void check_throttling(const Value &top) {
+        const bool on = lists_entries(rate_plans_at_);
+        if (on && !throttling_at_) {
+            v_.report(top.at, "throttling",
+                      "missing required field \"throttling\": rate_plans (line " +
+                          std::to_string(key_position(top, "rate_plans").line) +
+                          ") turns throttling on, so throttling must name the plan for "
+                          "interactive, batch and unclassified traffic");
+        }
+        if (!on && throttling_at_) {
+            v_.report(key_position(top, "throttling"), "throttling",
+                      std::string(rate_plans_at_ ? "rate_plans is empty"
+                                                 : "the bundle defines no rate_plans") +
+                          ", so throttling is off and this section would do nothing; define the "
+                          "plans it names in rate_plans, or remove it");
+        }
+        if (!on && lists_entries(upstreams_at_)) {
+            v_.report(key_position(top, "upstreams"), "upstreams",
+                      "upstream capacities are enforced only when throttling is on; add "
+                      "rate_plans and throttling, or remove upstreams");
+        }
+
+        const std::vector<std::string_view> plans = defined_names(bundle_.rate_plans);
+        if (on) {
+            // Without plans the missing section was reported above, once, not per name.
+            check_names(throttling_references_, plans, "rate plan", "rate_plans");
+        }
+        check_names(plan_references_, plans, "rate plan", "rate_plans");
+        check_names(upstream_references_, defined_names(bundle_.upstreams), "upstream",
+                    "upstreams");
+    }
+
+    // The distinct names of `entries` in file order, for "did you mean" and "defined in" hints.
+    template <typename T>
+    static std::vector<std::string_view> defined_names(const std::vector<T> &entries) {
+        std::vector<std::string_view> names;
+        for (const T &entry : entries) {
+            if (!entry.name.empty() &&
+                std::find(names.begin(), names.end(), entry.name) == names.end()) {
+                names.push_back(entry.name);
+            }
+        }
+        return names;
+    }
+
+    void check_names(const std::vector<Reference> &references,
+                     const std::vector<std::string_view> &defined, std::string_view what,
+                     std::string_view section) {
+        for (const Reference &ref : references) {
+            if (std::find(defined.begin(), defined.end(), ref.name) != defined.end()) {
+                continue;
+            }
+            const std::optional<std::string_view> hint = closest(ref.name, defined);
+            v_.report(ref.at,
+                      "unknown " + std::string(what) + " " + quote(ref.name) +
+                          (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                           : defined.empty()
+                               ? "; the bundle defines no " + std::string(section)
+                               : "; defined in " + std::string(section) + ": " + join(defined)));
+        }
+    }
+
     // ---- Cross-references ----
 
     void check_references() {
@@ -1321,6 +1645,12 @@ class BundleParser {
     size_t jwks_total_bytes_ = 0;
     std::vector<Reference> issuer_references_;
     std::vector<Reference> route_tenants_;
+    std::vector<Reference> plan_references_;        // clients' rate_plan
+    std::vector<Reference> throttling_references_;  // the three plans of `throttling`
+    std::vector<Reference> upstream_references_;    // routes' upstream
+    std::optional<Value> rate_plans_at_;
+    std::optional<Value> upstreams_at_;
+    std::optional<Value> throttling_at_;
     std::set<std::string, std::less<>> client_tenants_;
     // Certificate fingerprint -> (client index, line) of its first pinning.
     std::unordered_map<std::string, std::pair<size_t, int>> certificate_owners_;

@@ -15,6 +15,7 @@ namespace ehrgate::policy {
 namespace {
 
 const std::string kSourceDir = EHRGATE_SOURCE_DIR;
+const std::string kSandboxVersion = "sandbox-2026.11.25-3";
 
 // The smallest valid bundle; tests splice their broken part into copies of it.
 constexpr const char *kMinimal = R"(schema: ehrgate.policy/v1
@@ -91,7 +92,7 @@ TEST(PolicyBundleFiles, SandboxBundleIsValid) {
     ASSERT_TRUE(result.bundle.has_value());
     const Bundle &b = *result.bundle;
     EXPECT_EQ(b.schema, kSchemaV1);
-    EXPECT_EQ(b.version, "sandbox-2026.11.25-2");
+    EXPECT_EQ(b.version, kSandboxVersion);
     EXPECT_FALSE(b.description.empty());
 
     ASSERT_EQ(b.issuers.size(), 1u);
@@ -144,6 +145,23 @@ TEST(PolicyBundleFiles, SandboxBundleIsValid) {
     EXPECT_EQ(r.interactions,
               (std::vector<std::string>{"capabilities", "create", "delete", "history-instance",
                                         "patch", "read", "search-type", "update", "vread"}));
+    EXPECT_EQ(r.upstream, "sandbox-ehr");
+
+    // Throttling, as documented in the file and in docs/throttling.md.
+    ASSERT_EQ(b.rate_plans.size(), 3u);  // canonical order: by name
+    EXPECT_EQ(b.rate_plans[0], (RatePlan{"batch", "100/s", 100'000'000, 100, 16, false}));
+    EXPECT_EQ(b.rate_plans[1], (RatePlan{"clinical", "2000/s", 2'000'000'000, 2000, 128, false}));
+    EXPECT_EQ(b.rate_plans[2], (RatePlan{"unclassified", "5/s", 5'000'000, 10, 2, false}));
+    ASSERT_EQ(b.upstreams.size(), 1u);
+    EXPECT_EQ(b.upstreams[0], (Upstream{"sandbox-ehr", 256, 64}));
+    EXPECT_EQ(b.throttling, (Throttling{"clinical", "batch", "unclassified"}));
+    for (const Client &c : b.clients) {
+        EXPECT_EQ(c.rate_plan, "") << c.id;
+    }
+    EXPECT_EQ(b.plan_for(b.find_client("demo-clinician-app"))->name, "clinical");
+    EXPECT_EQ(b.plan_for(b.find_client("demo-patient-app"))->name, "clinical");
+    EXPECT_EQ(b.plan_for(b.find_client("demo-batch"))->name, "batch");
+    EXPECT_EQ(b.plan_for(nullptr)->name, "unclassified");
 }
 
 TEST(PolicyBundleFiles, InvalidExampleReportsEveryProblemInOnePass) {
@@ -233,6 +251,56 @@ TEST(PolicyBundleFiles, InvalidAuthExampleReportsEveryProblemInOnePass) {
          "least one pinned certificate"},
         {44, 13, "routes[0].tenant",
          "no client lists tenant \"general-hospitl\"; did you mean \"general-hospital\"?"},
+    };
+    ASSERT_EQ(result.diagnostics.size(), std::size(expected)) << dump(result.diagnostics);
+    for (size_t i = 0; i < std::size(expected); ++i) {
+        const Diagnostic &d = result.diagnostics[i];
+        SCOPED_TRACE(d.to_string());
+        EXPECT_EQ(d.file, path);
+        EXPECT_EQ(d.line, expected[i].line);
+        EXPECT_EQ(d.column, expected[i].column);
+        EXPECT_EQ(d.field, expected[i].field);
+        EXPECT_EQ(d.message, expected[i].message);
+    }
+}
+
+TEST(PolicyBundleFiles, InvalidThrottlingExampleReportsEveryProblemInOnePass) {
+    const std::string path = kSourceDir + "/conf/examples/invalid-throttling.yaml";
+    const ParseResult result = load_bundle_file(path);
+    EXPECT_FALSE(result.bundle.has_value());
+    struct Expected {
+        int line;
+        int column;
+        const char *field;
+        const char *message;
+    };
+    const Expected expected[] = {
+        {12, 16, "clients[0].rate_plan",
+         "unknown rate plan \"clinicl\"; did you mean \"clinical\"?"},
+        {22, 15, "routes[0].upstream",
+         "unknown upstream \"ehr\"; defined in upstreams: sandbox-ehr"},
+        {25, 11, "rate_plans[0].rate",
+         "invalid rate \"2000r/s\": write \"2000/s\", not nginx's \"2000r/s\"; expected N/s, N/m "
+         "or "
+         "N/h (N requests per second, minute or hour, 1 to 10000000), e.g. 50/s"},
+        {26, 12, "rate_plans[0].burst",
+         "invalid burst \"0\": expected a whole number of tokens from 1 to 1000000"},
+        {30, 18, "rate_plans[1].concurrency",
+         "invalid concurrency \"-1\": expected a whole number of requests from 0 (no cap) to "
+         "100000"},
+        {31, 14, "rate_plans[1].dry_run", "invalid dry_run \"yes\": expected true or false"},
+        {32, 11, "rate_plans[2].name",
+         "duplicate rate plan name \"clinical\"; first defined at line 24"},
+        {33, 11, "rate_plans[2].rate",
+         "invalid rate \"10/d\": expected N/s, N/m or N/h (N requests per second, minute or hour, "
+         "1 to 10000000), e.g. 50/s"},
+        {38, 26, "upstreams[0].interactive_reserve",
+         "interactive_reserve (256) must be less than capacity (256): batch traffic is refused "
+         "once capacity - interactive_reserve requests are in flight, so this would refuse all of "
+         "it"},
+        {40, 3, "throttling.unclassified_plan", "missing required field \"unclassified_plan\""},
+        {41, 15, "throttling.batch_plan",
+         "unknown rate plan \"bulk\"; defined in rate_plans: clinical, batch"},
     };
     ASSERT_EQ(result.diagnostics.size(), std::size(expected)) << dump(result.diagnostics);
     for (size_t i = 0; i < std::size(expected); ++i) {
@@ -403,7 +471,7 @@ TEST(PolicyParse, PrintableGarbageNeverThrows) {
 TEST(PolicyParse, UnknownFields) {
     expect_one(std::string(kMinimal) + "extra: 1\n", 10, 1, "extra",
                "unknown field \"extra\"; expected one of schema, version, description, issuers, "
-               "clients, routes");
+               "clients, routes, rate_plans, upstreams, throttling");
     expect_one(std::string(kMinimal) + "rotues: []\n", 10, 1, "rotues",
                "unknown field \"rotues\"; did you mean \"routes\"?");
     expect_one(with_route_tail("    methods: [GET]\n    resources: [\"*\"]\n    interactions: "
@@ -1975,7 +2043,7 @@ TEST(PolicyEvaluate, SandboxDecisionTable) {
         EXPECT_EQ(reply.route, c.route);
         EXPECT_EQ(reply.resource_type, c.resource_type);
         EXPECT_EQ(reply.interaction, c.interaction);
-        EXPECT_EQ(reply.policy_version, "sandbox-2026.11.25-2");
+        EXPECT_EQ(reply.policy_version, kSandboxVersion);
         EXPECT_EQ(reply.policy_serial, 9u);
         EXPECT_FALSE(reply.message.empty());
         // The reply must survive the wire.
@@ -2150,6 +2218,529 @@ TEST(PolicyBundle, FindClientNeedsCanonicalOrder) {
         EXPECT_EQ(b.find_client(id), nullptr) << id;
     }
     EXPECT_EQ(Bundle{}.find_client("x"), nullptr);
+}
+
+// ---- Throttling ------------------------------------------------------------------------------
+
+// kMinimal (9 lines) followed by `tail`, which starts on line 10.
+std::string with_tail(std::string_view tail) {
+    return std::string(kMinimal) + std::string(tail);
+}
+
+// A valid throttling section: lines 10 to 17 after kMinimal.
+constexpr const char *kThrottling = R"(rate_plans:
+  - name: fast
+    rate: 10/s
+    burst: 20
+  - name: slow
+    rate: 60/m
+    burst: 5
+throttling: {interactive_plan: fast, batch_plan: slow, unclassified_plan: slow}
+)";
+
+// One rate plan named p, whose fields after `name` (lines 12..) the caller gives, and the
+// throttling section that uses it.
+std::string with_plan(std::string_view fields) {
+    return std::string(kMinimal) + "rate_plans:\n  - name: p\n" + std::string(fields) +
+           "throttling: {interactive_plan: p, batch_plan: p, unclassified_plan: p}\n";
+}
+
+// kThrottling and one upstream named u, whose fields after `name` (lines 20..) the caller gives.
+std::string with_upstream(std::string_view fields) {
+    return std::string(kMinimal) + kThrottling + "upstreams:\n  - name: u\n" + std::string(fields);
+}
+
+TEST(PolicyThrottling, AbsentMeansOff) {
+    for (const std::string &yaml : {std::string(kMinimal), with_tail("rate_plans: []\n"),
+                                    with_tail("rate_plans: []\nupstreams: []\n")}) {
+        const ParseResult result = parse(yaml);
+        ASSERT_TRUE(result.bundle) << yaml << dump(result.diagnostics);
+        EXPECT_TRUE(result.bundle->rate_plans.empty());
+        EXPECT_TRUE(result.bundle->upstreams.empty());
+        EXPECT_EQ(result.bundle->throttling, Throttling{});
+        EXPECT_EQ(result.bundle->plan_for(nullptr), nullptr);
+    }
+}
+
+TEST(PolicyThrottling, PlansUpstreamsAndDefaults) {
+    const ParseResult result = parse(with_tail(std::string(kThrottling) + R"(upstreams:
+  - name: ehr
+    capacity: 100
+    interactive_reserve: 99
+  - {name: archive, capacity: 1}
+  - {name: lab, capacity: 1000000}
+)"));
+    ASSERT_TRUE(result.bundle) << dump(result.diagnostics);
+    const Bundle &b = *result.bundle;
+    ASSERT_EQ(b.rate_plans.size(), 2u);
+    // rate_units_per_second is derived from the rate: tokens per second times a million.
+    EXPECT_EQ(b.rate_plans[0], (RatePlan{"fast", "10/s", 10'000'000, 20, 0, false}));
+    EXPECT_EQ(b.rate_plans[1], (RatePlan{"slow", "60/m", 1'000'000, 5, 0, false}));
+    EXPECT_EQ(b.throttling, (Throttling{"fast", "slow", "slow"}));
+    ASSERT_EQ(b.upstreams.size(), 3u);  // by name
+    EXPECT_EQ(b.upstreams[0], (Upstream{"archive", 1, 0}));
+    EXPECT_EQ(b.upstreams[1], (Upstream{"ehr", 100, 99}));
+    EXPECT_EQ(b.upstreams[2], (Upstream{"lab", 1'000'000, 0}));
+
+    // Every field at its bounds.
+    const ParseResult bounds = parse(with_plan(
+        "    rate: 10000000/s\n    burst: 1000000\n    concurrency: 100000\n    dry_run: true\n"));
+    ASSERT_TRUE(bounds.bundle) << dump(bounds.diagnostics);
+    EXPECT_EQ(bounds.bundle->rate_plans[0],
+              (RatePlan{"p", "10000000/s", 10'000'000'000'000, 1'000'000, 100'000, true}));
+    const ParseResult low =
+        parse(with_plan("    rate: 1/h\n    burst: 1\n    concurrency: 0\n    dry_run: false\n"));
+    ASSERT_TRUE(low.bundle) << dump(low.diagnostics);
+    EXPECT_EQ(low.bundle->rate_plans[0], (RatePlan{"p", "1/h", 277, 1, 0, false}));
+}
+
+TEST(PolicyThrottling, RatePlanFields) {
+    const std::string kRate =
+        "expected N/s, N/m or N/h (N requests per second, minute or hour, "
+        "1 to 10000000), e.g. 50/s";
+    for (const char *rate : {"0/s", "10/d", "10/sec", "10 /s", "1.5/s", "-1/s", "/s", "10",
+                             "10000001/s", "1e3/s", "ten/s"}) {
+        expect_one(with_plan(std::string("    rate: \"") + rate + "\"\n    burst: 1\n"), 12, 11,
+                   "rate_plans[0].rate",
+                   "invalid rate " + std::string("\"") + rate + "\": " + kRate);
+    }
+    expect_one(with_plan("    rate: 50r/s\n    burst: 1\n"), 12, 11, "rate_plans[0].rate",
+               "invalid rate \"50r/s\": write \"50/s\", not nginx's \"50r/s\"; " + kRate);
+    expect_one(with_plan("    rate: 300r/m\n    burst: 1\n"), 12, 11, "rate_plans[0].rate",
+               "write \"300/m\", not nginx's \"300r/m\"");
+    expect_one(with_plan("    rate: [10/s]\n    burst: 1\n"), 12, 11, "rate_plans[0].rate",
+               "expected a string, got a list");
+
+    for (const char *burst :
+         {"0", "1000001", "-1", "1e3", "0x10", "1_000", "+5", "", "9999999999999999999"}) {
+        expect_one(with_plan(std::string("    rate: 1/s\n    burst: \"") + burst + "\"\n"), 13, 12,
+                   "rate_plans[0].burst",
+                   "invalid burst \"" + std::string(burst) +
+                       "\": expected a whole number of tokens from 1 to 1000000");
+    }
+    for (const char *concurrency : {"100001", "-1", "many"}) {
+        expect_one(with_plan(std::string("    rate: 1/s\n    burst: 1\n    concurrency: ") +
+                             concurrency + "\n"),
+                   14, 18, "rate_plans[0].concurrency",
+                   "invalid concurrency \"" + std::string(concurrency) +
+                       "\": expected a whole number of requests from 0 (no cap) to 100000");
+    }
+    // Only YAML 1.2's spelling: YAML 1.1 tools read yes/on/y as true, others as strings.
+    for (const char *dry_run : {"yes", "on", "1", "True", "\"\""}) {
+        expect_one(
+            with_plan(std::string("    rate: 1/s\n    burst: 1\n    dry_run: ") + dry_run + "\n"),
+            14, 14, "rate_plans[0].dry_run", "expected true or false");
+    }
+
+    expect_one(with_plan("    burst: 1\n"), 11, 5, "rate_plans[0].rate",
+               "missing required field \"rate\"");
+    expect_one(with_plan("    rate: 1/s\n"), 11, 5, "rate_plans[0].burst",
+               "missing required field \"burst\"");
+    expect_one(with_plan("    rate: 1/s\n    burst: 1\n    concurency: 2\n"), 14, 5,
+               "rate_plans[0].concurency",
+               "unknown field \"concurency\"; did you mean \"concurrency\"?");
+    expect_one(with_plan("    rate: 1/s\n    burst: 1\n    rate: 2/s\n"), 14, 5,
+               "rate_plans[0].rate", "duplicate key \"rate\"; first given at line 12");
+    expect_one(
+        with_tail("rate_plans:\n  - fast\n  - {name: p, rate: 1/s, burst: 1}\n"
+                  "throttling: {interactive_plan: p, batch_plan: p, unclassified_plan: p}\n"),
+        11, 5, "rate_plans[0]", "expected a mapping, got a string");
+}
+
+TEST(PolicyThrottling, NamesAreValidAndUnique) {
+    const std::string throttling =
+        "throttling: {interactive_plan: p, batch_plan: p, unclassified_plan: p}\n";
+    expect_one(with_tail("rate_plans:\n  - {name: p, rate: 1/s, burst: 1}\n"
+                         "  - {name: p, rate: 2/s, burst: 1}\n" +
+                         throttling),
+               12, 12, "rate_plans[1].name",
+               "duplicate rate plan name \"p\"; first defined at line 11");
+    expect_one(with_tail("rate_plans:\n  - {name: \"a/b\", rate: 1/s, burst: 1}\n"
+                         "  - {name: p, rate: 2/s, burst: 1}\n" +
+                         throttling),
+               11, 12, "rate_plans[0].name",
+               "invalid rate plan name \"a/b\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+    expect_one(
+        with_tail("rate_plans:\n  - {name: " + std::string(65, 'n') +
+                  ", rate: 1/s, burst: 1}\n  - {name: p, rate: 2/s, burst: 1}\n" + throttling),
+        11, 12, "rate_plans[0].name", "invalid rate plan name");
+    EXPECT_TRUE(parse(with_tail("rate_plans:\n  - {name: A-z_0.9, rate: 1/s, burst: 1}\n"
+                                "throttling: {interactive_plan: A-z_0.9, batch_plan: A-z_0.9, "
+                                "unclassified_plan: A-z_0.9}\n"))
+                    .bundle);
+
+    expect_one(with_upstream("    capacity: 1\n  - {name: u, capacity: 2}\n"), 21, 12,
+               "upstreams[1].name", "duplicate upstream name \"u\"; first defined at line 19");
+    expect_one(
+        with_tail(std::string(kThrottling) + "upstreams:\n  - {name: \"u u\", capacity: 1}\n"), 19,
+        12, "upstreams[0].name",
+        "invalid upstream name \"u u\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+}
+
+TEST(PolicyThrottling, UpstreamFields) {
+    expect_one(with_upstream("    capacity: 0\n"), 20, 15, "upstreams[0].capacity",
+               "invalid capacity \"0\": expected a whole number of requests from 1 to 1000000");
+    expect_one(with_upstream("    capacity: 1000001\n"), 20, 15, "upstreams[0].capacity",
+               "invalid capacity \"1000001\"");
+    expect_one(with_upstream("    interactive_reserve: 1\n"), 19, 5, "upstreams[0].capacity",
+               "missing required field \"capacity\"");
+    expect_one(with_upstream("    capacity: 10\n    interactive_reserve: -1\n"), 21, 26,
+               "upstreams[0].interactive_reserve",
+               "invalid interactive_reserve \"-1\": expected a whole number of requests from 0 to "
+               "1000000");
+    expect_one(with_upstream("    capacity: 10\n    interactive_reserve: 10\n"), 21, 26,
+               "upstreams[0].interactive_reserve",
+               "interactive_reserve (10) must be less than capacity (10): batch traffic is "
+               "refused once capacity - interactive_reserve requests are in flight, so this "
+               "would refuse all of it");
+    // Whatever the field order, the reserve is what is pointed at.
+    expect_one(with_upstream("    interactive_reserve: 11\n    capacity: 10\n"), 20, 26,
+               "upstreams[0].interactive_reserve",
+               "interactive_reserve (11) must be less than capacity (10)");
+    // A bad capacity is reported once, not again as a reserve problem.
+    expect_one(with_upstream("    capacity: none\n    interactive_reserve: 10\n"), 20, 15,
+               "upstreams[0].capacity", "invalid capacity \"none\"");
+    expect_one(with_upstream("    capacity: 10\n    reserve: 2\n"), 21, 5, "upstreams[0].reserve",
+               "unknown field \"reserve\"; expected one of name, capacity, interactive_reserve");
+    EXPECT_TRUE(parse(with_upstream("    capacity: 10\n    interactive_reserve: 9\n")).bundle);
+}
+
+TEST(PolicyThrottling, ThrottlingIsRequiredExactlyWithPlans) {
+    expect_one(with_tail("rate_plans:\n  - {name: p, rate: 1/s, burst: 1}\n"), 1, 1, "throttling",
+               "missing required field \"throttling\": rate_plans (line 10) turns throttling on, "
+               "so throttling must name the plan for interactive, batch and unclassified traffic");
+    // Without plans, the section is reported once, not each plan it names.
+    expect_one(with_tail("throttling:\n  interactive_plan: p\n  batch_plan: p\n"
+                         "  unclassified_plan: p\n"),
+               10, 1, "throttling",
+               "the bundle defines no rate_plans, so throttling is off and this section would do "
+               "nothing; define the plans it names in rate_plans, or remove it");
+    expect_one(
+        with_tail("rate_plans: []\n"
+                  "throttling: {interactive_plan: p, batch_plan: p, unclassified_plan: p}\n"),
+        11, 1, "throttling", "rate_plans is empty, so throttling is off");
+    // Upstream capacities are enforced by the limiter, which runs only with throttling on.
+    expect_one(with_tail("upstreams:\n  - {name: u, capacity: 1}\n"), 10, 1, "upstreams",
+               "upstream capacities are enforced only when throttling is on; add rate_plans and "
+               "throttling, or remove upstreams");
+
+    const std::string plans = "rate_plans:\n  - {name: p, rate: 1/s, burst: 1}\n";
+    expect_one(with_tail(plans + "throttling: {interactive_plan: p, batch_plan: p}\n"), 12, 13,
+               "throttling.unclassified_plan", "missing required field \"unclassified_plan\"");
+    expect_one(with_tail(plans + "throttling: p\n"), 12, 13, "throttling",
+               "expected a mapping, got a string");
+    expect_one(
+        with_tail(plans + "throttling: {interactive_plan: p, batch_plans: p, unclassified_plan: "
+                          "p, batch_plan: p}\n"),
+        12, 35, "throttling.batch_plans",
+        "unknown field \"batch_plans\"; did you mean \"batch_plan\"?");
+    expect_one(with_tail(plans + "throttling: {interactive_plan: \"p q\", batch_plan: p, "
+                                 "unclassified_plan: p}\n"),
+               12, 32, "throttling.interactive_plan", "invalid rate plan name \"p q\"");
+}
+
+TEST(PolicyThrottling, ReferencesMustResolve) {
+    const ParseResult result = parse(with_tail(R"(rate_plans:
+  - {name: fast, rate: 1/s, burst: 1}
+  - {name: slow, rate: 1/s, burst: 1}
+throttling:
+  interactive_plan: fsat
+  batch_plan: slow
+  unclassified_plan: anonymous
+)"));
+    ASSERT_EQ(result.diagnostics.size(), 2u) << dump(result.diagnostics);
+    EXPECT_EQ(result.diagnostics[0].to_string(),
+              "test.yaml:14:21: throttling.interactive_plan: unknown rate plan \"fsat\"; did you "
+              "mean \"fast\"?");
+    EXPECT_EQ(result.diagnostics[1].to_string(),
+              "test.yaml:16:22: throttling.unclassified_plan: unknown rate plan \"anonymous\"; "
+              "defined in rate_plans: fast, slow");
+
+    // A client's rate_plan; with_client puts the client on line 4 and the routes after it.
+    const std::string throttling =
+        "rate_plans:\n  - {name: fast, rate: 1/s, burst: 1}\n"
+        "throttling: {interactive_plan: fast, batch_plan: fast, unclassified_plan: fast}\n";
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, rate_plan: fsat}\n") +
+                   throttling,
+               4, 61, "clients[0].rate_plan", "unknown rate plan \"fsat\"; did you mean \"fast\"?");
+    expect_one(with_client("  - {id: a, context: user, traffic_class: batch, rate_plan: fast}\n"),
+               4, 61, "clients[0].rate_plan",
+               "unknown rate plan \"fast\"; the bundle defines no rate_plans");
+    expect_one(
+        with_client("  - {id: a, context: user, traffic_class: batch, rate_plan: \"a b\"}\n") +
+            throttling,
+        4, 61, "clients[0].rate_plan",
+        "invalid rate plan name \"a b\": must be 1-64 characters from A-Z a-z 0-9 . _ -");
+    const ParseResult overridden =
+        parse(with_client("  - {id: a, context: user, traffic_class: batch, rate_plan: fast}\n") +
+              throttling);
+    ASSERT_TRUE(overridden.bundle) << dump(overridden.diagnostics);
+    EXPECT_EQ(overridden.bundle->clients[0].rate_plan, "fast");
+
+    // A route's upstream.
+    const std::string route =
+        "    methods: [GET]\n    resources: [\"*\"]\n    interactions: [\"*\"]\n";
+    expect_one(with_route_tail(route + "    upstream: ehr\n"), 10, 15, "routes[0].upstream",
+               "unknown upstream \"ehr\"; the bundle defines no upstreams");
+    expect_one(with_route_tail(route + "    upstream: sandbox_ehr\n" + kThrottling +
+                               "upstreams: [{name: sandbox-ehr, capacity: 1}]\n"),
+               10, 15, "routes[0].upstream",
+               "unknown upstream \"sandbox_ehr\"; did you mean \"sandbox-ehr\"?");
+    expect_one(with_route_tail(route + "    upstream: \"\"\n"), 10, 15, "routes[0].upstream",
+               "invalid upstream name \"\"");
+    const ParseResult routed = parse(with_route_tail(route + "    upstream: ehr\n" + kThrottling +
+                                                     "upstreams: [{name: ehr, capacity: 1}]\n"));
+    ASSERT_TRUE(routed.bundle) << dump(routed.diagnostics);
+    EXPECT_EQ(routed.bundle->routes[0].upstream, "ehr");
+}
+
+TEST(PolicyThrottling, OrderDoesNotMatter) {
+    const ParseResult a = parse(R"(schema: ehrgate.policy/v1
+version: v1
+clients:
+  - {id: a, context: system, traffic_class: batch, rate_plan: slow}
+routes:
+  - {name: r, prefix: /, methods: [GET], resources: ["*"], interactions: ["*"], upstream: u2}
+rate_plans:
+  - {name: slow, rate: 1/s, burst: 1}
+  - {name: fast, rate: 9/s, burst: 9, concurrency: 3, dry_run: true}
+upstreams:
+  - {name: u2, capacity: 2}
+  - {name: u1, capacity: 5, interactive_reserve: 1}
+throttling: {interactive_plan: fast, batch_plan: slow, unclassified_plan: slow}
+)");
+    const ParseResult b =
+        parse(R"(throttling: {unclassified_plan: slow, batch_plan: slow, interactive_plan: fast}
+upstreams:
+  - {interactive_reserve: 1, capacity: 5, name: u1}
+  - {name: u2, capacity: 2}
+rate_plans:
+  - {dry_run: true, concurrency: 3, burst: 9, rate: 9/s, name: fast}
+  - {name: slow, rate: 1/s, burst: 1}
+clients:
+  - {rate_plan: slow, id: a, context: system, traffic_class: batch}
+routes:
+  - {upstream: u2, name: r, prefix: /, methods: [GET], resources: ["*"], interactions: ["*"]}
+version: v1
+schema: ehrgate.policy/v1
+)");
+    ASSERT_TRUE(a.bundle && b.bundle) << dump(a.diagnostics) << dump(b.diagnostics);
+    EXPECT_EQ(*a.bundle, *b.bundle);
+    EXPECT_EQ(bundle_digest(*a.bundle), bundle_digest(*b.bundle));
+    EXPECT_EQ(a.bundle->rate_plans[0].name, "fast");
+    EXPECT_EQ(a.bundle->upstreams[0].name, "u1");
+}
+
+// A hand-built bundle with every throttling feature, deliberately out of canonical order.
+Bundle throttled_bundle() {
+    Bundle b = small_bundle();  // client "app": interactive
+    b.clients.push_back({"job", "Job", LaunchContext::System, TrafficClass::Batch, {"HOPERAT"}});
+    Client vip{"vip", "VIP", LaunchContext::System, TrafficClass::Batch, {}};
+    vip.rate_plan = "clinical";  // a batch client held to the clinical plan
+    b.clients.push_back(vip);
+    Client kiosk{"kiosk", "Kiosk", LaunchContext::Patient, TrafficClass::Interactive, {}};
+    kiosk.rate_plan = "unclassified";  // an override may lower a client, too
+    b.clients.push_back(kiosk);
+    b.rate_plans = {{"unclassified", "5/s", 5'000'000, 10, 2, false},
+                    {"clinical", "2000/s", 2'000'000'000, 2000, 128, false},
+                    {"batch", "100/m", 1'666'666, 100, 16, true}};
+    b.upstreams = {{"ehr", 256, 64}, {"archive", 8, 0}};
+    b.throttling = {"clinical", "batch", "unclassified"};
+    b.routes[0].upstream = "ehr";
+    return b;
+}
+
+TEST(PolicyThrottling, PlanFor) {
+    Bundle b = throttled_bundle();
+    b.canonicalize();
+    const auto plan = [&](const Client *client) {
+        const RatePlan *p = b.plan_for(client);
+        return p != nullptr ? p->name : std::string("(none)");
+    };
+    EXPECT_EQ(plan(b.find_client("app")), "clinical");        // interactive
+    EXPECT_EQ(plan(b.find_client("job")), "batch");           // batch
+    EXPECT_EQ(plan(b.find_client("vip")), "clinical");        // override up
+    EXPECT_EQ(plan(b.find_client("kiosk")), "unclassified");  // override down
+    EXPECT_EQ(plan(nullptr), "unclassified");                 // unidentified
+    EXPECT_EQ(b.plan_for(nullptr), &b.rate_plans[2]);
+
+    ASSERT_NE(b.find_rate_plan("batch"), nullptr);
+    EXPECT_EQ(b.find_rate_plan("batch")->rate_units_per_second, 1'666'666);
+    EXPECT_EQ(b.find_rate_plan("Batch"), nullptr);
+    EXPECT_EQ(b.find_rate_plan(""), nullptr);
+    ASSERT_NE(b.find_upstream("ehr"), nullptr);
+    EXPECT_EQ(b.find_upstream("ehr")->interactive_reserve, 64u);
+    EXPECT_EQ(b.find_upstream("archive")->capacity, 8u);
+    EXPECT_EQ(b.find_upstream("nope"), nullptr);
+
+    // A name that resolves nowhere (only a hand-built bundle can have one) has no plan: callers
+    // with throttling on refuse then, they do not wave the request through.
+    Client ghost = *b.find_client("job");
+    ghost.rate_plan = "ghost";
+    EXPECT_EQ(b.plan_for(&ghost), nullptr);
+
+    // Throttling off: no plan for anyone.
+    Bundle off = b;
+    off.rate_plans.clear();
+    off.throttling = {};
+    EXPECT_EQ(off.plan_for(nullptr), nullptr);
+    EXPECT_EQ(off.plan_for(off.find_client("app")), nullptr);
+    EXPECT_EQ(off.plan_for(off.find_client("vip")), nullptr);
+    EXPECT_EQ(Bundle{}.plan_for(nullptr), nullptr);
+}
+
+TEST(PolicySnapshot, RoundTripWithThrottling) {
+    Snapshot snapshot{12, "", throttled_bundle()};
+    snapshot.digest_hex = bundle_digest(snapshot.bundle);
+    const std::string encoded = encode_snapshot(snapshot);
+    const std::optional<Snapshot> decoded = decode_snapshot(encoded);
+    ASSERT_TRUE(decoded);
+    Snapshot canonical = snapshot;
+    canonical.bundle.canonicalize();
+    EXPECT_EQ(*decoded, canonical);
+    EXPECT_EQ(encode_snapshot(*decoded), encoded);
+
+    const Bundle &b = decoded->bundle;
+    ASSERT_EQ(b.rate_plans.size(), 3u);
+    EXPECT_EQ(b.rate_plans[0], (RatePlan{"batch", "100/m", 1'666'666, 100, 16, true}));
+    EXPECT_EQ(b.rate_plans[1].name, "clinical");
+    EXPECT_EQ(b.rate_plans[2].name, "unclassified");
+    ASSERT_EQ(b.upstreams.size(), 2u);
+    EXPECT_EQ(b.upstreams[0], (Upstream{"archive", 8, 0}));
+    EXPECT_EQ(b.upstreams[1], (Upstream{"ehr", 256, 64}));
+    EXPECT_EQ(b.throttling, (Throttling{"clinical", "batch", "unclassified"}));
+    EXPECT_EQ(b.find_client("vip")->rate_plan, "clinical");
+    EXPECT_EQ(b.routes[0].upstream, "ehr");
+    EXPECT_EQ(b.plan_for(b.find_client("vip"))->name, "clinical");
+
+    // The sandbox bundle, which has throttling too.
+    const Snapshot sandbox = sandbox_snapshot();
+    ASSERT_FALSE(sandbox.bundle.rate_plans.empty());
+    EXPECT_EQ(decode_snapshot(encode_snapshot(sandbox)), sandbox);
+
+    // Every throttling field is content: it changes the digest.
+    const std::string digest = bundle_digest(snapshot.bundle);
+    const auto changed = [&](auto &&edit) {
+        Bundle copy = snapshot.bundle;
+        edit(copy);
+        return bundle_digest(copy) != digest;
+    };
+    EXPECT_TRUE(changed([](Bundle &c) { c.rate_plans[0].name = "anonymous"; }));
+    EXPECT_TRUE(changed([](Bundle &c) {
+        c.rate_plans[0].rate = "6/s";
+        c.rate_plans[0].rate_units_per_second = 6'000'000;
+    }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.rate_plans[0].burst = 11; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.rate_plans[0].concurrency = 0; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.rate_plans[0].dry_run = true; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.rate_plans.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.upstreams[0].capacity = 257; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.upstreams[0].interactive_reserve = 0; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.upstreams.pop_back(); }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.throttling.interactive_plan = "batch"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.throttling.batch_plan = "clinical"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.throttling.unclassified_plan = "batch"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.clients[1].rate_plan = "batch"; }));
+    EXPECT_TRUE(changed([](Bundle &c) { c.routes[0].upstream.clear(); }));
+    // Order is not content.
+    EXPECT_FALSE(changed([](Bundle &c) { std::swap(c.rate_plans[0], c.rate_plans[2]); }));
+    EXPECT_FALSE(changed([](Bundle &c) { std::swap(c.upstreams[0], c.upstreams[1]); }));
+}
+
+TEST(PolicySnapshot, BundlesWithoutThrottlingKeepTheirEncoding) {
+    // The throttling keys are written only when set, so the digest of a bundle that does not use
+    // throttling is what it was before throttling existed (see the golden digest above): policyd
+    // ties every version label to one digest for good, and an upgrade must not break that.
+    const std::string encoded = encode_snapshot({1, "", small_bundle()});
+    for (const char *key : {"rate_plans", "upstreams", "throttling", "upstream", "rate_plan"}) {
+        EXPECT_EQ(encoded.find(key), std::string::npos) << key;
+    }
+    const std::optional<Snapshot> decoded = decode_snapshot(encoded);
+    ASSERT_TRUE(decoded);
+    EXPECT_TRUE(decoded->bundle.rate_plans.empty());
+    EXPECT_EQ(decoded->bundle.throttling, Throttling{});
+}
+
+TEST(PolicySnapshot, DecoderRefusesBrokenThrottling) {
+    const auto decodes = [](const Bundle &bundle) {
+        return decode_snapshot(encode_snapshot({1, "", bundle})).has_value();
+    };
+    ASSERT_TRUE(decodes(throttled_bundle()));
+    const auto edited = [](auto &&edit) {
+        Bundle b = throttled_bundle();
+        b.canonicalize();  // rate_plans: batch, clinical, unclassified; upstreams: archive, ehr
+        edit(b);
+        return b;
+    };
+    // The rate a worker enforces must be the rate the operator wrote.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].rate_units_per_second += 1; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].rate = "101/m"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].rate = "100r/m"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) {
+        b.rate_plans[0].rate = "";
+        b.rate_plans[0].rate_units_per_second = 0;
+    })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) {
+        b.rate_plans[0].rate = "101/m";
+        b.rate_plans[0].rate_units_per_second = 1'683'333;
+    })));
+    // Ranges, as the parser enforces them.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].burst = 0; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].burst = -5; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].burst = kMaxBurst + 1; })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) { b.rate_plans[0].burst = kMaxBurst; })));
+    EXPECT_FALSE(
+        decodes(edited([](Bundle &b) { b.rate_plans[0].concurrency = kMaxConcurrency + 1; })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) { b.rate_plans[0].concurrency = kMaxConcurrency; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.upstreams[0].capacity = 0; })));
+    EXPECT_FALSE(
+        decodes(edited([](Bundle &b) { b.upstreams[0].capacity = kMaxUpstreamCapacity + 1; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.upstreams[1].interactive_reserve = 256; })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) { b.upstreams[1].interactive_reserve = 255; })));
+    // Names: present, unique, and every reference resolves.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[0].name.clear(); })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.upstreams[0].name.clear(); })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.rate_plans[1].name = "batch"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.upstreams[0].name = "ehr"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.throttling.interactive_plan = "ghost"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.throttling.batch_plan.clear(); })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.throttling.unclassified_plan.clear(); })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.clients[0].rate_plan = "ghost"; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.routes[0].upstream = "ghost"; })));
+    // Throttling exactly when there are plans.
+    EXPECT_FALSE(decodes(edited([](Bundle &b) { b.throttling = {}; })));
+    EXPECT_FALSE(decodes(edited([](Bundle &b) {
+        b.rate_plans.clear();
+        for (Client &c : b.clients) {
+            c.rate_plan.clear();
+        }
+    })));
+    EXPECT_TRUE(decodes(edited([](Bundle &b) {
+        b.rate_plans.clear();
+        b.throttling = {};
+        for (Client &c : b.clients) {
+            c.rate_plan.clear();
+        }
+    })));
+
+    // dry_run is a msgpack boolean, not a number.
+    std::string encoded = encode_snapshot({1, "", throttled_bundle()});
+    const size_t at = encoded.find("dry_run");
+    ASSERT_NE(at, std::string::npos);
+    ASSERT_EQ(static_cast<uint8_t>(encoded[at + 7]), 0xc3);  // true
+    EXPECT_TRUE(decode_snapshot(encoded));
+    encoded[at + 7] = '\x01';
+    EXPECT_FALSE(decode_snapshot(encoded));
+
+    // A snapshot from before throttling: it is off, and nothing else changes.
+    const std::optional<Snapshot> old = decode_snapshot(body());
+    ASSERT_TRUE(old);
+    EXPECT_TRUE(old->bundle.rate_plans.empty());
+    EXPECT_TRUE(old->bundle.upstreams.empty());
+    EXPECT_EQ(old->bundle.throttling, Throttling{});
+    EXPECT_EQ(old->bundle.clients[0].rate_plan, "");
+    EXPECT_EQ(old->bundle.routes[0].upstream, "");
+    EXPECT_EQ(old->bundle.plan_for(nullptr), nullptr);
 }
 
 }  // namespace

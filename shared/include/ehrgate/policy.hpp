@@ -24,11 +24,17 @@ inline constexpr size_t kMaxBundleBytes = 4u << 20;
 inline constexpr size_t kMaxClients = 10000;
 inline constexpr size_t kMaxRoutes = 256;
 inline constexpr size_t kMaxIssuers = 64;
+inline constexpr size_t kMaxRatePlans = 256;
+inline constexpr size_t kMaxUpstreams = 256;
 inline constexpr size_t kMaxJwksBytes = 1u << 20;  // one issuer's JWKS file
 // All JWKS texts together: they travel in every snapshot, which must fit a protocol frame.
 inline constexpr size_t kMaxJwksTotalBytes = 1u << 20;
 inline constexpr int64_t kMaxLeewaySeconds = 300;  // clock skew tolerated on exp/nbf/iat
 inline constexpr size_t kMaxDiagnostics = 100;     // parse_bundle stops reporting after this many
+// Throttling ranges, enforced by parse_bundle() and the snapshot decoder alike.
+inline constexpr int64_t kMaxBurst = 1'000'000;
+inline constexpr uint32_t kMaxConcurrency = 100'000;
+inline constexpr uint32_t kMaxUpstreamCapacity = 1'000'000;
 
 enum class TrafficClass : uint8_t { Interactive, Batch };
 enum class LaunchContext : uint8_t { User, Patient, System };
@@ -76,6 +82,8 @@ struct Client {
     std::vector<std::string> tenants{};  // tenants whose routes it may use
     // SHA-256 of the DER client certificates it may present: 64 lower-case hex digits each.
     std::vector<std::string> certificates{};
+    // RatePlan::name overriding the plan of its traffic class; empty: the class's plan.
+    std::string rate_plan{};
 
     bool operator==(const Client &) const = default;
 };
@@ -86,9 +94,46 @@ struct Route {
     std::vector<std::string> methods;       // upper-case HTTP methods
     std::vector<std::string> resources;     // FHIR resource types, or "*"
     std::vector<std::string> interactions;  // FHIR interactions (see fhir::Interaction names)
-    std::string tenant{};  // when set, only clients listing this tenant may use the route
+    std::string tenant{};    // when set, only clients listing this tenant may use the route
+    std::string upstream{};  // Upstream::name whose capacity the route draws on; empty: none
 
     bool operator==(const Route &) const = default;
+};
+
+// Throttling (docs/throttling.md). A token bucket per client and route, refilled at `rate`, holding
+// at most `burst` tokens; optionally a cap on the client's requests in flight.
+struct RatePlan {
+    std::string name;
+    std::string rate;  // as written: "2000/s", "300/m", "1000/h" (ratelimit::parse_rate)
+    // Derived from `rate` by parse_bundle() and checked against it by decode_snapshot(): a
+    // bundle assembled by hand must set both (ratelimit::parse_rate(rate)).
+    int64_t rate_units_per_second = 0;
+    int64_t burst = 1;         // 1..kMaxBurst tokens
+    uint32_t concurrency = 0;  // in-flight requests per client, 0..kMaxConcurrency; 0: no cap
+    bool dry_run = false;      // decide and report, never refuse
+
+    bool operator==(const RatePlan &) const = default;
+};
+
+// A system behind the gateway with a bounded number of requests in flight. Batch (and
+// unclassified) traffic stops at capacity - interactive_reserve, so clinical traffic always
+// finds room.
+struct Upstream {
+    std::string name;
+    uint32_t capacity = 0;             // 1..kMaxUpstreamCapacity
+    uint32_t interactive_reserve = 0;  // < capacity
+
+    bool operator==(const Upstream &) const = default;
+};
+
+// Which RatePlan applies to which kind of caller. All three are set exactly when the bundle has
+// rate plans, and all three name one of them.
+struct Throttling {
+    std::string interactive_plan;   // clients with TrafficClass::Interactive
+    std::string batch_plan;         // clients with TrafficClass::Batch
+    std::string unclassified_plan;  // requests with no identified client: the least privilege
+
+    bool operator==(const Throttling &) const = default;
 };
 
 struct Bundle {
@@ -98,6 +143,10 @@ struct Bundle {
     std::vector<Client> clients;
     std::vector<Route> routes;
     std::vector<Issuer> issuers{};
+    // Empty: throttling is off, and `throttling` is empty too.
+    std::vector<RatePlan> rate_plans{};
+    std::vector<Upstream> upstreams{};
+    Throttling throttling{};
 
     // Binary search: `clients` must be sorted by id, which parse_bundle(), decode_snapshot() and
     // canonicalize() guarantee. A bundle assembled by hand must call canonicalize() first.
@@ -113,11 +162,20 @@ struct Bundle {
     // in the number of pinned certificates; callers on a hot path should remember the answer
     // per TLS connection.
     const Client *find_client_by_certificate(std::string_view sha256_hex) const;
+    // By name; binary search, so the same canonical-order rule as find_client applies.
+    const RatePlan *find_rate_plan(std::string_view name) const;
+    const Upstream *find_upstream(std::string_view name) const;
+    // The plan a request is held to: client == nullptr (unidentified) -> unclassified_plan; the
+    // client's rate_plan if set; else the plan of its traffic class. nullptr when throttling is
+    // off (no rate_plans), and also when the name it picks is not defined, which parse_bundle()
+    // and decode_snapshot() rule out: callers with throttling on must treat nullptr as a refusal,
+    // never as "unlimited".
+    const RatePlan *plan_for(const Client *client) const;
 
-    // Puts the bundle in canonical order: issuers and clients by id, routes by prefix, every
-    // list of names sorted, each scope_ceiling's tokens sorted and de-duplicated. Order carries
-    // no meaning in a bundle, so this changes no decision; it makes the encoding, and so the
-    // digest, depend on content alone.
+    // Puts the bundle in canonical order: issuers and clients by id, routes by prefix, rate plans
+    // and upstreams by name, every list of names sorted, each scope_ceiling's tokens sorted and
+    // de-duplicated. Order carries no meaning in a bundle, so this changes no decision; it makes
+    // the encoding, and so the digest, depend on content alone.
     void canonicalize();
 
     bool operator==(const Bundle &) const = default;

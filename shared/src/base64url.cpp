@@ -56,25 +56,42 @@ std::optional<std::string> decode(std::string_view text) {
     if (text.size() % 4 == 1) {
         return std::nullopt;
     }
-    std::string out;
-    out.reserve(text.size() * 3 / 4);
-    uint32_t acc = 0;
-    int bits = 0;
-    for (const char ch : text) {
-        const int8_t v = kDecode[static_cast<unsigned char>(ch)];
-        if (v < 0) {
+    // Sized once and written in place: this runs for every segment of every bearer token.
+    const size_t tail = text.size() % 4;
+    std::string out(text.size() / 4 * 3 + (tail == 0 ? 0 : tail - 1), '\0');
+    char *o = out.data();
+    const auto *in = reinterpret_cast<const unsigned char *>(text.data());
+    size_t i = 0;
+    for (; i + 4 <= text.size(); i += 4) {
+        const int32_t a = kDecode[in[i]];
+        const int32_t b = kDecode[in[i + 1]];
+        const int32_t c = kDecode[in[i + 2]];
+        const int32_t d = kDecode[in[i + 3]];
+        if ((a | b | c | d) < 0) {
             return std::nullopt;
         }
-        acc = (acc << 6) | static_cast<uint32_t>(v);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out.push_back(static_cast<char>((acc >> bits) & 0xff));
-        }
+        const uint32_t v =
+            (uint32_t(a) << 18) | (uint32_t(b) << 12) | (uint32_t(c) << 6) | uint32_t(d);
+        *o++ = static_cast<char>(v >> 16);
+        *o++ = static_cast<char>(v >> 8);
+        *o++ = static_cast<char>(v);
     }
-    // Leftover bits must be zero: otherwise two spellings would decode to the same bytes.
-    if (bits > 0 && (acc & ((1u << bits) - 1)) != 0) {
-        return std::nullopt;
+    if (tail >= 2) {
+        const int32_t a = kDecode[in[i]];
+        const int32_t b = kDecode[in[i + 1]];
+        const int32_t c = tail == 3 ? kDecode[in[i + 2]] : 0;
+        if ((a | b | c) < 0) {
+            return std::nullopt;
+        }
+        const uint32_t v = (uint32_t(a) << 18) | (uint32_t(b) << 12) | (uint32_t(c) << 6);
+        // Leftover bits must be zero: otherwise two spellings would decode to the same bytes.
+        if ((tail == 2 && (v & 0xffff) != 0) || (tail == 3 && (v & 0xff) != 0)) {
+            return std::nullopt;
+        }
+        *o++ = static_cast<char>(v >> 16);
+        if (tail == 3) {
+            *o++ = static_cast<char>(v >> 8);
+        }
     }
     return out;
 }

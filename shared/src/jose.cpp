@@ -27,23 +27,24 @@ struct AlgSpec {
     Family family;
     bool pss;
     std::string_view crv;  // EC only
-    size_t ec_bytes;       // EC only: bytes per coordinate and per r / s
     int digest_bits;
 };
 
 constexpr AlgSpec kSpecs[] = {
-    {Algorithm::RS256, "RS256", Family::Rsa, false, "", 0, 256},
-    {Algorithm::RS384, "RS384", Family::Rsa, false, "", 0, 384},
-    {Algorithm::RS512, "RS512", Family::Rsa, false, "", 0, 512},
-    {Algorithm::PS256, "PS256", Family::Rsa, true, "", 0, 256},
-    {Algorithm::PS384, "PS384", Family::Rsa, true, "", 0, 384},
-    {Algorithm::PS512, "PS512", Family::Rsa, true, "", 0, 512},
-    {Algorithm::ES256, "ES256", Family::Ec, false, "P-256", 32, 256},
-    {Algorithm::ES384, "ES384", Family::Ec, false, "P-384", 48, 384},
-    {Algorithm::ES512, "ES512", Family::Ec, false, "P-521", 66, 512},
+    {Algorithm::RS256, "RS256", Family::Rsa, false, "", 256},
+    {Algorithm::RS384, "RS384", Family::Rsa, false, "", 384},
+    {Algorithm::RS512, "RS512", Family::Rsa, false, "", 512},
+    {Algorithm::PS256, "PS256", Family::Rsa, true, "", 256},
+    {Algorithm::PS384, "PS384", Family::Rsa, true, "", 384},
+    {Algorithm::PS512, "PS512", Family::Rsa, true, "", 512},
+    {Algorithm::ES256, "ES256", Family::Ec, false, "P-256", 256},
+    {Algorithm::ES384, "ES384", Family::Ec, false, "P-384", 384},
+    {Algorithm::ES512, "ES512", Family::Ec, false, "P-521", 512},
 };
 
-const AlgSpec &spec_of(Algorithm alg) { return kSpecs[static_cast<size_t>(alg)]; }
+const AlgSpec &spec_of(Algorithm alg) {
+    return kSpecs[static_cast<size_t>(alg)];
+}
 
 const EVP_MD *digest_of(const AlgSpec &spec) {
     switch (spec.digest_bits) {
@@ -98,7 +99,7 @@ using MdCtxPtr = std::unique_ptr<EVP_MD_CTX, MdCtxFree>;
 // off-curve point) must not linger there: nginx reads that queue after its own TLS calls and
 // would log our leftovers against an unrelated connection.
 class ErrorQueueMark {
-public:
+  public:
     ErrorQueueMark() { ERR_set_mark(); }
     ~ErrorQueueMark() { ERR_pop_to_mark(); }
     ErrorQueueMark(const ErrorQueueMark &) = delete;
@@ -177,7 +178,7 @@ bool prepare_templates(Key &key) {
 // JWKS parsing
 
 class JwkReader {
-public:
+  public:
     JwkReader(const json::Value &jwk, size_t index, std::string *error)
         : jwk_(jwk), prefix_("keys[" + std::to_string(index) + "]: "), error_(error) {}
 
@@ -216,7 +217,8 @@ public:
         }
         if (key.info.alg) {
             const AlgSpec &spec = spec_of(*key.info.alg);
-            if (spec.family != key.family || (spec.family == Family::Ec && spec.crv != key.info.crv)) {
+            if (spec.family != key.family ||
+                (spec.family == Family::Ec && spec.crv != key.info.crv)) {
                 return fail("alg \"" + std::string(spec.name) + "\" does not match kty \"" +
                             key.info.kty + "\"" +
                             (key.info.crv.empty() ? "" : " crv \"" + key.info.crv + "\""));
@@ -228,7 +230,7 @@ public:
         return key;
     }
 
-private:
+  private:
     std::nullopt_t fail(const std::string &message) {
         if (error_ != nullptr) {
             *error_ = prefix_ + message;
@@ -556,6 +558,9 @@ Outcome verify_with_key(const Key &key, const AlgSpec &spec, std::string_view si
                : Outcome::Failed;
 }
 
+// With a kid: the verifying keys carrying it (unknown-key if none; key-algorithm-mismatch if
+// none of them fits the alg). Without: the verifying keys that fit the alg. At most
+// kMaxCandidates are tried, in JWKS order.
 TokenError select_and_verify(const KeySet::Impl &impl, const AlgSpec &spec, const std::string *kid,
                              std::string_view signing_input, std::string_view signature) {
     const Key *candidates[kMaxCandidates];
@@ -566,7 +571,8 @@ TokenError select_and_verify(const KeySet::Impl &impl, const AlgSpec &spec, cons
             continue;
         }
         if (kid != nullptr) {
-            if (key.info.kid != *kid) {
+            // A JWK without a kid is never selected by one (not even by "kid":"").
+            if (key.info.kid.empty() || key.info.kid != *kid) {
                 continue;
             }
             kid_known = true;
@@ -636,12 +642,12 @@ TokenError verify_to_signature(std::string_view compact, const KeySet &keys,
         return TokenError::BadBase64url;
     }
     json::ParseError parse_error;
-    const std::optional<json::Value> header =
-        json::parse(*header_bytes, &parse_error, json::Limits{.max_bytes = max_token_bytes, .max_depth = 8});
+    const std::optional<json::Value> header = json::parse(
+        *header_bytes, &parse_error, json::Limits{.max_bytes = max_token_bytes, .max_depth = 8});
     if (!header) {
-        return parse_error.code == json::ParseErrorCode::DuplicateKey ? TokenError::DuplicateKey
+        return parse_error.code == json::ParseErrorCode::DuplicateKey  ? TokenError::DuplicateKey
                : parse_error.code == json::ParseErrorCode::OutOfMemory ? TokenError::Internal
-                                                                        : TokenError::HeaderNotJson;
+                                                                       : TokenError::HeaderNotJson;
     }
     if (!header->is_object()) {
         return TokenError::HeaderNotJson;
@@ -712,102 +718,107 @@ int64_t saturating_add(int64_t a, int64_t b) {
     return sum;
 }
 
-class ClaimReader {
-public:
-    explicit ClaimReader(const json::Value &payload) : payload_(payload) {}
+// Claim readers: false when the claim has another JSON type.
 
-    // false when the claim is present with another type.
-    bool string(std::string_view name, std::string *out) {
-        const json::Value *value = payload_.find(name);
-        if (value == nullptr) {
-            return true;
-        }
-        const std::string *text = value->as_string();
+bool read_string(const json::Value &value, std::string *out) {
+    const std::string *text = value.as_string();
+    if (text == nullptr) {
+        return false;
+    }
+    *out = *text;
+    return true;
+}
+
+bool read_string_or_list(const json::Value &value, std::vector<std::string> *out) {
+    if (const std::string *text = value.as_string()) {
+        out->push_back(*text);
+        return true;
+    }
+    const json::Value::Array *list = value.as_array();
+    if (list == nullptr) {
+        return false;
+    }
+    for (const json::Value &item : *list) {
+        const std::string *text = item.as_string();
         if (text == nullptr) {
             return false;
         }
-        *out = *text;
+        out->push_back(*text);
+    }
+    return true;
+}
+
+// RFC 7519 NumericDate: any JSON number of seconds. Fractions are rounded towards the stricter
+// reading: `round_up` for nbf/iat, down for exp.
+bool read_numeric_date(const json::Value &value, bool round_up, std::optional<int64_t> *out) {
+    if (value.is_int()) {
+        *out = *value.as_int();
         return true;
     }
-
-    bool string_or_list(std::string_view name, std::vector<std::string> *out) {
-        const json::Value *value = payload_.find(name);
-        if (value == nullptr) {
-            return true;
-        }
-        if (const std::string *text = value->as_string()) {
-            out->push_back(*text);
-            return true;
-        }
-        const json::Value::Array *list = value->as_array();
-        if (list == nullptr) {
-            return false;
-        }
-        for (const json::Value &item : *list) {
-            const std::string *text = item.as_string();
-            if (text == nullptr) {
-                return false;
-            }
-            out->push_back(*text);
-        }
-        return true;
+    const std::optional<double> number = value.as_double();
+    if (!number) {
+        return false;
     }
-
-    // RFC 7519 NumericDate: any JSON number of seconds. Fractions are rounded towards the
-    // stricter reading: `round_up` for nbf/iat, down for exp.
-    bool numeric_date(std::string_view name, bool round_up, std::optional<int64_t> *out) {
-        const json::Value *value = payload_.find(name);
-        if (value == nullptr) {
-            return true;
-        }
-        if (value->is_int()) {
-            *out = *value->as_int();
-            return true;
-        }
-        const std::optional<double> number = value->as_double();
-        if (!number) {
-            return false;
-        }
-        const double rounded = round_up ? std::ceil(*number) : std::floor(*number);
-        constexpr double kTwo63 = 9223372036854775808.0;
-        if (!(rounded >= -kTwo63 && rounded < kTwo63)) {
-            return false;
-        }
-        *out = static_cast<int64_t>(rounded);
-        return true;
+    const double rounded = round_up ? std::ceil(*number) : std::floor(*number);
+    constexpr double kTwo63 = 9223372036854775808.0;
+    if (!(rounded >= -kTwo63 && rounded < kTwo63)) {
+        return false;
     }
+    *out = static_cast<int64_t>(rounded);
+    return true;
+}
 
-    bool confirmation(std::string *x5t_s256) {
-        const json::Value *cnf = payload_.find("cnf");
-        if (cnf == nullptr) {
-            return true;
-        }
-        if (!cnf->is_object()) {
-            return false;
-        }
-        return ClaimReader(*cnf).string("x5t#S256", x5t_s256);
+bool read_confirmation(const json::Value &cnf, std::string *x5t_s256) {
+    if (!cnf.is_object()) {
+        return false;
     }
+    const json::Value *thumbprint = cnf.find("x5t#S256");
+    return thumbprint == nullptr || read_string(*thumbprint, x5t_s256);
+}
 
-private:
-    const json::Value &payload_;
-};
-
+// One pass over the claim set (members are unique, the parser saw to it); claims we do not
+// interpret may have any type.
 TokenError read_claims(const json::Value &payload, Claims *claims) {
-    ClaimReader r(payload);
+    using namespace std::string_view_literals;
     std::string azp;
-    const bool types_ok =
-        r.string("iss", &claims->iss) && r.string("sub", &claims->sub) &&
-        r.string_or_list("aud", &claims->aud) && r.numeric_date("exp", false, &claims->exp) &&
-        r.numeric_date("nbf", true, &claims->nbf) && r.numeric_date("iat", true, &claims->iat) &&
-        r.string("jti", &claims->jti) && r.string("client_id", &claims->client_id) &&
-        r.string("azp", &azp) && r.string("scope", &claims->scope) &&
-        r.string("patient", &claims->patient) && r.string("fhirUser", &claims->fhir_user) &&
-        r.string_or_list("purpose_of_use", &claims->purpose_of_use) &&
-        r.confirmation(&claims->cnf_x5t_s256);
-    if (!types_ok) {
-        return TokenError::BadClaimType;
+    bool has_client_id = false;
+    for (const auto &[name, value] : *payload.as_object()) {
+        bool ok = true;
+        if (name == "iss"sv) {
+            ok = read_string(value, &claims->iss);
+        } else if (name == "sub"sv) {
+            ok = read_string(value, &claims->sub);
+        } else if (name == "aud"sv) {
+            ok = read_string_or_list(value, &claims->aud);
+        } else if (name == "exp"sv) {
+            ok = read_numeric_date(value, false, &claims->exp);
+        } else if (name == "nbf"sv) {
+            ok = read_numeric_date(value, true, &claims->nbf);
+        } else if (name == "iat"sv) {
+            ok = read_numeric_date(value, true, &claims->iat);
+        } else if (name == "jti"sv) {
+            ok = read_string(value, &claims->jti);
+        } else if (name == "client_id"sv) {
+            ok = read_string(value, &claims->client_id);
+            has_client_id = true;
+        } else if (name == "azp"sv) {
+            ok = read_string(value, &azp);
+        } else if (name == "scope"sv) {
+            ok = read_string(value, &claims->scope);
+        } else if (name == "patient"sv) {
+            ok = read_string(value, &claims->patient);
+        } else if (name == "fhirUser"sv) {
+            ok = read_string(value, &claims->fhir_user);
+        } else if (name == "purpose_of_use"sv) {
+            ok = read_string_or_list(value, &claims->purpose_of_use);
+        } else if (name == "cnf"sv) {
+            ok = read_confirmation(value, &claims->cnf_x5t_s256);
+        }
+        if (!ok) {
+            return TokenError::BadClaimType;
+        }
     }
-    if (payload.find("client_id") == nullptr) {
+    if (!has_client_id) {
         claims->client_id = std::move(azp);
     }
     return TokenError::None;
@@ -843,7 +854,9 @@ TokenError check_claims(const Claims &claims, const VerifyOptions &options) {
 // ---------------------------------------------------------------------------------------------
 // Public API
 
-std::string_view algorithm_name(Algorithm alg) { return spec_of(alg).name; }
+std::string_view algorithm_name(Algorithm alg) {
+    return spec_of(alg).name;
+}
 
 std::optional<Algorithm> algorithm_from_name(std::string_view name) {
     for (const AlgSpec &spec : kSpecs) {
@@ -910,9 +923,13 @@ std::string_view token_error_name(TokenError error) {
 
 KeySet::KeySet() : impl_(std::make_shared<const Impl>()) {}
 
-size_t KeySet::size() const { return impl_->keys.size(); }
+size_t KeySet::size() const {
+    return impl_->keys.size();
+}
 
-const KeyInfo &KeySet::info(size_t index) const { return impl_->keys[index].info; }
+const KeyInfo &KeySet::info(size_t index) const {
+    return impl_->keys[index].info;
+}
 
 std::optional<KeySet> KeySet::parse(std::string_view jwks_json, std::string *error) noexcept {
     const auto fail = [error](std::string message) -> std::optional<KeySet> {
@@ -977,11 +994,11 @@ VerifyResult verify_jwt(std::string_view compact, const KeySet &keys,
             json::parse(verified.payload, &parse_error,
                         json::Limits{.max_bytes = options.max_token_bytes, .max_depth = 16});
         if (!payload) {
-            result.error =
-                parse_error.code == json::ParseErrorCode::DuplicateKey ? TokenError::DuplicateKey
-                : parse_error.code == json::ParseErrorCode::OutOfMemory
-                    ? TokenError::Internal
-                    : TokenError::PayloadNotJson;
+            result.error = parse_error.code == json::ParseErrorCode::DuplicateKey
+                               ? TokenError::DuplicateKey
+                           : parse_error.code == json::ParseErrorCode::OutOfMemory
+                               ? TokenError::Internal
+                               : TokenError::PayloadNotJson;
             return result;
         }
         if (!payload->is_object()) {

@@ -1,9 +1,9 @@
 #include "ehrgate/json.hpp"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cmath>
-#include <limits>
 #include <new>
 #include <system_error>
 
@@ -15,6 +15,8 @@ namespace {
 // extra memory); larger ones are sorted once when they close, so a document of many keys stays
 // O(n log n) instead of quadratic.
 constexpr size_t kLinearDuplicateCheck = 16;
+
+constexpr size_t kInitialMembers = 8;
 
 // Error messages quote at most this much of a key.
 constexpr size_t kMaxQuotedKey = 64;
@@ -83,10 +85,21 @@ int hex_value(char ch) {
     return -1;
 }
 
-bool is_digit(char ch) { return ch >= '0' && ch <= '9'; }
+bool is_digit(char ch) {
+    return ch >= '0' && ch <= '9';
+}
+
+// Bytes a string can contain as they are: printable ASCII except the quote and the backslash.
+constexpr std::array<bool, 256> kPlainStringByte = [] {
+    std::array<bool, 256> table{};
+    for (int byte = 0x20; byte < 0x80; ++byte) {
+        table[byte] = byte != '"' && byte != '\\';
+    }
+    return table;
+}();
 
 class Parser {
-public:
+  public:
     Parser(std::string_view text, size_t max_depth) : text_(text), max_depth_(max_depth) {}
 
     std::optional<Value> run() {
@@ -105,7 +118,7 @@ public:
 
     ParseError take_error() { return std::move(error_); }
 
-private:
+  private:
     std::nullopt_t fail(ParseErrorCode code, size_t offset, std::string message) {
         error_.code = code;
         error_.offset = offset;
@@ -118,9 +131,9 @@ private:
             return fail(ParseErrorCode::UnexpectedEnd, pos_,
                         "unexpected end of input, expected " + std::string(expected));
         }
-        return fail(ParseErrorCode::UnexpectedCharacter, pos_,
-                    "unexpected " + describe_char(text_[pos_]) + ", expected " +
-                        std::string(expected));
+        return fail(
+            ParseErrorCode::UnexpectedCharacter, pos_,
+            "unexpected " + describe_char(text_[pos_]) + ", expected " + std::string(expected));
     }
 
     void skip_whitespace() {
@@ -223,11 +236,20 @@ private:
         }
         ++pos_;  // '{'
         Value::Object members;
-        std::vector<size_t> key_offsets;
+        // Key offsets are only needed to report a duplicate found by the sort below; the first
+        // kLinearDuplicateCheck live on the stack.
+        size_t first_key_offsets[kLinearDuplicateCheck];
+        std::vector<size_t> more_key_offsets;
         skip_whitespace();
         if (pos_ < text_.size() && text_[pos_] == '}') {
             ++pos_;
             return Value::from_object(std::move(members));
+        }
+        // A JWT header or claim set has a handful to a dozen members: one allocation up front
+        // instead of four regrowths. Only for the outermost object, so a document of many tiny
+        // objects cannot multiply its size by the reservation.
+        if (depth == 1) {
+            members.reserve(kInitialMembers);
         }
         for (;;) {
             skip_whitespace();
@@ -256,8 +278,12 @@ private:
             if (!value) {
                 return std::nullopt;
             }
+            if (members.size() < kLinearDuplicateCheck) {
+                first_key_offsets[members.size()] = key_offset;
+            } else {
+                more_key_offsets.push_back(key_offset);
+            }
             members.emplace_back(std::move(*key), std::move(*value));
-            key_offsets.push_back(key_offset);
             skip_whitespace();
             if (pos_ < text_.size() && text_[pos_] == ',') {
                 ++pos_;
@@ -286,7 +312,10 @@ private:
                 }
             }
             if (worst != members.size()) {
-                return duplicate(key_offsets[worst], members[worst].first);
+                const size_t offset = worst < kLinearDuplicateCheck
+                                          ? first_key_offsets[worst]
+                                          : more_key_offsets[worst - kLinearDuplicateCheck];
+                return duplicate(offset, members[worst].first);
             }
         }
         return Value::from_object(std::move(members));
@@ -445,11 +474,8 @@ private:
         for (;;) {
             // Copy the run of plain ASCII at once.
             const size_t run_start = pos_;
-            while (pos_ < text_.size()) {
-                const auto byte = static_cast<unsigned char>(text_[pos_]);
-                if (byte == '"' || byte == '\\' || byte < 0x20 || byte >= 0x80) {
-                    break;
-                }
+            while (pos_ < text_.size() &&
+                   kPlainStringByte[static_cast<unsigned char>(text_[pos_])]) {
                 ++pos_;
             }
             out.append(text_.data() + run_start, pos_ - run_start);
@@ -634,8 +660,8 @@ std::optional<Value> parse(std::string_view text, ParseError *error, const Limit
         if (text.size() > limits.max_bytes) {
             err.code = ParseErrorCode::TooLarge;
             err.offset = limits.max_bytes;
-            err.message = "document is " + std::to_string(text.size()) +
-                          " bytes, the limit is " + std::to_string(limits.max_bytes);
+            err.message = "document is " + std::to_string(text.size()) + " bytes, the limit is " +
+                          std::to_string(limits.max_bytes);
             return std::nullopt;
         }
         Parser parser(text, std::min(limits.max_depth, kHardMaxDepth));

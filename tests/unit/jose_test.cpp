@@ -9,14 +9,18 @@
 #include <openssl/rsa.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <ostream>
+#include <random>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "ehrgate/base64url.hpp"
@@ -26,7 +30,9 @@
 namespace ehrgate::jose {
 
 // gtest prints enum values as numbers; names make failures readable.
-void PrintTo(TokenError error, std::ostream *os) { *os << token_error_name(error); }
+void PrintTo(TokenError error, std::ostream *os) {
+    *os << token_error_name(error);
+}
 
 namespace {
 
@@ -68,7 +74,9 @@ size_t ec_bytes(Algorithm alg) {
     return alg == Algorithm::ES256 ? 32 : alg == Algorithm::ES384 ? 48 : 66;
 }
 
-std::string b64(std::string_view bytes) { return base64url::encode(bytes); }
+std::string b64(std::string_view bytes) {
+    return base64url::encode(bytes);
+}
 
 std::string bn_param(EVP_PKEY *pkey, const char *name, size_t width) {
     BIGNUM *bn = nullptr;
@@ -96,8 +104,7 @@ struct TestKey {
         const size_t width = crv == "P-256" ? 32 : crv == "P-384" ? 48 : 66;
         return R"("kty":"EC","crv":)" + json::quote(crv) + R"(,"x":)" +
                json::quote(b64(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_X, width))) +
-               R"(,"y":)" +
-               json::quote(b64(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_Y, width)));
+               R"(,"y":)" + json::quote(b64(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_Y, width)));
     }
 
     std::string jwk(std::string_view extra = "") const {
@@ -127,8 +134,7 @@ TestKey generate_ec(std::string kid, const char *crv) {
 
 // JWS signature over `input`: PKCS#1 v1.5, PSS (salt = hash length) or raw r || s.
 std::string sign(EVP_PKEY *pkey, Algorithm alg, std::string_view input) {
-    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(),
-                                                                EVP_MD_CTX_free);
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
     EVP_PKEY_CTX *pctx = nullptr;
     const EVP_MD *md = digest_for(alg);
     EXPECT_EQ(EVP_DigestSignInit(ctx.get(), &pctx, md, nullptr, pkey), 1);
@@ -237,7 +243,7 @@ std::string parse_keys_error(const std::string &jwks) {
 // ---- Fixture: keys generated once per run ----------------------------------------------------
 
 class JoseTest : public ::testing::Test {
-protected:
+  protected:
     static void SetUpTestSuite() {
         keys_ = new Keys{generate_rsa("rsa-1"),          generate_rsa("rsa-2"),
                          generate_ec("ec-256", "P-256"), generate_ec("ec-384", "P-384"),
@@ -339,9 +345,9 @@ TEST_F(JoseTest, ClaimsAreExtracted) {
 }
 
 TEST_F(JoseTest, OptionalClaimsMayBeAbsent) {
-    const std::string minimal = "{\"iss\":" + json::quote(kIssuer) + ",\"aud\":" +
-                                json::quote(kAudience) + ",\"exp\":" + std::to_string(kNow + 1) +
-                                "}";
+    const std::string minimal = "{\"iss\":" + json::quote(kIssuer) +
+                                ",\"aud\":" + json::quote(kAudience) +
+                                ",\"exp\":" + std::to_string(kNow + 1) + "}";
     const VerifyResult result = verify_jwt(token(Algorithm::RS256, minimal), keyset_, options());
     ASSERT_EQ(result.error, TokenError::None);
     EXPECT_EQ(result.claims.nbf, std::nullopt);
@@ -353,9 +359,9 @@ TEST_F(JoseTest, OptionalClaimsMayBeAbsent) {
 }
 
 TEST_F(JoseTest, ClientIdFallsBackToAzp) {
-    const VerifyResult azp = verify_jwt(
-        token(Algorithm::ES384, claims_json(R"("azp":"from-azp")", ",client_id,")), keyset_,
-        options());
+    const VerifyResult azp =
+        verify_jwt(token(Algorithm::ES384, claims_json(R"("azp":"from-azp")", ",client_id,")),
+                   keyset_, options());
     ASSERT_EQ(azp.error, TokenError::None);
     EXPECT_EQ(azp.claims.client_id, "from-azp");
     const VerifyResult both =
@@ -365,9 +371,9 @@ TEST_F(JoseTest, ClientIdFallsBackToAzp) {
 }
 
 TEST_F(JoseTest, AudienceArrayAndPurposeList) {
-    const std::string claims = claims_json(
-        R"("aud":["https://other.example",")" + std::string(kAudience) +
-        R"("],"purpose_of_use":["TREAT","ETREAT"])");
+    const std::string claims =
+        claims_json(R"("aud":["https://other.example",")" + std::string(kAudience) +
+                    R"("],"purpose_of_use":["TREAT","ETREAT"])");
     const VerifyResult result = verify_jwt(token(Algorithm::PS256, claims), keyset_, options());
     ASSERT_EQ(result.error, TokenError::None);
     EXPECT_EQ(result.claims.aud.size(), 2u);
@@ -377,8 +383,8 @@ TEST_F(JoseTest, AudienceArrayAndPurposeList) {
 TEST_F(JoseTest, KidlessTokensTryKeysOfTheRightFamily) {
     for (const Algorithm alg : kAllAlgorithms) {
         SCOPED_TRACE(algorithm_name(alg));
-        const std::string compact = make_token(header_json(alg, ""), claims_json(),
-                                               key_for(alg).pkey.get(), alg);
+        const std::string compact =
+            make_token(header_json(alg, ""), claims_json(), key_for(alg).pkey.get(), alg);
         const VerifyResult result = verify_jwt(compact, keyset_, options());
         EXPECT_EQ(result.error, TokenError::None);
         EXPECT_TRUE(result.kid.empty());
@@ -397,8 +403,8 @@ TEST_F(JoseTest, AcceptedTypValues) {
     for (const char *typ : {"JWT", "jwt", "at+jwt", "AT+JWT", "application/jwt",
                             "application/at+jwt", "Application/JWT"}) {
         SCOPED_TRACE(typ);
-        const std::string header = R"({"alg":"ES256","kid":"ec-256","typ":)" + json::quote(typ) +
-                                   "}";
+        const std::string header =
+            R"({"alg":"ES256","kid":"ec-256","typ":)" + json::quote(typ) + "}";
         EXPECT_EQ(verify(token(Algorithm::ES256, "", header)), TokenError::None);
     }
     EXPECT_EQ(verify(token(Algorithm::ES256, "", R"({"alg":"ES256","kid":"ec-256"})")),
@@ -420,6 +426,32 @@ TEST_F(JoseTest, KeySetCopiesShareKeys) {
               TokenError::UnknownKey);
 }
 
+TEST_F(JoseTest, ThreadsShareOneKeySet) {
+    // KeySet is immutable after parse: concurrent verifications copy the same per-key templates.
+    std::vector<std::string> tokens;
+    for (const Algorithm alg : kAllAlgorithms) {
+        tokens.push_back(token(alg));
+    }
+    const KeySet shared = keyset_;
+    const VerifyOptions o = options();
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 60; ++i) {
+                const std::string &compact = tokens[static_cast<size_t>(t + i) % tokens.size()];
+                if (verify_jwt(compact, shared, o).error != TokenError::None) {
+                    ++failures;
+                }
+            }
+        });
+    }
+    for (std::thread &thread : threads) {
+        thread.join();
+    }
+    EXPECT_EQ(failures.load(), 0);
+}
+
 // ---- alg and header rejections ---------------------------------------------------------------
 
 TEST_F(JoseTest, AlgNoneInAnyCase) {
@@ -438,17 +470,16 @@ TEST_F(JoseTest, AlgNoneInAnyCase) {
 TEST_F(JoseTest, SymmetricAlgorithmsAreNeverAccepted) {
     // The classic confusion attack: HMAC keyed with the bytes of the server's public key.
     const std::string public_jwk = keys_->rsa.jwk();
-    for (const auto &[name, md] : {std::pair{"HS256", EVP_sha256()},
-                                   std::pair{"HS384", EVP_sha384()},
-                                   std::pair{"HS512", EVP_sha512()}}) {
+    for (const auto &[name, md] :
+         {std::pair{"HS256", EVP_sha256()}, std::pair{"HS384", EVP_sha384()},
+          std::pair{"HS512", EVP_sha512()}}) {
         SCOPED_TRACE(name);
         const std::string input = b64(std::string(R"({"alg":")") + name + R"(","kid":"rsa-1"})") +
                                   "." + b64(claims_json());
         unsigned char mac[EVP_MAX_MD_SIZE];
         unsigned int mac_length = 0;
         HMAC(md, public_jwk.data(), static_cast<int>(public_jwk.size()),
-             reinterpret_cast<const unsigned char *>(input.data()), input.size(), mac,
-             &mac_length);
+             reinterpret_cast<const unsigned char *>(input.data()), input.size(), mac, &mac_length);
         const std::string compact =
             input + "." + b64(std::string_view(reinterpret_cast<char *>(mac), mac_length));
         EXPECT_EQ(verify(compact), TokenError::AlgNotAllowed);
@@ -487,9 +518,9 @@ TEST_F(JoseTest, HeadersThatChooseTheirOwnKeyAreForbidden) {
         SCOPED_TRACE(extra);
         // Signed by the embedded key and by the real one: both refused.
         const std::string header = header_json(Algorithm::ES256, "ec-256", extra);
-        EXPECT_EQ(verify(make_token(header, claims_json(), keys_->stranger.pkey.get(),
-                                    Algorithm::ES256)),
-                  TokenError::ForbiddenHeader);
+        EXPECT_EQ(
+            verify(make_token(header, claims_json(), keys_->stranger.pkey.get(), Algorithm::ES256)),
+            TokenError::ForbiddenHeader);
         EXPECT_EQ(verify(token(Algorithm::ES256, "", header)), TokenError::ForbiddenHeader);
     }
 }
@@ -507,8 +538,8 @@ TEST_F(JoseTest, BadTyp) {
     for (const char *typ : {R"("JWS")", R"("jwt+foo")", R"("application/")", R"("")",
                             R"("application/jose")", R"("JWT ")", "5", "null", R"(["JWT"])"}) {
         SCOPED_TRACE(typ);
-        const std::string header = std::string(R"({"alg":"ES256","kid":"ec-256","typ":)") + typ +
-                                   "}";
+        const std::string header =
+            std::string(R"({"alg":"ES256","kid":"ec-256","typ":)") + typ + "}";
         EXPECT_EQ(verify(token(Algorithm::ES256, "", header)), TokenError::BadTyp);
     }
 }
@@ -525,7 +556,9 @@ TEST_F(JoseTest, BadHeaderMembers) {
 TEST_F(JoseTest, HeaderNotJsonOrNotAnObject) {
     for (const char *header :
          {"not json", R"(["alg","ES256"])", R"("ES256")", "", R"({"alg":"ES256")",
-          R"({"alg":"ES256"} )" "x", "{\"alg\":\"ES\xff\"}", "\xef\xbb\xbf{\"alg\":\"ES256\"}"}) {
+          R"({"alg":"ES256"} )"
+          "x",
+          "{\"alg\":\"ES\xff\"}", "\xef\xbb\xbf{\"alg\":\"ES256\"}"}) {
         SCOPED_TRACE(header);
         const std::string compact = b64(header) + "." + b64(claims_json()) + "." + b64("sig");
         EXPECT_EQ(verify(compact), std::string_view(header).empty() ? TokenError::Malformed
@@ -555,8 +588,8 @@ TEST_F(JoseTest, StructureMustBeThreeNonEmptySegments) {
          {std::string(), std::string("."), std::string(".."), std::string("..."),
           header + "." + payload, header + "." + payload + "." + signature + ".",
           header + "." + payload + "." + signature + "." + signature + "." + signature,
-          "." + payload + "." + signature, header + ".." + signature,
-          header + "." + payload + ".", header, std::string("abc")}) {
+          "." + payload + "." + signature, header + ".." + signature, header + "." + payload + ".",
+          header, std::string("abc")}) {
         SCOPED_TRACE(compact);
         EXPECT_EQ(verify(compact), TokenError::Malformed);
     }
@@ -605,10 +638,11 @@ TEST_F(JoseTest, NonCanonicalBase64url) {
     trailing.back() = '1';
     for (const std::string &compact :
          {header + "." + payload + "." + padded(signature),
-          header + "." + payload + "." + signature + "==", header + "." + payload + "." + plus_signature,
-          header + " ." + payload + "." + signature, header + "." + payload + "." + signature + "\n",
-          header + "." + payload + "!" + "." + signature, trailing + "." + payload + "." + signature,
-          header + "." + payload + "." + "A"}) {
+          header + "." + payload + "." + signature + "==",
+          header + "." + payload + "." + plus_signature, header + " ." + payload + "." + signature,
+          header + "." + payload + "." + signature + "\n",
+          header + "." + payload + "!" + "." + signature,
+          trailing + "." + payload + "." + signature, header + "." + payload + "." + "A"}) {
         SCOPED_TRACE(compact);
         EXPECT_EQ(verify(compact), TokenError::BadBase64url);
     }
@@ -621,6 +655,16 @@ TEST_F(JoseTest, UnknownKid) {
               TokenError::UnknownKey);
     EXPECT_EQ(verify(token(Algorithm::ES256, "", header_json(Algorithm::ES256, "EC-256"))),
               TokenError::UnknownKey);
+    // An empty kid does not select the keys that have none.
+    const KeySet no_kids =
+        parse_keys(R"({"keys":[)" + keys_->p256.members().insert(0, "{") + "}]}");
+    EXPECT_EQ(
+        verify_jwt(token(Algorithm::ES256, "", R"({"alg":"ES256","kid":""})"), no_kids, options())
+            .error,
+        TokenError::UnknownKey);
+    EXPECT_EQ(
+        verify_jwt(token(Algorithm::ES256, "", R"({"alg":"ES256"})"), no_kids, options()).error,
+        TokenError::None);
     // A kid-less token whose family has no key in the set.
     const KeySet rsa_only = parse_keys(R"({"keys":[)" + keys_->rsa.jwk() + "]}");
     const std::string kidless = make_token(header_json(Algorithm::ES256, ""), claims_json(),
@@ -632,8 +676,8 @@ TEST_F(JoseTest, EncryptionKeysNeverVerify) {
     for (const char *extra : {R"("use":"enc")", R"("use":"other")", R"("key_ops":["encrypt"])",
                               R"("alg":"RSA-OAEP")"}) {
         SCOPED_TRACE(extra);
-        const KeySet keys = parse_keys(R"({"keys":[)" + keys_->rsa.jwk(extra) + "," +
-                                       keys_->p256.jwk() + "]}");
+        const KeySet keys =
+            parse_keys(R"({"keys":[)" + keys_->rsa.jwk(extra) + "," + keys_->p256.jwk() + "]}");
         EXPECT_FALSE(keys.info(0).verifies);
         EXPECT_TRUE(keys.info(1).verifies);
         EXPECT_EQ(verify_jwt(token(Algorithm::RS256), keys, options()).error,
@@ -642,8 +686,8 @@ TEST_F(JoseTest, EncryptionKeysNeverVerify) {
                                                keys_->rsa.pkey.get(), Algorithm::RS256);
         EXPECT_EQ(verify_jwt(kidless, keys, options()).error, TokenError::UnknownKey);
     }
-    for (const char *extra : {R"("use":"sig")", R"("key_ops":["verify","sign"])",
-                              R"("alg":"RS256")"}) {
+    for (const char *extra :
+         {R"("use":"sig")", R"("key_ops":["verify","sign"])", R"("alg":"RS256")"}) {
         SCOPED_TRACE(extra);
         const KeySet keys = parse_keys(R"({"keys":[)" + keys_->rsa.jwk(extra) + "]}");
         EXPECT_TRUE(keys.info(0).verifies);
@@ -731,9 +775,8 @@ TEST_F(JoseTest, SignatureFromAnotherKeyWithTheSameKid) {
     const std::string forged = make_token(header_json(Algorithm::ES256, "ec-256"), claims_json(),
                                           keys_->stranger.pkey.get(), Algorithm::ES256);
     EXPECT_EQ(verify(forged), TokenError::BadSignature);
-    const std::string rsa_forged = make_token(header_json(Algorithm::RS256, "rsa-1"),
-                                              claims_json(), keys_->rsa2.pkey.get(),
-                                              Algorithm::RS256);
+    const std::string rsa_forged = make_token(header_json(Algorithm::RS256, "rsa-1"), claims_json(),
+                                              keys_->rsa2.pkey.get(), Algorithm::RS256);
     EXPECT_EQ(verify(rsa_forged), TokenError::BadSignature);
 }
 
@@ -765,8 +808,7 @@ TEST_F(JoseTest, EcdsaSignatureEncodingIsStrict) {
     EXPECT_EQ(verify(prefix + b64(raw.substr(0, 32) + std::string(32, '\0'))),
               TokenError::BadSignature);
     // s = n (the P-256 order) and s = 2^256 - 1.
-    const std::string order =
-        *base64url::decode("_____wAAAAD__________7zm-q2nF56E87nKwvxjJVE");
+    const std::string order = *base64url::decode("_____wAAAAD__________7zm-q2nF56E87nKwvxjJVE");
     ASSERT_EQ(order.size(), 32u);
     EXPECT_EQ(verify(prefix + b64(raw.substr(0, 32) + order)), TokenError::BadSignature);
     EXPECT_EQ(verify(prefix + b64(raw.substr(0, 32) + std::string(32, '\xff'))),
@@ -789,10 +831,10 @@ TEST_F(JoseTest, PssAndPkcs1AreNotInterchangeable) {
     const std::string ps = token(Algorithm::PS256);
     // PSS with a salt length other than the hash length is refused.
     const std::string input = ps.substr(0, ps.rfind('.'));
-    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(),
-                                                                EVP_MD_CTX_free);
+    std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
     EVP_PKEY_CTX *pctx = nullptr;
-    ASSERT_EQ(EVP_DigestSignInit(ctx.get(), &pctx, EVP_sha256(), nullptr, keys_->rsa.pkey.get()), 1);
+    ASSERT_EQ(EVP_DigestSignInit(ctx.get(), &pctx, EVP_sha256(), nullptr, keys_->rsa.pkey.get()),
+              1);
     ASSERT_EQ(EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_PSS_PADDING), 1);
     ASSERT_EQ(EVP_PKEY_CTX_set_rsa_pss_saltlen(pctx, 20), 1);
     size_t length = 512;
@@ -807,9 +849,8 @@ TEST_F(JoseTest, PssAndPkcs1AreNotInterchangeable) {
 TEST_F(JoseTest, SignatureIsCheckedBeforeClaims) {
     // Unverified payloads are never interpreted: expired, wrong-typed, or not JSON at all, a
     // token with a bad signature is a bad signature.
-    for (const std::string &claims :
-         {claims_json(R"("exp":1)"), claims_json(R"("exp":"soon")"), std::string("not json"),
-          std::string(R"({"a":1,"a":2})")}) {
+    for (const std::string &claims : {claims_json(R"("exp":1)"), claims_json(R"("exp":"soon")"),
+                                      std::string("not json"), std::string(R"({"a":1,"a":2})")}) {
         SCOPED_TRACE(claims);
         const std::string compact = make_token(header_json(Algorithm::ES256, "ec-256"), claims,
                                                keys_->stranger.pkey.get(), Algorithm::ES256);
@@ -817,11 +858,45 @@ TEST_F(JoseTest, SignatureIsCheckedBeforeClaims) {
     }
 }
 
+TEST_F(JoseTest, MutatedTokensNeverVerifyAndNeverCrash) {
+    // Base64url is canonical, so any change to the compact form changes the signed bytes or the
+    // signature: no mutation may verify.
+    std::mt19937 rng(4711);
+    const std::string originals[] = {token(Algorithm::ES256), token(Algorithm::RS256),
+                                     token(Algorithm::PS384)};
+    constexpr std::string_view kAlphabet =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ ";
+    for (int i = 0; i < 1500; ++i) {
+        std::string compact = originals[static_cast<size_t>(i) % std::size(originals)];
+        const size_t at = rng() % compact.size();
+        switch (rng() % 4) {
+            case 0:
+                compact[at] = kAlphabet[rng() % kAlphabet.size()];
+                break;
+            case 1:
+                compact.insert(at, 1, kAlphabet[rng() % kAlphabet.size()]);
+                break;
+            case 2:
+                compact.erase(at, 1 + rng() % 4);
+                break;
+            default:
+                compact[at] = static_cast<char>(rng());
+                break;
+        }
+        if (std::find(std::begin(originals), std::end(originals), compact) != std::end(originals)) {
+            continue;
+        }
+        const VerifyResult result = verify_jwt(compact, keyset_, options());
+        ASSERT_NE(result.error, TokenError::None) << compact;
+        ASSERT_NE(result.error, TokenError::Internal) << compact;
+    }
+}
+
 // ---- Payload and claims ----------------------------------------------------------------------
 
 TEST_F(JoseTest, PayloadMustBeAJsonObject) {
-    for (const char *payload : {"hello", "[1,2]", "\"str\"", "42", "{\"exp\":1", "{} {}",
-                                "{\"a\":\"\xed\xa0\x80\"}"}) {
+    for (const char *payload :
+         {"hello", "[1,2]", "\"str\"", "42", "{\"exp\":1", "{} {}", "{\"a\":\"\xed\xa0\x80\"}"}) {
         SCOPED_TRACE(payload);
         EXPECT_EQ(verify(token(Algorithm::RS256, payload)), TokenError::PayloadNotJson);
     }
@@ -852,7 +927,8 @@ TEST_F(JoseTest, ExpiryBoundaryWithLeeway) {
     EXPECT_EQ(with_exp(kNow - 100000), TokenError::Expired);
     VerifyOptions strict = options();
     strict.leeway_seconds = 0;
-    const std::string at_now = token(Algorithm::ES256, claims_json("\"exp\":" + std::to_string(kNow)));
+    const std::string at_now =
+        token(Algorithm::ES256, claims_json("\"exp\":" + std::to_string(kNow)));
     EXPECT_EQ(verify(at_now, strict), TokenError::Expired);
     strict.now = kNow - 1;
     EXPECT_EQ(verify(at_now, strict), TokenError::None);
@@ -883,16 +959,16 @@ TEST_F(JoseTest, IssuedAtBoundaryWithLeeway) {
 
 TEST_F(JoseTest, FractionalNumericDatesRoundTowardsStrict) {
     // exp rounds down: kNow - 59.5 -> kNow - 60, expired.
-    EXPECT_EQ(verify(token(Algorithm::ES256, claims_json("\"exp\":" + std::to_string(kNow - 60) +
-                                                         ".5"))),
-              TokenError::Expired);
-    EXPECT_EQ(verify(token(Algorithm::ES256, claims_json("\"exp\":" + std::to_string(kNow + 60) +
-                                                         ".25"))),
+    EXPECT_EQ(
+        verify(token(Algorithm::ES256, claims_json("\"exp\":" + std::to_string(kNow - 60) + ".5"))),
+        TokenError::Expired);
+    EXPECT_EQ(verify(token(Algorithm::ES256,
+                           claims_json("\"exp\":" + std::to_string(kNow + 60) + ".25"))),
               TokenError::None);
     // nbf rounds up: kNow + 60.5 -> kNow + 61, not yet valid.
-    EXPECT_EQ(verify(token(Algorithm::ES256, claims_json("\"nbf\":" + std::to_string(kNow + 60) +
-                                                         ".5"))),
-              TokenError::NotYetValid);
+    EXPECT_EQ(
+        verify(token(Algorithm::ES256, claims_json("\"nbf\":" + std::to_string(kNow + 60) + ".5"))),
+        TokenError::NotYetValid);
     // Exponent notation is a number like any other.
     EXPECT_EQ(verify(token(Algorithm::ES256, claims_json(R"("exp":1.8e9)"))), TokenError::None);
 }
@@ -944,13 +1020,26 @@ TEST_F(JoseTest, WrongAudience) {
 }
 
 TEST_F(JoseTest, BadClaimTypes) {
-    for (const char *claim :
-         {R"("exp":"1700000300")", R"("exp":null)", R"("nbf":true)", R"("iat":[1])",
-          R"("scope":5)", R"("scope":["a","b"])", R"("iss":5)", R"("sub":{})", R"("aud":5)",
-          R"("aud":[1])", R"("aud":["https://ehr.example.org/fhir",null])", R"("jti":1)",
-          R"("client_id":["x"])", R"("azp":7)", R"("patient":123)", R"("fhirUser":false)",
-          R"("purpose_of_use":5)", R"("purpose_of_use":[["TREAT"]])", R"("cnf":"thumb")",
-          R"("cnf":{"x5t#S256":1})"}) {
+    for (const char *claim : {R"("exp":"1700000300")",
+                              R"("exp":null)",
+                              R"("nbf":true)",
+                              R"("iat":[1])",
+                              R"("scope":5)",
+                              R"("scope":["a","b"])",
+                              R"("iss":5)",
+                              R"("sub":{})",
+                              R"("aud":5)",
+                              R"("aud":[1])",
+                              R"("aud":["https://ehr.example.org/fhir",null])",
+                              R"("jti":1)",
+                              R"("client_id":["x"])",
+                              R"("azp":7)",
+                              R"("patient":123)",
+                              R"("fhirUser":false)",
+                              R"("purpose_of_use":5)",
+                              R"("purpose_of_use":[["TREAT"]])",
+                              R"("cnf":"thumb")",
+                              R"("cnf":{"x5t#S256":1})"}) {
         SCOPED_TRACE(claim);
         EXPECT_EQ(verify(token(Algorithm::ES256, claims_json(claim))), TokenError::BadClaimType);
     }
@@ -961,8 +1050,7 @@ TEST_F(JoseTest, BadClaimTypes) {
 
 TEST_F(JoseTest, ClaimChecksRunInDocumentedOrder) {
     // Type errors first, then exp, nbf, iat, iss, aud.
-    EXPECT_EQ(verify(token(Algorithm::ES256,
-                           claims_json(R"("exp":1,"scope":5,"iss":"x")"))),
+    EXPECT_EQ(verify(token(Algorithm::ES256, claims_json(R"("exp":1,"scope":5,"iss":"x")"))),
               TokenError::BadClaimType);
     EXPECT_EQ(verify(token(Algorithm::ES256, claims_json(R"("exp":1,"iss":"x","aud":"y")"))),
               TokenError::Expired);
@@ -971,8 +1059,8 @@ TEST_F(JoseTest, ClaimChecksRunInDocumentedOrder) {
 }
 
 TEST_F(JoseTest, ResultCarriesHeaderFactsOnFailure) {
-    const VerifyResult result = verify_jwt(
-        token(Algorithm::ES384, claims_json(R"("exp":1)")), keyset_, options());
+    const VerifyResult result =
+        verify_jwt(token(Algorithm::ES384, claims_json(R"("exp":1)")), keyset_, options());
     EXPECT_EQ(result.error, TokenError::Expired);
     EXPECT_FALSE(result.ok());
     EXPECT_EQ(result.kid, "ec-384");
@@ -1050,12 +1138,14 @@ TEST_F(JoseTest, JwksRejectsPrivateKeys) {
 }
 
 TEST_F(JoseTest, JwksRejectsSymmetricAndUnknownKeyTypes) {
-    EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"oct","k":"AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ"}]})"),
-              "keys[0]: symmetric (\"oct\") keys are not accepted: only RSA and EC public keys");
+    EXPECT_EQ(
+        parse_keys_error(R"({"keys":[{"kty":"oct","k":"AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ"}]})"),
+        "keys[0]: symmetric (\"oct\") keys are not accepted: only RSA and EC public keys");
     EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"oct","kid":"x"}]})"),
               "keys[0]: symmetric (\"oct\") keys are not accepted: only RSA and EC public keys");
     EXPECT_EQ(
-        parse_keys_error(R"({"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]})"),
+        parse_keys_error(
+            R"({"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]})"),
         "keys[0]: unsupported kty \"OKP\": expected \"RSA\" or \"EC\"");
     EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"rsa","n":"AQAB","e":"AQAB"}]})"),
               "keys[0]: unsupported kty \"rsa\": expected \"RSA\" or \"EC\"");
@@ -1082,8 +1172,8 @@ TEST_F(JoseTest, JwksRejectsShortAndOddRsaKeys) {
     odd.back() = '\x9b';
     for (const std::string &e : {b64("\x01"), b64("\x01\x00"), b64(std::string(9, '\x01'))}) {
         SCOPED_TRACE(e);
-        EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"RSA","n":")" + b64(odd) + R"(","e":")" +
-                                   e + R"("}]})"),
+        EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"RSA","n":")" + b64(odd) + R"(","e":")" + e +
+                                   R"("}]})"),
                   "keys[0]: RSA public exponent must be odd, greater than 1 and at most 64 bits");
     }
 }
@@ -1094,10 +1184,9 @@ TEST_F(JoseTest, JwksRejectsPointsOffTheCurve) {
         const size_t width = key->crv == "P-256" ? 32 : key->crv == "P-384" ? 48 : 66;
         std::string y = bn_param(key->pkey.get(), OSSL_PKEY_PARAM_EC_PUB_Y, width);
         y.back() ^= 0x01;
-        const std::string jwk =
-            R"({"kty":"EC","crv":")" + key->crv + R"(","x":")" +
-            b64(bn_param(key->pkey.get(), OSSL_PKEY_PARAM_EC_PUB_X, width)) + R"(","y":")" +
-            b64(y) + R"("})";
+        const std::string jwk = R"({"kty":"EC","crv":")" + key->crv + R"(","x":")" +
+                                b64(bn_param(key->pkey.get(), OSSL_PKEY_PARAM_EC_PUB_X, width)) +
+                                R"(","y":")" + b64(y) + R"("})";
         EXPECT_EQ(parse_keys_error(R"({"keys":[)" + jwk + "]}"),
                   "keys[0]: (x, y) is not a point on " + key->crv);
     }
@@ -1116,8 +1205,8 @@ TEST_F(JoseTest, JwksRejectsPointsOffTheCurve) {
                                b64(std::string(32, '\xff')) + R"(","y":")" + b64(y) + R"("}]})"),
               "keys[0]: (x, y) is not a point on P-256");
     // x with a leading zero octet dropped (not full length).
-    EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"EC","crv":"P-256","x":")" +
-                               b64(x.substr(1)) + R"(","y":")" + b64(y) + R"("}]})"),
+    EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"EC","crv":"P-256","x":")" + b64(x.substr(1)) +
+                               R"(","y":")" + b64(y) + R"("}]})"),
               "keys[0]: \"x\" and \"y\" must be 32 bytes for P-256");
     EXPECT_EQ(parse_keys_error(R"({"keys":[{"kty":"EC","crv":"secp256k1","x":")" + b64(x) +
                                R"(","y":")" + b64(y) + R"("}]})"),
@@ -1133,8 +1222,9 @@ TEST_F(JoseTest, JwksRejectsMissingAndMalformedMembers) {
         std::string error;
     } cases[] = {
         {"", "JWKS is not valid JSON at byte 0: unexpected end of input, expected a value"},
-        {R"({"keys":[]} x)", "JWKS is not valid JSON at byte 12: trailing data after the JSON "
-                             "value: 'x'"},
+        {R"({"keys":[]} x)",
+         "JWKS is not valid JSON at byte 12: trailing data after the JSON "
+         "value: 'x'"},
         {R"({"keys":[],"keys":[]})",
          "JWKS is not valid JSON at byte 11: duplicate object key \"keys\""},
         {"[]", "JWKS must be an object with a \"keys\" array"},
@@ -1240,14 +1330,13 @@ std::string public_jwks(const std::string &jwk_text) {
 }
 
 class JoseVectors : public ::testing::Test {
-protected:
+  protected:
     void SetUp() override {
         if (!std::filesystem::is_directory(kVectors / "latchset-vectors") ||
             !std::filesystem::is_directory(kVectors / "rfc7520-cookbook")) {
             GTEST_SKIP() << "../shared/testdata not present: the RFC 7515/7520 vectors are "
                             "expected in "
-                         << kVectors.lexically_normal()
-                         << "/{latchset-vectors,rfc7520-cookbook}";
+                         << kVectors.lexically_normal() << "/{latchset-vectors,rfc7520-cookbook}";
         }
     }
 
@@ -1274,8 +1363,7 @@ TEST_F(JoseVectors, Rfc7515A1Hs256IsRefused) {
               "keys[0]: symmetric (\"oct\") keys are not accepted: only RSA and EC public keys");
     const KeySet rsa = parse_keys(public_jwks(latchset("rfc7515_A.2.jwk")));
     EXPECT_EQ(verify_signature_only(token, rsa, kAllAlgorithms), TokenError::AlgNotAllowed);
-    EXPECT_EQ(verify_jwt(token, rsa, options(kRfc7515Exp - 100)).error,
-              TokenError::AlgNotAllowed);
+    EXPECT_EQ(verify_jwt(token, rsa, options(kRfc7515Exp - 100)).error, TokenError::AlgNotAllowed);
 }
 
 TEST_F(JoseVectors, Rfc7515A2Rs256) {
@@ -1409,16 +1497,18 @@ TEST_F(JoseVectors, Rfc7520CookbookSignatures) {
         // The decoded payload is the cookbook's input text.
         const std::string payload_b64 =
             token.substr(token.find('.') + 1, token.rfind('.') - token.find('.') - 1);
-        EXPECT_EQ(base64url::decode(payload_b64), *doc->find("input")->find("payload")->as_string());
+        EXPECT_EQ(base64url::decode(payload_b64),
+                  *doc->find("input")->find("payload")->as_string());
     }
     // The HMAC example is refused whatever keys we hold.
-    const std::optional<json::Value> hmac = json::parse(
-        read_file(kVectors / "rfc7520-cookbook" / "jws" / "4_4.hmac-sha2_integrity_protection.json"),
-        nullptr);
+    const std::optional<json::Value> hmac =
+        json::parse(read_file(kVectors / "rfc7520-cookbook" / "jws" /
+                              "4_4.hmac-sha2_integrity_protection.json"),
+                    nullptr);
     ASSERT_TRUE(hmac.has_value());
     const KeySet rsa = parse_keys(
-        R"({"keys":[)" + read_file(kVectors / "rfc7520-cookbook" / "jwk" / "3_3.rsa_public_key.json") +
-        "]}");
+        R"({"keys":[)" +
+        read_file(kVectors / "rfc7520-cookbook" / "jwk" / "3_3.rsa_public_key.json") + "]}");
     EXPECT_EQ(verify_signature_only(*hmac->find("output")->find("compact")->as_string(), rsa,
                                     kAllAlgorithms),
               TokenError::AlgNotAllowed);

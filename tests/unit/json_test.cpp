@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -21,14 +22,14 @@ namespace {
 // A heap copy of exactly `bytes.size()` bytes, so that AddressSanitizer reports any read past the
 // end (a std::string would hide it behind its capacity and terminating NUL).
 class ExactBuffer {
-public:
+  public:
     explicit ExactBuffer(std::string_view bytes)
         : data_(new char[bytes.empty() ? 1 : bytes.size()]), size_(bytes.size()) {
         std::copy(bytes.begin(), bytes.end(), data_.get());
     }
     std::string_view view() const { return {data_.get(), size_}; }
 
-private:
+  private:
     std::unique_ptr<char[]> data_;
     size_t size_;
 };
@@ -37,8 +38,8 @@ Value ok(std::string_view text, const Limits &limits = {}) {
     ParseError error;
     const ExactBuffer buffer(text);
     std::optional<Value> value = parse(buffer.view(), &error, limits);
-    EXPECT_TRUE(value.has_value()) << "text: " << text << "\nerror at " << error.offset << ": "
-                                   << error.message;
+    EXPECT_TRUE(value.has_value())
+        << "text: " << text << "\nerror at " << error.offset << ": " << error.message;
     EXPECT_EQ(error.code, ParseErrorCode::None);
     return value ? std::move(*value) : Value();
 }
@@ -199,9 +200,10 @@ TEST(JsonParse, StringEscapesAndUnicode) {
     EXPECT_EQ(*ok(R"("\ud83d\ude00")").as_string(), "\xf0\x9f\x98\x80");
     EXPECT_EQ(*ok("\"\xf0\x9f\x98\x80\"").as_string(), "\xf0\x9f\x98\x80");
     // Boundary code points of every UTF-8 length.
-    EXPECT_EQ(*ok("\"\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf\"")
-                   .as_string(),
-              "\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf");
+    EXPECT_EQ(
+        *ok("\"\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf\"")
+             .as_string(),
+        "\x7f\xc2\x80\xdf\xbf\xe0\xa0\x80\xef\xbf\xbf\xf0\x90\x80\x80\xf4\x8f\xbf\xbf");
     // Just below and above the surrogate block.
     EXPECT_EQ(*ok("\"\xed\x9f\xbf\xee\x80\x80\"").as_string(), "\xed\x9f\xbf\xee\x80\x80");
     const Value nul = ok(R"("a\u0000b")");
@@ -279,8 +281,7 @@ TEST(JsonReject, TrailingData) {
 }
 
 TEST(JsonReject, DuplicateKeys) {
-    expect_error(R"({"a":1,"a":2})", ParseErrorCode::DuplicateKey, 7,
-                 "duplicate object key \"a\"");
+    expect_error(R"({"a":1,"a":2})", ParseErrorCode::DuplicateKey, 7, "duplicate object key \"a\"");
     // Compared after unescaping: "al\u0067" is "alg".
     expect_error(R"({"alg":"RS256","al\u0067":"none"})", ParseErrorCode::DuplicateKey, 15,
                  "duplicate object key \"alg\"");
@@ -433,7 +434,10 @@ TEST(JsonReject, StructureAndLiterals) {
     expect_error("[1] // comment", ParseErrorCode::TrailingData, 4, "'/'");
     expect_error("/* c */ 1", ParseErrorCode::UnexpectedCharacter, 0, "'/'");
     expect_error("\f1", ParseErrorCode::UnexpectedCharacter, 0, "byte 0x0C");
-    expect_error("\xc2\xa0" "1", ParseErrorCode::UnexpectedCharacter, 0, "byte 0xC2");
+    expect_error(
+        "\xc2\xa0"
+        "1",
+        ParseErrorCode::UnexpectedCharacter, 0, "byte 0xC2");
 }
 
 TEST(JsonReject, TooDeep) {
@@ -496,10 +500,36 @@ const char *const kSeedDocuments[] = {
 
 // Fragments that steer mutations towards the interesting corners of the grammar.
 const char *const kFragments[] = {
-    "\\u",     "\\ud800", "\\udc00", "\\ud83d\\ude00", "\"", "\\", "{", "}", "[", "]", ":",
-    ",",       "\"a\":1,", "1e999",  "-0",   "00",  "1.",  "NaN", "\xed\xa0\x80", "\xc0\xaf",
-    "\xf4\x90\x80\x80", "\xe2\x82", "\x00", "\n", "true", "nul", "\"alg\":\"none\"", "1e-999",
-    "9223372036854775808", "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    "\\u",
+    "\\ud800",
+    "\\udc00",
+    "\\ud83d\\ude00",
+    "\"",
+    "\\",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ",",
+    "\"a\":1,",
+    "1e999",
+    "-0",
+    "00",
+    "1.",
+    "NaN",
+    "\xed\xa0\x80",
+    "\xc0\xaf",
+    "\xf4\x90\x80\x80",
+    "\xe2\x82",
+    "\x00",
+    "\n",
+    "true",
+    "nul",
+    "\"alg\":\"none\"",
+    "1e-999",
+    "9223372036854775808",
+    "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
 };
 
 std::string mutate(std::string text, std::mt19937 &rng) {
@@ -534,8 +564,7 @@ std::string mutate(std::string text, std::mt19937 &rng) {
                 break;
             }
             case 4: {  // grammar fragment
-                const std::string_view fragment =
-                    kFragments[pick(std::size(kFragments))];
+                const std::string_view fragment = kFragments[pick(std::size(kFragments))];
                 text.insert(pos, fragment == "\x00" ? std::string(1, '\0') : std::string(fragment));
                 break;
             }
@@ -584,8 +613,8 @@ TEST(JsonFuzz, SeededMutationsNeverCrashAndAcceptedOnesRoundTrip) {
         const std::string once = serialize(*value);
         ParseError again_error;
         const std::optional<Value> again = parse(once, &again_error);
-        ASSERT_TRUE(again.has_value()) << "iteration " << i << ": " << again_error.message
-                                       << "\nserialized: " << once;
+        ASSERT_TRUE(again.has_value())
+            << "iteration " << i << ": " << again_error.message << "\nserialized: " << once;
         ASSERT_EQ(serialize(*again), once) << "iteration " << i;
     }
     // The mutator must exercise both outcomes to be worth anything.

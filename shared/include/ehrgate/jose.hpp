@@ -17,6 +17,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace ehrgate::jose {
@@ -36,7 +37,8 @@ std::optional<Algorithm> algorithm_from_name(std::string_view name);
 enum class TokenError : uint8_t {
     None,                  // "none": verified
     TooLarge,              // "too-large": over max_token_bytes, checked before any decoding
-    Malformed,             // "malformed": not three segments, or an empty segment
+    Malformed,             // "malformed": not three segments, or an empty segment (an empty
+                           // signature only after the header checks: "alg":"none" counts as such)
     BadBase64url,          // "bad-base64url": a segment is not canonical unpadded base64url
     HeaderNotJson,         // "header-not-json": header is not a JSON object
     PayloadNotJson,        // "payload-not-json": payload is not a JSON object
@@ -64,9 +66,9 @@ std::string_view token_error_name(TokenError error);
 
 // Public facts about one key of a KeySet, for diagnostics.
 struct KeyInfo {
-    std::string kid;  // empty when the JWK has none
-    std::string kty;  // "RSA" or "EC"
-    std::string crv;  // "P-256", "P-384" or "P-521" for EC keys
+    std::string kid;               // empty when the JWK has none
+    std::string kty;               // "RSA" or "EC"
+    std::string crv;               // "P-256", "P-384" or "P-521" for EC keys
     std::optional<Algorithm> alg;  // the JWK's "alg", when it names one of ours
     // False for keys that must never verify a signature: "use":"enc", a "use" we do not know,
     // "key_ops" without "verify", or an "alg" outside our algorithms.
@@ -77,7 +79,7 @@ struct KeyInfo {
 // The trusted verification keys, parsed once from a JWKS document. Immutable after parse and
 // cheap to copy (one shared pointer), so one set can be shared by every request and thread.
 class KeySet {
-public:
+  public:
     static constexpr size_t kMaxKeys = 64;
     static constexpr int kMinRsaBits = 2048;
     static constexpr int kMaxRsaBits = 16384;
@@ -87,8 +89,9 @@ public:
     // Parses {"keys":[...]}. Refuses the whole document (nullopt, reason in `error`) when any key
     // is unacceptable: private key material ("d" or other private members), symmetric ("oct")
     // or unknown kty, RSA under kMinRsaBits, an EC point not on its curve, a missing or
-    // malformed member, or an "alg" that contradicts the key type. A trusted JWKS with a bad key
-    // is a misconfiguration worth failing loudly on, not a key to skip quietly.
+    // malformed member, or an "alg" that contradicts the key type; also an empty set, one with
+    // no key usable for verification, over kMaxKeys keys, or over 1 MiB. A trusted JWKS with a
+    // bad key is a misconfiguration worth failing loudly on, not a key to skip quietly.
     static std::optional<KeySet> parse(std::string_view jwks_json, std::string *error) noexcept;
 
     size_t size() const;
@@ -97,7 +100,7 @@ public:
     struct Impl;
     const Impl &impl() const { return *impl_; }
 
-private:
+  private:
     explicit KeySet(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
     std::shared_ptr<const Impl> impl_;
 };
@@ -125,10 +128,10 @@ struct Claims {
     std::optional<int64_t> nbf;
     std::optional<int64_t> iat;
     std::string jti;
-    std::string client_id;  // "client_id" (RFC 9068), else "azp"
-    std::string scope;      // space-separated, as sent
-    std::string patient;    // SMART launch context
-    std::string fhir_user;  // "fhirUser"
+    std::string client_id;                    // "client_id" (RFC 9068), else "azp"
+    std::string scope;                        // space-separated, as sent
+    std::string patient;                      // SMART launch context
+    std::string fhir_user;                    // "fhirUser"
     std::vector<std::string> purpose_of_use;  // "purpose_of_use": a string or a list of strings
     std::string cnf_x5t_s256;  // "cnf":{"x5t#S256":...} (RFC 8705 certificate binding)
 };
@@ -144,7 +147,8 @@ struct VerifyResult {
 };
 
 // Full JWT verification. Check order: size, structure, header, key, signature, then claims; the
-// payload is not even parsed until the signature holds. Never throws.
+// payload is not even parsed until the signature holds. Claims are checked as: types of the
+// claims we read (bad-claim-type), exp, nbf, iat, iss, aud. Never throws.
 VerifyResult verify_jwt(std::string_view compact, const KeySet &keys,
                         const VerifyOptions &options) noexcept;
 

@@ -50,7 +50,11 @@ def make_stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shared_stack(tmp_path_factory):
     stack = Stack(_build_dir(), tmp_path_factory.mktemp("shared-stack"))
-    stack.start()
+    try:
+        stack.start()
+    except Exception:
+        stack.stop()  # whatever did start must not outlive the test run
+        raise
     yield stack
     stack.stop()
     alerts = stack.error_log_alerts()

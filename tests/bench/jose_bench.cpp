@@ -35,7 +35,8 @@ Key generate(bool rsa) {
 
 std::string bn_b64(const BIGNUM *bn, int width) {
     std::string bytes(static_cast<size_t>(width > 0 ? width : BN_num_bytes(bn)), '\0');
-    BN_bn2binpad(bn, reinterpret_cast<unsigned char *>(bytes.data()), static_cast<int>(bytes.size()));
+    BN_bn2binpad(bn, reinterpret_cast<unsigned char *>(bytes.data()),
+                 static_cast<int>(bytes.size()));
     return encode(bytes);
 }
 
@@ -45,8 +46,8 @@ std::string jwks_for(EVP_PKEY *key, bool rsa) {
         BIGNUM *e = nullptr;
         EVP_PKEY_get_bn_param(key, OSSL_PKEY_PARAM_RSA_N, &n);
         EVP_PKEY_get_bn_param(key, OSSL_PKEY_PARAM_RSA_E, &e);
-        std::string jwks = R"({"keys":[{"kty":"RSA","kid":"bench","alg":"RS256","n":")" + bn_b64(n, 0) +
-                           R"(","e":")" + bn_b64(e, 0) + R"("}]})";
+        std::string jwks = R"({"keys":[{"kty":"RSA","kid":"bench","alg":"RS256","n":")" +
+                           bn_b64(n, 0) + R"(","e":")" + bn_b64(e, 0) + R"("}]})";
         BN_free(n);
         BN_free(e);
         return jwks;
@@ -66,7 +67,8 @@ std::string sign(EVP_PKEY *key, bool rsa, const std::string &input) {
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     size_t len = 0;
     EVP_DigestSignInit(ctx, nullptr, EVP_sha256(), nullptr, key);
-    EVP_DigestSign(ctx, nullptr, &len, reinterpret_cast<const unsigned char *>(input.data()), input.size());
+    EVP_DigestSign(ctx, nullptr, &len, reinterpret_cast<const unsigned char *>(input.data()),
+                   input.size());
     std::string sig(len, '\0');
     EVP_DigestSign(ctx, reinterpret_cast<unsigned char *>(sig.data()), &len,
                    reinterpret_cast<const unsigned char *>(input.data()), input.size());
@@ -88,7 +90,8 @@ std::string sign(EVP_PKEY *key, bool rsa, const std::string &input) {
 void run(bool rsa, double seconds) {
     Key key = generate(rsa);
     std::string error;
-    const std::optional<ehrgate::jose::KeySet> keys = ehrgate::jose::KeySet::parse(jwks_for(key.get(), rsa), &error);
+    const std::optional<ehrgate::jose::KeySet> keys =
+        ehrgate::jose::KeySet::parse(jwks_for(key.get(), rsa), &error);
     if (!keys) {
         std::fprintf(stderr, "jose_bench: %s\n", error.c_str());
         std::exit(1);
@@ -97,15 +100,18 @@ void run(bool rsa, double seconds) {
     // Distinct tokens, as cold verification means: nothing is reused between iterations.
     std::vector<std::string> tokens;
     for (int i = 0; i < 64; ++i) {
-        const std::string header = std::string(R"({"alg":")") + (rsa ? "RS256" : "ES256") + R"(","typ":"JWT","kid":"bench"})";
-        const std::string claims = R"({"iss":"https://bench.example","aud":"bench","sub":"s","client_id":"c","scope":"user/*.rs","jti":"j)" +
-                                   std::to_string(i) + R"(","iat":)" + std::to_string(now) +
-                                   R"(,"exp":)" + std::to_string(now + 3600) + "}";
+        const std::string header = std::string(R"({"alg":")") + (rsa ? "RS256" : "ES256") +
+                                   R"(","typ":"JWT","kid":"bench"})";
+        const std::string claims =
+            R"({"iss":"https://bench.example","aud":"bench","sub":"s","client_id":"c","scope":"user/*.rs","jti":"j)" +
+            std::to_string(i) + R"(","iat":)" + std::to_string(now) + R"(,"exp":)" +
+            std::to_string(now + 3600) + "}";
         const std::string input = encode(header) + "." + encode(claims);
         tokens.push_back(input + "." + encode(sign(key.get(), rsa, input)));
     }
     ehrgate::jose::VerifyOptions options;
-    options.allowed_algorithms = {rsa ? ehrgate::jose::Algorithm::RS256 : ehrgate::jose::Algorithm::ES256};
+    options.allowed_algorithms = {rsa ? ehrgate::jose::Algorithm::RS256
+                                      : ehrgate::jose::Algorithm::ES256};
     options.issuer = "https://bench.example";
     options.audience = "bench";
     options.now = now;

@@ -57,6 +57,8 @@ def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float, what: st
 class Stack:
     """A running (or runnable) stack in `run_dir`. Every process is a child of this object."""
 
+    template = TEMPLATE  # the nginx configuration; the benchmark substitutes its own
+
     def __init__(self, build_dir: Path, run_dir: Path, *, port: int | None = None,
                  ehr_port: int | None = None, workers: int = 2, decision_timeout: str = "250ms",
                  policy_file: Path | None = None, error_log_level: str = "notice", extra_http: str = ""):
@@ -163,7 +165,7 @@ class Stack:
             "PORT": str(self.port),
             "EXTRA_HTTP": self.extra_http,
         }
-        text = TEMPLATE.read_text()
+        text = self.template.read_text()
         for key, value in values.items():
             text = text.replace(f"@{key}@", value)
         self.nginx_conf.write_text(text)

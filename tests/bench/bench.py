@@ -324,21 +324,6 @@ class GatewayStack(stacklib.Stack):
         self.start_nginx()
         return self
 
-    def render_nginx_conf(self) -> Path:
-        self.nginx_conf.write_text(render(self.template, {
-            "MODULE_PATH": str(self.build_dir / "ngx_http_ehrgate_module.so"),
-            "USER_LINE": "user www-data www-data;" if self.as_root else "",
-            "WORKERS": str(self.workers),
-            "RUN_DIR": str(self.run_dir),
-            "ERROR_LOG_LEVEL": self.error_log_level,
-            "DATA_SOCKET": str(self.data_socket),
-            "DECISION_TIMEOUT": self.decision_timeout,
-            "EHR_PORT": str(self.ehr_port),
-            "PORT": str(self.port),
-            "EXTRA_HTTP": self.extra_http,
-        }))
-        return self.nginx_conf
-
     def check_alive(self) -> None:
         for name, proc in (("policyd", self.policyd), ("gateway nginx", self.nginx)):
             if proc is None or proc.poll() is not None:
@@ -515,6 +500,9 @@ class Bench:
         if proc.stderr.strip():
             result["warning"] = proc.stderr.strip()
         gateway.check_alive()
+        print(f"bench:   {result['rps']:,.0f} req/s  p50 {result['p50_us']} us  "
+              f"p99 {result['p99_us']} us  (other processes: "
+              f"{result['cpu_cores']['other']:.2f} cores)", flush=True)
         return result
 
     def upstream_headroom(self) -> None:
@@ -541,12 +529,9 @@ class Bench:
                     active = policy
                 print(f"bench: closed loop {round_no}/{a.rounds} {side:18}  {a.connections} "
                       f"connections, {a.warmup:g} s warmup + {a.duration:g} s", flush=True)
-                result = self.run_loadgen(self.url(path), duration=a.duration, warmup=a.warmup,
-                                          connections=a.connections, headers=headers)
-                print(f"bench:   {result['rps']:,.0f} req/s  p50 {result['p50_us']} us  "
-                      f"p99 {result['p99_us']} us  (other processes: "
-                      f"{result['cpu_cores']['other']:.2f} cores)", flush=True)
-                runs[side].append(result)
+                runs[side].append(self.run_loadgen(
+                    self.url(path), duration=a.duration, warmup=a.warmup,
+                    connections=a.connections, headers=headers))
         if active != "limits":
             self.switch_policy("limits")
         self.results["closed_loop"] = {
@@ -563,12 +548,9 @@ class Bench:
                 print(f"bench: open loop {round_no}/{a.open_rounds} {side:7}  {rate:,.0f} req/s over "
                       f"{a.connections} connections, {a.warmup:g} s warmup + {a.open_duration:g} s",
                       flush=True)
-                result = self.run_loadgen(self.url(path), duration=a.open_duration, warmup=a.warmup,
-                                          connections=a.connections, rate=rate)
-                print(f"bench:   {result['rps']:,.0f} req/s  p50 {result['p50_us']} us  "
-                      f"p99 {result['p99_us']} us  (other processes: "
-                      f"{result['cpu_cores']['other']:.2f} cores)", flush=True)
-                runs[side].append(result)
+                runs[side].append(self.run_loadgen(
+                    self.url(path), duration=a.open_duration, warmup=a.warmup,
+                    connections=a.connections, rate=rate))
         out: dict = {"rate": rate}
         for side, results in runs.items():
             out[side] = {"runs": results,
@@ -635,15 +617,15 @@ class Bench:
     def cold_verification(self) -> None:
         """Full JWT verification of tokens never seen before, one core, beside what OpenSSL's own
         benchmark reports for the bare signature verification on this machine."""
-        seconds = self.args.verify_seconds
-        print(f"bench: cold JWT verification, {seconds:g} s per algorithm; openssl speed alike",
+        seconds = max(1, self.args.verify_seconds)  # openssl speed takes whole seconds
+        print(f"bench: cold JWT verification, {seconds} s per algorithm; openssl speed alike",
               flush=True)
-        proc = subprocess.run([str(self.jose_bench), f"{seconds:g}"], capture_output=True,
+        proc = subprocess.run([str(self.jose_bench), str(seconds)], capture_output=True,
                               text=True, timeout=4 * seconds + 30)
         if proc.returncode != 0:
             raise BenchError(f"ehrgate-jose-bench failed: {proc.stderr.strip()}")
         ours = {row["alg"]: row["per_second"] for row in map(json.loads, proc.stdout.splitlines())}
-        proc = subprocess.run(["openssl", "speed", "-seconds", f"{seconds:g}", "rsa2048",
+        proc = subprocess.run(["openssl", "speed", "-seconds", str(seconds), "rsa2048",
                                "ecdsap256"], capture_output=True, text=True, timeout=8 * seconds + 60)
         if proc.returncode != 0:
             raise BenchError(f"openssl speed failed: {proc.stderr.strip()}")
@@ -865,7 +847,7 @@ def main() -> int:
                         help="policyd_bench outstanding requests (64)")
     parser.add_argument("--accuracy-duration", type=float, default=8,
                         help="limiter accuracy run, seconds (8)")
-    parser.add_argument("--verify-seconds", type=float, default=3,
+    parser.add_argument("--verify-seconds", type=int, default=3,
                         help="cold verification and openssl speed, seconds per algorithm (3)")
     parser.add_argument("--policyd-bench",
                         help="policyd_bench binary (default BUILD_DIR/bin/policyd_bench)")

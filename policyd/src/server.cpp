@@ -371,6 +371,10 @@ ReloadOutcome Server::reload_policy() {
             break;
         case ReloadOutcome::Kind::Unchanged:
             log::info(outcome.message);
+            if (audit_ != nullptr) {
+                audit_->append_event(audit::Kind::PolicyReload,
+                                     "unchanged version " + policy_.snapshot().bundle.version);
+            }
             break;
         case ReloadOutcome::Kind::Refused:
             ++reloads_refused_;

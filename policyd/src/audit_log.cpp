@@ -549,8 +549,10 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
             if (!e || e->record.time_us >= before_us) {
                 break;
             }
+            // Never the newest record: at least one stays after the anchor, so a checkpoint
+            // beyond the last record still means records were cut from the end.
             MDB_val ck = k, cv{};
-            if (mdb_get(txn.get(), checkpoints_, &ck, &cv) == MDB_SUCCESS) {
+            if (e->seq < last_seq_ && mdb_get(txn.get(), checkpoints_, &ck, &cv) == MDB_SUCCESS) {
                 anchor = e->seq;
             }
         }

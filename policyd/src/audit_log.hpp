@@ -84,7 +84,7 @@ class AuditStore {
 
     // Retention: removes records with time_us < before_us from the start of the log, but only
     // up to the newest signed checkpoint at or before them, which stays as the anchor the rest
-    // verifies from. Returns the number removed.
+    // verifies from. The newest record is never removed. Returns the number removed.
     StoreStatus purge_before(int64_t before_us, uint64_t *removed, StoreError *error);
 
   private:

@@ -765,17 +765,17 @@ std::string to_fhir_audit_event(const ChainedRecord &entry) {
     const RestfulMapping m = restful(r.interaction);
     std::string out = "{\"resourceType\":\"AuditEvent\",\"id\":";
     json::append_string(out, r.record_id.empty() ? std::to_string(entry.seq) : r.record_id);
-    out += ",\"meta\":{\"profile\":[";
-    if (rest && !r.patient_ids.empty() && !m.profile.empty()) {
-        json::append_string(
-            out, "https://profiles.ihe.net/ITI/BALP/StructureDefinition/" + std::string(m.profile));
-    } else {
+    // BALP profiles: the patient-specific one when a patient is known, else the generic one.
+    if (rest && !m.profile.empty()) {
+        std::string profile(m.profile);
+        if (r.patient_ids.empty()) {
+            profile.replace(profile.find("Patient"), 7, "");
+        }
+        out += ",\"meta\":{\"profile\":[";
         json::append_string(out,
-                            "https://profiles.ihe.net/ITI/BALP/StructureDefinition/"
-                            "IHE.BasicAudit.SAMLaccessTokenUse.Minimal");
+                            "https://profiles.ihe.net/ITI/BALP/StructureDefinition/" + profile);
+        out += "]}";
     }
-    out += "],\"security\":[" +
-           coding("http://terminology.hl7.org/CodeSystem/v3-ActReason", "HTEST", "") + "]}";
     // type: a RESTful operation for requests, an application activity for the rest.
     if (rest) {
         out += ",\"type\":" + coding("http://terminology.hl7.org/CodeSystem/audit-event-type",
@@ -881,7 +881,8 @@ std::string to_fhir_audit_event(const ChainedRecord &entry) {
         json::append_string(out, r.correlation_id);
         out += "}},\"type\":" +
                coding("https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
-                      "XrequestId", "X-Request-Id");
+                      "XrequestId",
+                      "transport specific unique identifier where http X-Request-Id is used");
         out += "}";
     }
     if (!r.resource_type.empty() && r.patient_ids.empty()) {

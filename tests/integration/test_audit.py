@@ -231,3 +231,29 @@ def test_verify_refuses_a_foreign_public_key(stopped_log):
     result = verify(stopped_log, "--public-key", "00" * 32)
     assert result.returncode == 1
     assert "checkpoint" in result.stderr
+
+
+def test_retention_purge_keeps_a_verifiable_chain(make_stack):
+    stack = make_stack(start=False)
+    base = stack.policyd_command
+    stack.policyd_command = lambda: base() + ["--audit-checkpoint-records", "4"]
+    stack.start()
+    headers = auth(stack, patient=DEMO_PATIENT)
+    for i in range(6):
+        assert get(stack, f"/fhir/Patient/{DEMO_PATIENT}", {**headers, "X-Request-ID": f"old-{i}"}).status_code == 200
+    wait_for_records(stack, lambda rs: len(rs) >= 12, "--patient", DEMO_PATIENT)
+    stack.stop()
+    before = json.loads(verify(stack).stdout)
+    purge = ctl_audit(stack, "purge", "--older-than-days", "0")
+    assert purge.returncode == 0, purge.stderr
+    removed = json.loads(purge.stdout)["removed"]
+    assert 0 < removed < before["records"]
+    result = verify(stack)
+    assert result.returncode == 0, result.stderr
+    after = json.loads(result.stdout)
+    assert after["first_seq"] == removed + 1 and after["last_seq"] == before["last_seq"]
+    # Deleting the first remaining record is still caught: the anchor no longer fits.
+    sections = dump(audit_dir(stack))
+    section(sections, "records")["pairs"].pop(0)
+    load(audit_dir(stack), sections)
+    assert verify(stack).returncode == 1

@@ -290,6 +290,14 @@ TEST(AuditExport, JsonAndFhirCarryTheRecord) {
     EXPECT_NE(fhir.find("XrequestId"), std::string::npos);
     // query is base64Binary: standard alphabet with padding.
     EXPECT_NE(fhir.find("cGF0aWVudD1wYXQtMSZjYXRlZ29yeT1sYWJvcmF0b3J5"), std::string::npos);
+    EXPECT_EQ(fhir.find("HTEST"), std::string::npos);
+    // Without a patient: the generic BALP profile; policyd events: no BALP profile at all.
+    e.record.patient_ids.clear();
+    EXPECT_NE(to_fhir_audit_event(e).find("StructureDefinition/IHE.BasicAudit.Query\""),
+              std::string::npos);
+    e.record.kind = Kind::PolicyReload;
+    EXPECT_EQ(to_fhir_audit_event(e).find("\"meta\""), std::string::npos) << to_fhir_audit_event(e);
+    EXPECT_NE(to_fhir_audit_event(e).find("\"code\":\"policy-reload\""), std::string::npos);
 }
 
 }  // namespace

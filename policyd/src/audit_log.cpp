@@ -367,6 +367,32 @@ StoreStatus AuditStore::scan_records(const std::function<bool(uint64_t, std::str
     return rc == MDB_NOTFOUND ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
+StoreStatus AuditStore::scan_after(uint64_t after_seq,
+                                   const std::function<bool(uint64_t, std::string_view)> &visit,
+                                   StoreError *error) {
+    if (!have_databases_) {
+        return StoreStatus::Ok;
+    }
+    Txn txn(env_, true);
+    if (txn.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(txn.begin_rc(), error);
+    }
+    Cursor cursor(txn.get(), records_);
+    if (cursor.rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(cursor.rc(), error);
+    }
+    const std::string start = be64(after_seq + 1);
+    MDB_val k = as_val(start), v{};
+    int rc;
+    for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
+         rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
+        if (k.mv_size != 8 || !visit(read_be64(as_view(k)), as_view(v))) {
+            return StoreStatus::Ok;
+        }
+    }
+    return rc == MDB_NOTFOUND ? StoreStatus::Ok : translate_lmdb_error(rc, error);
+}
+
 StoreStatus AuditStore::checkpoints(std::vector<audit::Checkpoint> &out, StoreError *error) {
     out.clear();
     if (!have_databases_) {

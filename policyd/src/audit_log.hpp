@@ -72,6 +72,10 @@ class AuditStore {
     StoreStatus scan_records(const std::function<bool(uint64_t, std::string_view)> &visit,
                              StoreError *error);
     StoreStatus checkpoints(std::vector<audit::Checkpoint> &out, StoreError *error);
+    // Records with seq > after_seq, in order, until visit returns false (syslog forwarding).
+    StoreStatus scan_after(uint64_t after_seq,
+                           const std::function<bool(uint64_t, std::string_view)> &visit,
+                           StoreError *error);
 
     struct Query {
         std::string patient, client, user, correlation_id;

@@ -512,6 +512,8 @@ std::string Server::status_json() const {
            ",\"uptime_ms\":" + std::to_string(uv_now(loop_) - started_at_ms_);
     // audit (issue 7): storage problems are visible here, not only in the log.
     out += ",\"audit\":" + (audit_ != nullptr ? audit_->status_json() : std::string("null"));
+    out +=
+        ",\"audit_syslog\":" + (syslog_ != nullptr ? syslog_->status_json() : std::string("null"));
     out += "}";
     return out;
 }

@@ -17,6 +17,7 @@
 #include "dispatcher.hpp"
 #include "ehrgate/protocol.hpp"
 #include "policy_state.hpp"
+#include "syslog_forwarder.hpp"
 
 namespace ehrgate::policyd {
 
@@ -93,6 +94,7 @@ class Server {
     // audit (issue 7): where AuditAppend frames and policyd's own events go. Without it, appends
     // are refused (the worker answers 503 on audited locations) rather than silently dropped.
     void set_audit(AuditLog *audit) { audit_ = audit; }
+    void set_syslog(const SyslogForwarder *syslog) { syslog_ = syslog; }
     AuditLog *audit() { return audit_; }
 
   private:
@@ -136,6 +138,7 @@ class Server {
     uint64_t reloads_refused_ = 0;
     uint64_t started_at_ms_ = 0;
     AuditLog *audit_ = nullptr;  // audit (issue 7)
+    const SyslogForwarder *syslog_ = nullptr;
 };
 
 }  // namespace ehrgate::policyd

@@ -1,5 +1,6 @@
 // The LMDB audit log (policyd/src/audit_log.cpp) and the audit protocol messages.
 #include "audit_log.hpp"
+#include "syslog_forwarder.hpp"
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -360,6 +361,42 @@ TEST(AuditProtocol, AppendWithoutRecordIdIsRefused) {
         protocol::decode_audit_append("\x81\xa4mode\xa3"
                                       "bad"));
     EXPECT_FALSE(protocol::decode_audit_ack("\x80"));  // "ok" is required
+}
+
+}  // namespace
+}  // namespace ehrgate::policyd
+
+// ---- syslog forwarding (format only; delivery is tested against rsyslog) -----------------------
+
+namespace ehrgate::policyd {
+namespace {
+
+TEST(AuditSyslog, Rfc5424MessageAndOctetCountingFrame) {
+    audit::ChainedRecord entry{42, record("id\"]x", "p1", 1'780'000'000'123'456)};
+    entry.record.kind = audit::Kind::Outcome;
+    const std::string message = syslog_message(entry, "gw1", 77);
+    EXPECT_EQ(message.rfind("<85>1 2026-05-28T20:26:40.123456Z gw1 ehrgate 77 outcome "
+                            "[ehrgate@32473 seq=\"42\" record_id=\"id\\\"\\]x\" "
+                            "correlation_id=\"corr-id\\\"\\]x\"] {\"seq\":42,",
+                            0),
+              0u)
+        << message;
+    EXPECT_EQ(syslog_frame("abc"), "3 abc");
+    EXPECT_EQ(syslog_frame(message).substr(0, std::to_string(message.size()).size() + 1),
+              std::to_string(message.size()) + " ");
+}
+
+TEST(AuditSyslog, TargetParsing) {
+    SyslogOptions o;
+    EXPECT_TRUE(parse_syslog_target("127.0.0.1:6514", o));
+    EXPECT_EQ(o.host, "127.0.0.1");
+    EXPECT_EQ(o.port, 6514);
+    EXPECT_TRUE(parse_syslog_target("[::1]:10514", o));
+    EXPECT_EQ(o.host, "::1");
+    EXPECT_FALSE(parse_syslog_target("host", o));
+    EXPECT_FALSE(parse_syslog_target("host:0", o));
+    EXPECT_FALSE(parse_syslog_target("host:70000", o));
+    EXPECT_FALSE(parse_syslog_target(":514", o));
 }
 
 }  // namespace

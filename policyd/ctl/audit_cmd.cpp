@@ -2,6 +2,7 @@
 // purge, write) the LMDB environment directly rather than asking policyd: an auditor must be
 // able to verify a log whose daemon is down, and LMDB readers never block policyd's writer.
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -206,8 +207,11 @@ int purge(const CommonArgs &args) {
         die(2, "audit purge needs --older-than-days N");
     }
     std::unique_ptr<AuditStore> store = open_store(args.data_dir, false);
-    const int64_t cutoff =
-        (static_cast<int64_t>(std::time(nullptr)) - args.older_than_days * 86400) * 1000000;
+    // Microseconds, not seconds: "older than 0 days" must include what was written a moment ago.
+    const int64_t now_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                               std::chrono::system_clock::now().time_since_epoch())
+                               .count();
+    const int64_t cutoff = now_us - int64_t{args.older_than_days} * 86400 * 1000000;
     uint64_t removed = 0;
     StoreError error;
     if (store->purge_before(cutoff, &removed, &error) != StoreStatus::Ok) {

@@ -257,3 +257,22 @@ def test_retention_purge_keeps_a_verifiable_chain(make_stack):
     section(sections, "records")["pairs"].pop(0)
     load(audit_dir(stack), sections)
     assert verify(stack).returncode == 1
+
+
+def test_outbox_bound_drops_and_counts_instead_of_growing(make_stack):
+    """With policyd down, each worker holds at most ehrgate_audit_queue outcome records; the rest
+    are dropped and counted, and what was held is delivered once policyd is back."""
+    stack = make_stack(workers=1, extra_http="ehrgate_audit_queue 5;")
+    headers = auth(stack, patient=DEMO_PATIENT)
+    stack.stop_policyd(signal.SIGKILL)
+    ids = [f"bound-{i}" for i in range(20)]
+    for corr in ids:
+        assert get(stack, f"/fhir/Patient/{DEMO_PATIENT}", {**headers, "X-Request-ID": corr}).status_code == 503
+    # One worker, so the status endpoint answers for the worker that holds the records.
+    audit = requests.get(stack.base_url + "/ehrgate/status", timeout=5).json()["audit"]
+    assert audit["queued"] + audit["inflight"] == 5
+    assert audit["dropped"] == 15
+    stack.start_policyd()
+    delivered = wait_for_records(stack, lambda rs: len([r for r in rs if r["correlation_id"].startswith("bound-")]) >= 5)
+    held = sorted(r["correlation_id"] for r in delivered if r["correlation_id"].startswith("bound-"))
+    assert held == sorted(ids[:5])  # the first five were kept, the later ones dropped

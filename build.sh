@@ -24,6 +24,7 @@ PACKAGES=(
   googletest libgtest-dev
   python3 python3-pytest python3-requests python3-jwt python3-cryptography python3-msgpack python3-yaml
   wrk curl procps
+  rsyslog rsyslog-gnutls  # audit (issue 7): the syslog/TLS receiver in tests/integration/test_audit_syslog.py
 )
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

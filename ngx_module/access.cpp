@@ -142,6 +142,8 @@ void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *fra
             ctx->reason = pool_copy(pool, reply->reason);
             ctx->message = pool_copy(pool, reply->message);
             ctx->policy_version = pool_copy(pool, reply->policy_version);
+            ctx->audit_resource_type = pool_copy(pool, reply->resource_type);  // audit (issue 7)
+            ctx->audit_interaction = pool_copy(pool, reply->interaction);
             if (SidecarClient *client = worker_client()) {
                 client->saw_policy_serial(reply->policy_serial);
             }
@@ -270,7 +272,9 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
                 return NGX_AGAIN;
             case DecisionState::Decided:
                 if (ctx->permit) {
-                    return NGX_OK;
+                    // audit (issue 7): the access record is durable before anything is proxied.
+                    const ngx_int_t rc = audit_before_release(r, ctx);
+                    return rc == NGX_DECLINED ? NGX_OK : rc;
                 }
                 return send_outcome(r, ctx);
             case DecisionState::Failed:

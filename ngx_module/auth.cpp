@@ -9,6 +9,7 @@
 #include <exception>
 #include <string>
 
+#include "ehrgate/audit.hpp"
 #include "ehrgate/auth.hpp"
 #include "ehrgate/base64url.hpp"
 #include "ehrgate/token_cache.hpp"
@@ -215,6 +216,13 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     ctx->client_id = pool_copy(r->pool, identity.client_id);
     ctx->user = pool_copy(r->pool, identity.user());
     ctx->patient = pool_copy(r->pool, identity.patient);
+    // audit (issue 7): the token is recorded by the hash of its jti, never the jti itself.
+    if (!identity.jti.empty()) {
+        ctx->jti_hash = pool_copy(r->pool, audit::hex(audit::sha256(identity.jti)));
+    }
+    if (certificate) {
+        ctx->cert_fingerprint = pool_copy(r->pool, certificate->sha256_hex);
+    }
 
     const std::string base = server_base(r, policy->snapshot());
     auth::Request request;

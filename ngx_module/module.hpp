@@ -23,6 +23,9 @@ struct MainConf {
     ngx_msec_t timeout;
     ngx_uint_t max_pending;
     ngx_msec_t reconnect_max;
+    // audit (issue 7)
+    ngx_msec_t audit_timeout;  // ehrgate_audit_timeout: wait for a durable access record
+    ngx_uint_t audit_queue;    // ehrgate_audit_queue: outcome records held per worker
 };
 
 struct LocConf {
@@ -30,7 +33,12 @@ struct LocConf {
     // Where `ehrgate on` was written, for the "needs ehrgate_policyd" error.
     ngx_str_t enabled_file;
     ngx_uint_t enabled_line;
+    ngx_uint_t audit_mode;  // audit (issue 7): ehrgate_audit sync (default) | async
 };
+
+// audit (issue 7)
+enum class AuditMode : ngx_uint_t { Sync = 1, Async = 2 };
+enum class AuditState : uint8_t { None, Waiting, Durable, Failed };
 
 enum class DecisionState : uint8_t { Idle, Waiting, Decided, Failed };
 
@@ -66,6 +74,15 @@ struct RequestCtx {
     ngx_str_t ratelimit_policy;  // RateLimit-Policy header value
     ngx_str_t ratelimit;         // RateLimit header value
     ngx_str_t retry_after;       // Retry-After for refusals; empty: "1" on 503
+    // audit (issue 7): the access record (audit-before-release) and the log-phase outcome.
+    AuditState audit_state;
+    uint32_t audit_call_id;  // 0 when no AuditAppend is pending
+    ngx_event_t audit_timer;
+    ngx_str_t traceparent;          // incoming W3C traceparent when well-formed, else generated
+    ngx_str_t jti_hash;             // hex SHA-256 of the token's jti
+    ngx_str_t cert_fingerprint;     // hex SHA-256 of the mTLS client certificate
+    ngx_str_t audit_resource_type;  // from the decision
+    ngx_str_t audit_interaction;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);
@@ -107,6 +124,16 @@ ngx_int_t install_response_check_filter() noexcept;
 // Access-phase handler and response header filter (access.cpp).
 ngx_int_t access_handler(ngx_http_request_t *r) noexcept;
 ngx_int_t install_header_filter() noexcept;
+
+// Audit (audit.cpp, issue 7). NGX_DECLINED: the request may proceed (async location, or the
+// access record is durable); NGX_AGAIN: waiting for policyd's ack; else the handler's result.
+ngx_int_t audit_before_release(ngx_http_request_t *r, RequestCtx *ctx);
+ngx_int_t install_audit_log_handler(ngx_conf_t *cf) noexcept;
+void audit_worker_start(MainConf *mcf, ngx_log_t *log);
+void audit_worker_stop();
+void cleanup_audit(RequestCtx *ctx);
+std::string audit_status_json();
+char *set_audit_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
 
 // Variables (variables.cpp).
 ngx_int_t add_variables(ngx_conf_t *cf) noexcept;

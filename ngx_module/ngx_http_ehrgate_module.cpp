@@ -47,6 +47,7 @@ char *set_enabled(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
 }
 
 ngx_conf_num_bounds_t g_max_pending_bounds = {ngx_conf_check_num_bounds, 1, 65534};
+ngx_conf_num_bounds_t g_audit_queue_bounds = {ngx_conf_check_num_bounds, 1, 10000000};
 
 // At least a few hundred entries; at most what a slab zone sensibly holds.
 char *check_zone_size(ngx_conf_t *cf, void *, void *data) noexcept {
@@ -77,6 +78,14 @@ ngx_command_t g_commands[] = {
      &g_zone_size_bounds},
     {ngx_string("ehrgate_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status_handler, 0, 0,
      nullptr},
+    // audit (issue 7)
+    {ngx_string("ehrgate_audit"),
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_audit_mode,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("ehrgate_audit_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, audit_timeout), nullptr},
+    {ngx_string("ehrgate_audit_queue"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, ngx_conf_set_num_slot,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, audit_queue), &g_audit_queue_bounds},
     {ngx_string("ehrgate"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG, set_enabled,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, enabled), nullptr},
@@ -93,6 +102,8 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     mcf->reconnect_max = NGX_CONF_UNSET_MSEC;
     mcf->token_cache_size = NGX_CONF_UNSET_SIZE;
     mcf->limit_zone_size = NGX_CONF_UNSET_SIZE;
+    mcf->audit_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->audit_queue = NGX_CONF_UNSET_UINT;
     return mcf;
 }
 
@@ -106,6 +117,8 @@ char *init_main_conf(ngx_conf_t *cf, void *conf) noexcept {
     ngx_conf_init_msec_value(mcf->timeout, 250);
     ngx_conf_init_uint_value(mcf->max_pending, 4096);
     ngx_conf_init_msec_value(mcf->reconnect_max, 1000);
+    ngx_conf_init_msec_value(mcf->audit_timeout, 1000);
+    ngx_conf_init_uint_value(mcf->audit_queue, 10000);
     return NGX_CONF_OK;
 }
 
@@ -115,6 +128,7 @@ void *create_loc_conf(ngx_conf_t *cf) noexcept {
         return nullptr;
     }
     lcf->enabled = NGX_CONF_UNSET;
+    lcf->audit_mode = NGX_CONF_UNSET_UINT;
     return lcf;
 }
 
@@ -126,6 +140,8 @@ char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
         conf->enabled_line = prev->enabled_line;
     }
     ngx_conf_merge_value(conf->enabled, prev->enabled, 0);
+    ngx_conf_merge_uint_value(conf->audit_mode, prev->audit_mode,
+                              static_cast<ngx_uint_t>(AuditMode::Sync));
     auto *mcf =
         static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_http_ehrgate_module));
     if (conf->enabled && mcf->policyd == nullptr) {
@@ -152,6 +168,9 @@ ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
     if (install_response_check_filter() != NGX_OK) {
         return NGX_ERROR;
     }
+    if (install_audit_log_handler(cf) != NGX_OK) {  // audit (issue 7)
+        return NGX_ERROR;
+    }
     return install_header_filter();
 }
 
@@ -173,6 +192,7 @@ ngx_int_t init_process(ngx_cycle_t *cycle) noexcept {
         g_client = std::make_unique<SidecarClient>(settings, cycle->log);
         watch_policy_changes(*g_client, mcf);
         attach_limit_zone(mcf);
+        audit_worker_start(mcf, cycle->log);  // audit (issue 7)
         g_client->start();
     } catch (const std::exception &e) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "ehrgate: worker start failed: %s", e.what());
@@ -182,6 +202,7 @@ ngx_int_t init_process(ngx_cycle_t *cycle) noexcept {
 }
 
 void exit_process(ngx_cycle_t *) noexcept {
+    audit_worker_stop();  // audit (issue 7): before the client its calls go through
     g_client.reset();
 }
 
@@ -250,6 +271,7 @@ void cleanup_request_ctx(void *data) noexcept {
         g_client->cancel(ctx->call_id);
         ctx->call_id = 0;
     }
+    cleanup_audit(ctx);  // audit (issue 7)
 }
 
 }  // namespace

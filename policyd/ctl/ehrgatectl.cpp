@@ -27,6 +27,10 @@
 #include "ehrgate/policy.hpp"
 #include "ehrgate/protocol.hpp"
 
+namespace ehrgate::ctl {
+int audit_command(const std::vector<std::string> &args);  // audit_cmd.cpp (issue 7)
+}
+
 namespace {
 
 using namespace ehrgate;
@@ -44,8 +48,25 @@ commands:
                               refuse a token (by jti) or every token of a client issued so
                               far; every nginx worker refuses it within a second
 
+  audit verify [--data-dir DIR] [--public-key HEX|FILE]
+                              walk the audit hash chain and its signed checkpoints; exits 1
+                              naming the first bad record (modified, deleted, inserted, moved)
+  audit search [--patient ID] [--client ID] [--user ID] [--correlation-id ID]
+               [--since TIME] [--until TIME] [--data-dir DIR]
+                              matching records from the indexes, one JSON object per line;
+                              TIME is unix seconds or YYYY-MM-DDTHH:MM:SSZ
+  audit export --format ndjson|fhir [search options]
+                              the same records as NDJSON or FHIR AuditEvent (IHE BALP), one
+                              per line
+  audit purge --older-than-days N [--data-dir DIR]
+                              retention: remove old records up to a signed checkpoint, which
+                              stays as the anchor the rest verifies from
+
 --socket PATH overrides the admin socket; default $EHRGATE_ADMIN_SOCKET, else
 ./run/policyd-admin.sock (where `./build.sh run` puts it, so run from the repo root).
+audit commands read the LMDB files directly (policyd need not run): --data-dir defaults to
+$EHRGATE_DATA_DIR, else ./run/policyd-data; the key defaults to DIR/audit-signing.pub. Pin the
+key with --public-key: whoever can rewrite the files could also replace that file.
 )";
 
 constexpr const char *kDefaultSocket = "run/policyd-admin.sock";
@@ -354,6 +375,9 @@ int main(int argc, char **argv) {
     }
     if (command == "token" && args.size() >= 2 && args[1] == "mint") {
         return token_mint(std::vector<std::string>(args.begin() + 2, args.end()));
+    }
+    if (command == "audit") {  // audit (issue 7)
+        return ctl::audit_command(args);
     }
     fail(2, "unknown command \"" + command + "\" (see ehrgatectl --help)");
 }

@@ -11,11 +11,13 @@
 #include <string>
 #include <string_view>
 
+#include "audit_log.hpp"
 #include "log.hpp"
 #include "policy_state.hpp"
 #include "revocations.hpp"
 #include "server.hpp"
 #include "store.hpp"
+#include "syslog_forwarder.hpp"
 
 namespace {
 
@@ -40,6 +42,15 @@ options:
   --map-size-mb N          LMDB map size in MiB (default 1024)
   --max-frame-bytes N      largest accepted protocol frame (default 4194304)
   --log-level LEVEL        debug | info | warn | error (default info)
+  --audit-map-size-mb N    audit log LMDB map size in MiB, <data-dir>/audit (default 1024);
+                           when full, audited requests are refused (503), never unrecorded
+  --audit-checkpoint-records N  sign a checkpoint at least every N records (default 1000)
+  --audit-checkpoint-ms N  ... and at least every N ms while records arrive (default 10000)
+  --audit-syslog HOST:PORT forward every audit record over syslog/TLS (RFC 5424/5425), at
+                           least once, cursor in <data-dir>/audit-syslog.cursor
+  --audit-syslog-ca FILE   CA that must have signed the receiver's certificate (required)
+  --audit-syslog-name NAME name/IP the receiver's certificate must carry (default HOST)
+  --audit-syslog-cert FILE --audit-syslog-key FILE  client certificate for mutual TLS
   --help                   this text
 
 signals: SIGHUP reloads the policy bundle (as `ehrgatectl policy reload` does);
@@ -51,6 +62,10 @@ struct Options {
     std::string data_dir;
     size_t map_size_mb = 1024;
     ServerOptions server;
+    // audit (issue 7)
+    size_t audit_map_size_mb = 1024;
+    AuditLog::Options audit;
+    SyslogOptions syslog;
 };
 
 [[noreturn]] void usage_error(const std::string &message) {
@@ -104,6 +119,24 @@ Options parse_options(int argc, char **argv) {
         else if (flag == "--max-frame-bytes")
             options.server.max_frame =
                 static_cast<uint32_t>(parse_number(flag, value, 10, 64u << 20));
+        else if (flag == "--audit-map-size-mb")
+            options.audit_map_size_mb = parse_number(flag, value, 10, 1 << 20);
+        else if (flag == "--audit-checkpoint-records")
+            options.audit.checkpoint_every_records = parse_number(flag, value, 10, 1u << 30);
+        else if (flag == "--audit-checkpoint-ms")
+            options.audit.checkpoint_every_ms = parse_number(flag, value, 10, 1u << 30);
+        else if (flag == "--audit-syslog") {
+            if (!parse_syslog_target(value, options.syslog)) {
+                usage_error("--audit-syslog expects HOST:PORT, got \"" + std::string(value) + "\"");
+            }
+        } else if (flag == "--audit-syslog-ca")
+            options.syslog.ca_file = value;
+        else if (flag == "--audit-syslog-name")
+            options.syslog.server_name = value;
+        else if (flag == "--audit-syslog-cert")
+            options.syslog.cert_file = value;
+        else if (flag == "--audit-syslog-key")
+            options.syslog.key_file = value;
         else if (flag == "--log-level") {
             log::Level level;
             if (!log::parse_level(value, &level)) {
@@ -123,6 +156,16 @@ Options parse_options(int argc, char **argv) {
         usage_error("--socket is required");
     if (options.server.admin_socket.empty())
         usage_error("--admin-socket is required");
+    if (options.audit_map_size_mb == 0 || options.audit.checkpoint_every_records == 0 ||
+        options.audit.checkpoint_every_ms == 0) {
+        usage_error("--audit-map-size-mb and --audit-checkpoint-* must be positive");
+    }
+    if (!options.syslog.host.empty() && options.syslog.ca_file.empty()) {
+        usage_error("--audit-syslog needs --audit-syslog-ca (the receiver is always verified)");
+    }
+    if (options.syslog.cert_file.empty() != options.syslog.key_file.empty()) {
+        usage_error("--audit-syslog-cert and --audit-syslog-key go together");
+    }
     if (options.server.data_socket == options.server.admin_socket) {
         usage_error("--socket and --admin-socket must differ");
     }
@@ -164,11 +207,41 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    // audit (issue 7): its own environment, see audit_log.hpp for why.
+    std::unique_ptr<AuditStore> audit_store = AuditStore::open(
+        {options.data_dir + "/audit", options.audit_map_size_mb << 20, false}, &store_error);
+    if (!audit_store) {
+        log::error("cannot open the audit log in " + options.data_dir + "/audit: " +
+                   store_status_name(store_error.status) + " (" + store_error.detail + ")");
+        return 1;
+    }
+    std::string key_problem;
+    std::unique_ptr<ehrgate::audit::SigningKey> audit_key =
+        load_or_create_signing_key(options.data_dir, &key_problem);
+    if (!audit_key) {
+        log::error("audit checkpoint key: " + key_problem);
+        return 1;
+    }
+    log::info("audit log at seq " + std::to_string(audit_store->last_seq()) + ", checkpoint key " +
+              audit_key->key_id().substr(0, 16));
+
+    std::unique_ptr<SyslogForwarder> syslog;
+    if (!options.syslog.host.empty()) {
+        SyslogOptions syslog_options = options.syslog;
+        syslog_options.cursor_path = options.data_dir + "/audit-syslog.cursor";
+        syslog = std::make_unique<SyslogForwarder>(*audit_store, syslog_options);
+        syslog->start();
+    }
+
     uv_loop_t loop;
     uv_loop_init(&loop);
     int exit_code = 0;
     {
+        AuditLog audit(&loop, *audit_store, *audit_key, options.audit);
+        audit.start();
         Server server(&loop, options.server, policy, revocations);
+        server.set_audit(&audit);
+        server.set_syslog(syslog.get());
         if (server.start()) {
             // READY goes to stdout so supervisors and tests can wait for it.
             std::printf("POLICYD READY socket=%s admin=%s\n", options.server.data_socket.c_str(),
@@ -176,6 +249,7 @@ int main(int argc, char **argv) {
             std::fflush(stdout);
         } else {
             exit_code = 1;
+            audit.stop();
         }
         uv_run(&loop, UV_RUN_DEFAULT);
     }

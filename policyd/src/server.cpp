@@ -101,6 +101,10 @@ void Connection::process_frames() {
             server_.handle_admin_frame(*this, *frame, out);
             continue;
         }
+        if (frame->header.type == MessageType::AuditAppend) {  // audit (issue 7)
+            server_.handle_audit_append(*this, *frame, out);
+            continue;
+        }
         if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
                               &server_.revocations_) == DispatchResult::CloseConnection) {
             write(std::move(out));
@@ -284,6 +288,11 @@ void Server::stop() {
         return;
     }
     stopping_ = true;
+    // Audit first: records already accepted are written and acknowledged while the connections
+    // are still open to carry the acks; then a final checkpoint covers the head.
+    if (audit_ != nullptr) {
+        audit_->stop();
+    }
     if (data_listening_) {
         uv_close(reinterpret_cast<uv_handle_t *>(&data_listener_), nullptr);
         ::unlink(options_.data_socket.c_str());
@@ -353,13 +362,26 @@ ReloadOutcome Server::reload_policy() {
             ++reloads_ok_;
             log::info(outcome.message);
             push_snapshot();
+            if (audit_ != nullptr) {
+                audit_->append_event(audit::Kind::PolicyReload,
+                                     "activated version " + policy_.snapshot().bundle.version +
+                                         " serial " + std::to_string(policy_.snapshot().serial) +
+                                         " digest " + policy_.snapshot().digest_hex);
+            }
             break;
         case ReloadOutcome::Kind::Unchanged:
             log::info(outcome.message);
+            if (audit_ != nullptr) {
+                audit_->append_event(audit::Kind::PolicyReload,
+                                     "unchanged version " + policy_.snapshot().bundle.version);
+            }
             break;
         case ReloadOutcome::Kind::Refused:
             ++reloads_refused_;
             log::error(outcome.message + "; previous policy keeps serving");
+            if (audit_ != nullptr) {
+                audit_->append_event(audit::Kind::PolicyReload, "refused: " + outcome.message);
+            }
             for (const policy::Diagnostic &d : outcome.diagnostics) {
                 log::error("  " + d.to_string());
             }
@@ -442,6 +464,14 @@ void Server::revoke_token(const protocol::AdminRequest &request, protocol::Admin
         return;
     }
     push_revocations();
+    if (audit_ != nullptr) {
+        // The jti is recorded as its hash, like on access records, so the two can be joined.
+        audit_->append_event(
+            audit::Kind::Revocation,
+            jti.empty() ? "revoked every token of the client issued until now"
+                        : "revoked one token (jti_hash " + audit::hex(audit::sha256(jti)) + ")",
+            std::string(client));
+    }
     log::info(std::string("token revocation recorded (") + (jti.empty() ? "client" : "jti") +
               "), pushed to workers");
     reply.ok = true;
@@ -479,7 +509,12 @@ std::string Server::status_json() const {
     out += "],\"decisions\":{\"permit\":" + std::to_string(counters_.permits) +
            ",\"deny\":" + std::to_string(counters_.denies) +
            "},\"rejected_frames\":" + std::to_string(counters_.rejected_frames) +
-           ",\"uptime_ms\":" + std::to_string(uv_now(loop_) - started_at_ms_) + "}";
+           ",\"uptime_ms\":" + std::to_string(uv_now(loop_) - started_at_ms_);
+    // audit (issue 7): storage problems are visible here, not only in the log.
+    out += ",\"audit\":" + (audit_ != nullptr ? audit_->status_json() : std::string("null"));
+    out +=
+        ",\"audit_syslog\":" + (syslog_ != nullptr ? syslog_->status_json() : std::string("null"));
+    out += "}";
     return out;
 }
 
@@ -498,6 +533,16 @@ void Server::handle_admin_frame(Connection &connection, const protocol::FrameVie
         return;
     }
     protocol::AdminReply reply;
+    // audit (issue 7): operator commands are part of the record (reloads and revocations get
+    // their own kinds as well). ping is liveness, not an action.
+    if (audit_ != nullptr && request->command != "ping") {
+        std::string detail = "command " + request->command;
+        for (const auto &[name, value] : request->args) {
+            detail += " " + name +
+                      (name == "jti" ? "_sha256=" + audit::hex(audit::sha256(value)) : "=" + value);
+        }
+        audit_->append_event(audit::Kind::Admin, std::move(detail));
+    }
     if (request->command == "ping") {
         reply.ok = true;
         reply.message = "pong";
@@ -533,6 +578,61 @@ void Server::handle_admin_frame(Connection &connection, const protocol::FrameVie
         reply.json = "{}";
     }
     protocol::encode_frame(out, MessageType::AdminReply, id, protocol::encode(reply));
+}
+
+// ---- audit (issue 7) --------------------------------------------------------------------------
+
+Connection *Server::find_connection(uint64_t id) {
+    for (Connection *connection : connections_) {
+        if (connection->id() == id) {
+            return connection;
+        }
+    }
+    return nullptr;
+}
+
+void Server::handle_audit_append(Connection &connection, const protocol::FrameView &frame,
+                                 std::string &out) {
+    const uint32_t request_id = frame.header.request_id;
+    std::optional<protocol::AuditAppend> append = protocol::decode_audit_append(frame.body);
+    if (!append) {
+        ++counters_.rejected_frames;
+        append_error_frame(out, request_id, "bad-request",
+                           "undecodable audit append (every record needs a record_id)");
+        return;
+    }
+    std::vector<std::string> ids;
+    ids.reserve(append->records.size());
+    for (const audit::Record &r : append->records) {
+        ids.push_back(r.record_id);
+    }
+    if (audit_ == nullptr) {
+        protocol::AuditAck ack{false, std::move(ids), "audit-unavailable",
+                               "policyd runs without an audit log"};
+        protocol::encode_frame(out, MessageType::AuditAck, request_id, protocol::encode(ack));
+        return;
+    }
+    // The connection may be gone when the writer is done: look it up by id, never keep a pointer.
+    const uint64_t connection_id = connection.id();
+    audit_->append(std::move(append->records),
+                   [this, connection_id, request_id,
+                    ids = std::move(ids)](const AuditLog::Result &result) mutable {
+                       Connection *target = find_connection(connection_id);
+                       if (target == nullptr) {
+                           return;  // the worker redelivers; the record id deduplicates
+                       }
+                       protocol::AuditAck ack;
+                       ack.ok = result.status == StoreStatus::Ok;
+                       ack.record_ids = std::move(ids);
+                       if (!ack.ok) {
+                           ack.error = store_status_name(result.status);
+                           ack.message = "audit records not written: " + ack.error;
+                       }
+                       std::string frame_bytes;
+                       protocol::encode_frame(frame_bytes, MessageType::AuditAck, request_id,
+                                              protocol::encode(ack));
+                       target->write(std::move(frame_bytes));
+                   });
 }
 
 }  // namespace ehrgate::policyd

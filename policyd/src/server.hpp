@@ -13,9 +13,11 @@
 #include <memory>
 #include <string>
 
+#include "audit_log.hpp"
 #include "dispatcher.hpp"
 #include "ehrgate/protocol.hpp"
 #include "policy_state.hpp"
+#include "syslog_forwarder.hpp"
 
 namespace ehrgate::policyd {
 
@@ -89,6 +91,11 @@ class Server {
 
     uv_loop_t *loop() { return loop_; }
     const ServerOptions &options() const { return options_; }
+    // audit (issue 7): where AuditAppend frames and policyd's own events go. Without it, appends
+    // are refused (the worker answers 503 on audited locations) rather than silently dropped.
+    void set_audit(AuditLog *audit) { audit_ = audit; }
+    void set_syslog(const SyslogForwarder *syslog) { syslog_ = syslog; }
+    AuditLog *audit() { return audit_; }
 
   private:
     friend class Connection;
@@ -107,6 +114,10 @@ class Server {
     void push_snapshot();
     void push_revocations();
     void revoke_token(const protocol::AdminRequest &request, protocol::AdminReply &reply);
+    // audit (issue 7)
+    void handle_audit_append(Connection &connection, const protocol::FrameView &frame,
+                             std::string &out);
+    Connection *find_connection(uint64_t id);
 
     uv_loop_t *loop_;
     ServerOptions options_;
@@ -126,6 +137,8 @@ class Server {
     uint64_t reloads_ok_ = 0;
     uint64_t reloads_refused_ = 0;
     uint64_t started_at_ms_ = 0;
+    AuditLog *audit_ = nullptr;  // audit (issue 7)
+    const SyslogForwarder *syslog_ = nullptr;
 };
 
 }  // namespace ehrgate::policyd

@@ -55,6 +55,10 @@ MDB_val as_val(std::string_view bytes) {
 
 }  // namespace
 
+StoreStatus translate_lmdb_error(int rc, StoreError *error) {
+    return translate_error(rc, error);
+}
+
 const char *store_status_name(StoreStatus status) {
     switch (status) {
         case StoreStatus::Ok:

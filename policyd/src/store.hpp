@@ -21,6 +21,11 @@ enum class StoreStatus { Ok, NotFound, MapFull, ReadersFull, Busy, Corrupted, Io
 
 const char *store_status_name(StoreStatus status);
 
+struct StoreError;
+// The one translation of LMDB/errno codes into StoreStatus, shared by every LMDB user in policyd
+// (the audit log keeps its own environment but not its own error mapping).
+StoreStatus translate_lmdb_error(int rc, StoreError *error);
+
 struct StoreError {
     StoreStatus status = StoreStatus::Ok;
     std::string detail;  // LMDB's own message, for logs

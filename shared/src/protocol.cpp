@@ -79,6 +79,10 @@ const char *message_type_name(MessageType type) {
             return "admin-request";
         case MessageType::AdminReply:
             return "admin-reply";
+        case MessageType::AuditAppend:
+            return "audit-append";
+        case MessageType::AuditAck:
+            return "audit-ack";
     }
     return "unknown";
 }
@@ -158,7 +162,10 @@ std::optional<FrameView> FrameDecoder::next() {
     }
     const bool known_type = *type <= static_cast<uint8_t>(MessageType::RevocationList) ||
                             *type == static_cast<uint8_t>(MessageType::AdminRequest) ||
-                            *type == static_cast<uint8_t>(MessageType::AdminReply);
+                            *type == static_cast<uint8_t>(MessageType::AdminReply) ||
+                            // audit (issue 7)
+                            *type == static_cast<uint8_t>(MessageType::AuditAppend) ||
+                            *type == static_cast<uint8_t>(MessageType::AuditAck);
     if (!known_type) {
         error_ = FrameError::UnknownType;
         return std::nullopt;
@@ -465,6 +472,117 @@ std::optional<AdminReply> decode_admin_reply(std::string_view body) {
         return false;
     });
     if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+// ---- audit (issue 7) ----
+
+std::string encode(const AuditAppend &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(2);
+    put(w, "mode", msg.sync ? "sync" : "async");
+    w.key("records");
+    w.array(static_cast<uint32_t>(msg.records.size()));
+    for (const audit::Record &record : msg.records) {
+        audit::encode_record_fields(out, record);
+    }
+    return out;
+}
+
+std::optional<AuditAppend> decode_audit_append(std::string_view body) {
+    AuditAppend msg;
+    bool have_records = false;
+    bool records_ok = true;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "mode") {
+            const std::optional<std::string_view> mode = r.read_str();
+            if (mode && *mode != "sync" && *mode != "async") {
+                r.fail();
+            }
+            msg.sync = !mode || *mode == "sync";
+            return true;
+        }
+        if (key == "records") {
+            const std::optional<uint32_t> n = r.read_array();
+            if (!n || *n > kMaxAuditRecordsPerAppend) {
+                r.fail();
+                return true;
+            }
+            have_records = true;
+            msg.records.reserve(*n);
+            for (uint32_t i = 0; i < *n && r.ok(); ++i) {
+                const size_t start = r.position();
+                if (!r.skip()) {
+                    break;
+                }
+                std::optional<audit::Record> record =
+                    audit::decode_record(body.substr(start, r.position() - start));
+                // Without a record id redelivery could not be deduplicated: refuse.
+                if (!record || record->record_id.empty()) {
+                    records_ok = false;
+                    continue;
+                }
+                msg.records.push_back(std::move(*record));
+            }
+            return true;
+        }
+        return false;
+    });
+    if (!ok || !have_records || !records_ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const AuditAck &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(4);
+    w.key("ok");
+    w.boolean(msg.ok);
+    w.key("record_ids");
+    w.array(static_cast<uint32_t>(msg.record_ids.size()));
+    for (const std::string &id : msg.record_ids) {
+        w.str(id);
+    }
+    put(w, "error", msg.error);
+    put(w, "message", msg.message);
+    return out;
+}
+
+std::optional<AuditAck> decode_audit_ack(std::string_view body) {
+    AuditAck msg;
+    bool have_ok = false;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "ok") {
+            const std::optional<bool> v = r.read_bool();
+            have_ok = v.has_value();
+            msg.ok = v.value_or(false);
+            return true;
+        }
+        if (key == "record_ids") {
+            const std::optional<uint32_t> n = r.read_array();
+            if (!n || *n > kMaxAuditRecordsPerAppend) {
+                r.fail();
+                return true;
+            }
+            for (uint32_t i = 0; i < *n && r.ok(); ++i) {
+                if (const std::optional<std::string_view> id = r.read_str()) {
+                    msg.record_ids.emplace_back(*id);
+                }
+            }
+            return true;
+        }
+        if (key == "error")
+            return read_into(r, msg.error);
+        if (key == "message")
+            return read_into(r, msg.message);
+        return false;
+    });
+    if (!ok || !have_ok) {
         return std::nullopt;
     }
     return msg;

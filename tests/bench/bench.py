@@ -638,6 +638,27 @@ class Bench:
             print(f"bench:   {alg}: {row['ehrgate_per_s']:,.0f}/s, openssl speed "
                   f"{row['openssl_verify_per_s']:,.0f}/s", flush=True)
 
+    # audit (issue 7): durable and async audit records/s through policyd's group commit, with the
+    # same policyd the gateway uses. Separate from the table: printed and kept in the JSON.
+    def audit(self) -> None:
+        audit_bench = self.build_dir / "bin" / "audit_bench"
+        if not audit_bench.exists():
+            print("bench: audit_bench not built; skipping the audit scenario", file=sys.stderr)
+            return
+        print("bench: audit_bench  durable (1 record/append, window 256) and async (512/append), "
+              "3 s each, then 300 single appends", flush=True)
+        proc = subprocess.run([str(audit_bench), "--socket", str(self.gateway.data_socket), "--json"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise BenchError(f"audit_bench failed ({proc.returncode}): {proc.stderr.strip()}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.results["audit"] = result
+        print(f"bench: audit durable {result['durable_records_per_s']:.0f} records/s, async "
+              f"{result['async_records_per_s']:.0f} records/s, single durable append p50 "
+              f"{result['single_append_p50_us']:.0f} us p99 {result['single_append_p99_us']:.0f} us",
+              flush=True)
+        self.gateway.check_alive()
+
     def check_logs(self) -> None:
         alerts = self.gateway.error_log_alerts()
         upstream_log = self.upstream.run_dir / "error.log"
@@ -819,6 +840,7 @@ class Bench:
             self.closed_loop()
             self.open_loop()
             self.policyd()
+            self.audit()  # audit (issue 7)
             self.check_logs()
             self.limiter_accuracy()
             self.cold_verification()

@@ -17,6 +17,8 @@
 #include <string_view>
 #include <vector>
 
+#include "ehrgate/audit.hpp"
+
 namespace ehrgate::protocol {
 
 inline constexpr uint8_t kProtocolVersion = 1;
@@ -39,6 +41,9 @@ enum class MessageType : uint8_t {
     RevocationList = 9,   // policyd -> worker: reply to RevocationFetch, or pushed with id 0
     AdminRequest = 16,    // ehrgatectl -> policyd, admin socket only
     AdminReply = 17,
+    // audit (issue 7): 20-25 reserved
+    AuditAppend = 20,  // worker -> policyd: records to append durably
+    AuditAck = 21,     // policyd -> worker: the records are durable (or why they are not)
 };
 
 const char *message_type_name(MessageType type);
@@ -148,6 +153,29 @@ struct AdminReply {
     std::string message;
     std::string json;
 };
+
+// ---- audit (issue 7) ----
+// The records are acknowledged only once durably written (synced). `sync` says whether the
+// worker holds a request until then (audit-before-release) or not (outcome records, async
+// locations); policyd treats both alike. Every record carries a worker-chosen unique record_id:
+// a record sent again after a lost ack is acknowledged without being stored twice.
+inline constexpr size_t kMaxAuditRecordsPerAppend = 4096;
+struct AuditAppend {
+    bool sync = true;
+    std::vector<audit::Record> records;
+};
+// ok: every record of the append is durable (newly or already). Otherwise none of them was
+// written and `error` says why (map-full, io-error, busy, ...).
+struct AuditAck {
+    bool ok = false;
+    std::vector<std::string> record_ids;
+    std::string error;
+    std::string message;
+};
+std::string encode(const AuditAppend &msg);
+std::string encode(const AuditAck &msg);
+std::optional<AuditAppend> decode_audit_append(std::string_view body);
+std::optional<AuditAck> decode_audit_ack(std::string_view body);
 
 std::string encode(const DecideRequest &msg);
 std::string encode(const DecideReply &msg);

@@ -1,0 +1,205 @@
+// The audit log in LMDB: append-only, hash-chained records (shared/audit.hpp), indexes for
+// search, signed checkpoints; and the group-commit writer that keeps the libuv loop free.
+//
+// Its own LMDB environment (<data-dir>/audit), not named databases in policyd's main one:
+// - LMDB allows one write transaction per environment at a time. The audit writer thread holds
+//   write transactions back to back under load; policy and revocation writes happen on the loop
+//   thread and would wait on that lock, i.e. block the loop.
+// - Its map size is its own (--audit-map-size-mb): a full audit map refuses audited requests
+//   (fail closed) without also stopping policy reloads and revocations from being recorded.
+// - ehrgatectl opens it read-only for verify/search/export without touching policy state.
+//
+// Databases: records (be64 seq -> 32-byte chain hash || canonical record), ids (record id ->
+// be64 seq, the deduplication index), checkpoints (be64 seq -> encoded checkpoint), and index
+// databases idx_patient, idx_client, idx_user, idx_correlation (be16 length || value || be64 seq
+// -> empty) and idx_time (be64 time_us || be64 seq -> empty).
+#pragma once
+
+#include <lmdb.h>
+#include <uv.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ehrgate/audit.hpp"
+#include "store.hpp"
+
+namespace ehrgate::policyd {
+
+// Synchronous LMDB side; used by the writer thread in policyd and read-only by ehrgatectl.
+class AuditStore {
+  public:
+    struct Options {
+        std::string directory;  // the environment directory, e.g. <data-dir>/audit
+        size_t map_size_bytes = size_t{1} << 30;
+        bool read_only = false;
+    };
+
+    static std::unique_ptr<AuditStore> open(const Options &options, StoreError *error);
+    ~AuditStore();
+    AuditStore(const AuditStore &) = delete;
+    AuditStore &operator=(const AuditStore &) = delete;
+
+    struct Appended {
+        uint64_t seq = 0;
+        bool duplicate = false;  // this record id was already in the log (redelivery)
+    };
+
+    // Appends in one transaction, committed durably (synced) before returning Ok. Records whose
+    // id is already stored are not appended again. When `key` is given and `checkpoint` is
+    // true, a signed checkpoint of the new head is written in the same transaction. On any
+    // error nothing of the batch is stored and the in-memory head is unchanged.
+    StoreStatus append(const std::vector<const audit::Record *> &records,
+                       const audit::SigningKey *key, bool checkpoint, int64_t now_us,
+                       std::vector<Appended> &out, StoreError *error);
+    // A checkpoint of the current head in its own transaction (no-op when already covered).
+    StoreStatus checkpoint(const audit::SigningKey &key, int64_t now_us, StoreError *error);
+
+    uint64_t last_seq() const { return last_seq_; }
+    uint64_t last_checkpoint_seq() const { return last_checkpoint_seq_; }
+
+    // ---- reading (one read transaction per call) ----
+    // Visits every record in seq order: visit(seq, stored value). Stops when visit returns false.
+    StoreStatus scan_records(const std::function<bool(uint64_t, std::string_view)> &visit,
+                             StoreError *error);
+    StoreStatus checkpoints(std::vector<audit::Checkpoint> &out, StoreError *error);
+    // Records with seq > after_seq, in order, until visit returns false (syslog forwarding).
+    StoreStatus scan_after(uint64_t after_seq,
+                           const std::function<bool(uint64_t, std::string_view)> &visit,
+                           StoreError *error);
+
+    struct Query {
+        std::string patient, client, user, correlation_id;
+        std::optional<int64_t> since_us, until_us;  // inclusive bounds on time_us
+    };
+    // Records matching every given criterion, in seq order, from the most selective index.
+    StoreStatus search(const Query &query,
+                       const std::function<bool(const audit::ChainedRecord &)> &visit,
+                       StoreError *error);
+
+    // Retention: removes records with time_us < before_us from the start of the log, but only
+    // up to the newest signed checkpoint at or before them, which stays as the anchor the rest
+    // verifies from. The newest record is never removed. Returns the number removed.
+    StoreStatus purge_before(int64_t before_us, uint64_t *removed, StoreError *error);
+
+  private:
+    AuditStore(MDB_env *env, bool read_only) : env_(env), read_only_(read_only) {}
+    StoreStatus open_databases(StoreError *error);
+    StoreStatus load_head(StoreError *error);
+    StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
+                               const std::string &hash, int64_t now_us, StoreError *error);
+
+    MDB_env *env_;
+    bool read_only_;
+    bool have_databases_ = false;
+    MDB_dbi records_{}, ids_{}, checkpoints_{}, idx_patient_{}, idx_client_{}, idx_user_{},
+        idx_correlation_{}, idx_time_{};
+    uint64_t last_seq_ = 0;
+    std::string last_hash_ = audit::zero_hash();
+    uint64_t last_checkpoint_seq_ = 0;
+};
+
+// Loads the checkpoint signing key from <data-dir>/audit-signing.key, creating it (mode 0600)
+// on first start, and writes the public half to <data-dir>/audit-signing.pub (hex) for
+// `ehrgatectl audit verify`. Returns nullptr and sets *problem on failure.
+std::unique_ptr<audit::SigningKey> load_or_create_signing_key(const std::string &data_dir,
+                                                              std::string *problem);
+std::optional<std::string> read_public_key_hex(const std::string &path);
+
+struct AuditCounters {
+    uint64_t appended = 0;      // records durably written
+    uint64_t duplicates = 0;    // redelivered records acknowledged without a second copy
+    uint64_t transactions = 0;  // group commits
+    uint64_t checkpoints = 0;
+    uint64_t failed_records = 0;  // appends refused because storage failed (caller was told)
+    uint64_t map_full = 0;        // failed transactions by cause
+    uint64_t io_errors = 0;
+    uint64_t other_errors = 0;
+    uint64_t overloaded = 0;      // refused at once: too many records queued for the writer
+    uint64_t event_failures = 0;  // policyd's own event records that could not be written
+    std::string last_error;
+};
+
+// Group commit for the libuv loop. append() queues and returns at once; a dedicated writer
+// thread takes everything queued, appends it in one synced transaction, and hands the outcome
+// back to the loop through a uv_async_t, where the completion runs. The loop never waits for
+// the disk.
+class AuditLog {
+  public:
+    struct Options {
+        uint64_t checkpoint_every_records = 1000;
+        uint64_t checkpoint_every_ms = 10000;
+        size_t max_batch_records = 8192;
+        size_t max_queued_records = 200000;
+    };
+
+    struct Result {
+        StoreStatus status = StoreStatus::Ok;
+        std::string detail;
+        std::vector<AuditStore::Appended> appended;  // per record, on Ok
+    };
+    using Completion = std::function<void(const Result &)>;
+
+    AuditLog(uv_loop_t *loop, AuditStore &store, const audit::SigningKey &key, Options options);
+    ~AuditLog();
+    AuditLog(const AuditLog &) = delete;
+    AuditLog &operator=(const AuditLog &) = delete;
+
+    void start();
+    // Drains what is queued, writes a final checkpoint, joins the writer and closes the async
+    // handle (completions still run on the loop). Idempotent.
+    void stop();
+
+    void append(std::vector<audit::Record> records, Completion done);
+    // policyd's own events (policy reloads, revocations, admin commands; consent changes from
+    // the consent store). Time and record id are filled in when empty. Failures are counted
+    // (event_failures) and logged; the call never blocks.
+    void append_event(audit::Kind kind, std::string detail, std::string client_id = {},
+                      std::vector<std::string> patient_ids = {},
+                      std::vector<std::string> consent_ids = {});
+
+    AuditCounters counters() const;
+    uint64_t last_seq() const { return last_seq_.load(); }
+    std::string status_json() const;
+
+  private:
+    struct Job {
+        std::vector<audit::Record> records;
+        Completion done;
+        Result result;
+    };
+
+    static void on_async(uv_async_t *handle);
+    void writer_main();
+    void deliver();
+
+    uv_loop_t *loop_;
+    AuditStore &store_;
+    const audit::SigningKey &key_;
+    Options options_;
+    uv_async_t async_{};
+    bool started_ = false;
+    bool stopped_ = false;
+    std::thread writer_;
+
+    mutable std::mutex mutex_;
+    std::condition_variable wake_;
+    std::deque<std::unique_ptr<Job>> queued_;
+    size_t queued_records_ = 0;
+    std::deque<std::unique_ptr<Job>> done_;
+    bool stopping_ = false;
+    AuditCounters counters_;
+    std::atomic<uint64_t> last_seq_{0};
+    uint64_t event_counter_ = 0;
+};
+
+}  // namespace ehrgate::policyd

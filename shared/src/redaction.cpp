@@ -539,8 +539,8 @@ struct Redactor::Impl {
             return;
         }
         const size_t dot = path.find('.');
-        collect(member(node, path.substr(0, dot)), dot == std::string_view::npos ? "" : path.substr(dot + 1),
-                out);
+        collect(member(node, path.substr(0, dot)),
+                dot == std::string_view::npos ? "" : path.substr(dot + 1), out);
     }
 
     bool patient_reference(std::string_view reference) const {
@@ -890,8 +890,8 @@ enum State : uint8_t {
 enum ValueKind : uint8_t { kContainer, kStringValue, kScalar };
 
 inline bool scalar_char(char c) {
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-           c == '+' || c == '-' || c == '.';
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '+' ||
+           c == '-' || c == '.';
 }
 
 }  // namespace
@@ -920,13 +920,19 @@ std::vector<std::string> split_labels(std::string_view list) {
 }
 
 Redactor::Redactor(const Config &config, Request request)
-    : config_(config), request_(std::move(request)), impl_(new Impl(config_, request_)),
+    : config_(config),
+      request_(std::move(request)),
+      impl_(new Impl(config_, request_)),
       state_(kDocStart) {
     impl_->counters = &counters_;
 }
 
 Redactor::~Redactor() {
     delete impl_;
+}
+
+bool Redactor::complete() const {
+    return state_ == kDocEnd && status_ == Status::Ok;
 }
 
 bool Redactor::single_resource() const {

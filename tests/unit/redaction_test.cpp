@@ -41,11 +41,14 @@ std::string label(std::string_view code) {
 
 std::string observation(std::string_view id, std::string_view patient, std::string_view loinc,
                         std::string_view labels = "") {
-    std::string meta = labels.empty() ? "" : R"("meta": {"security": [)" + std::string(labels) + "]},\n  ";
+    std::string meta =
+        labels.empty() ? "" : R"("meta": {"security": [)" + std::string(labels) + "]},\n  ";
     return R"({"resourceType": "Observation", "id": ")" + std::string(id) + "\",\n  " + meta +
            R"("status": "final", "code": {"coding": [{"system": "http://loinc.org", "code": ")" +
-           std::string(loinc) + R"("}], "text": "caf\u00e9 \"quoted\" é"}, "subject": {"reference": "Patient/)" +
-           std::string(patient) + R"("}, "valueQuantity": {"value": -1.5e3, "unit": "mg"}, "flag": [true, false, null]})";
+           std::string(loinc) +
+           R"("}], "text": "caf\u00e9 \"quoted\" é"}, "subject": {"reference": "Patient/)" +
+           std::string(patient) +
+           R"("}, "valueQuantity": {"value": -1.5e3, "unit": "mg"}, "flag": [true, false, null]})";
 }
 
 std::string condition(std::string_view id, std::string_view patient, std::string_view icd) {
@@ -82,12 +85,11 @@ std::string bundle(const std::vector<std::string> &resources, bool total = true)
 
 std::string mixed_bundle() {
     return bundle({
-        observation("o1", "p1", "8480-6"),
-        observation("o2", "p1", "8480-6", label("PSY")),
-        condition("c1", "p1", "F11.20"),                 // unlabelled SUD
-        observation("o3", "p1", "75622-1"),              // unlabelled HIV test
-        patient("p1"),                                   // SSN masked
-        condition("c2", "p1", "E11.9"),                  // kept
+        observation("o1", "p1", "8480-6"), observation("o2", "p1", "8480-6", label("PSY")),
+        condition("c1", "p1", "F11.20"),                // unlabelled SUD
+        observation("o3", "p1", "75622-1"),             // unlabelled HIV test
+        patient("p1"),                                  // SSN masked
+        condition("c2", "p1", "E11.9"),                 // kept
         observation("o4", "p1", "1234-5", label("R")),  // R is not withheld
     });
 }
@@ -108,8 +110,8 @@ Result run(const Config &config, const Request &request, std::string_view body,
     size_t pos = 0, k = 0;
     Status status = Status::Ok;
     while (pos < body.size() && status == Status::Ok) {
-        const size_t n = std::min(cuts.empty() ? body.size() : cuts[k++ % cuts.size()],
-                                  body.size() - pos);
+        const size_t n =
+            std::min(cuts.empty() ? body.size() : cuts[k++ % cuts.size()], body.size() - pos);
         status = redactor.feed(body.substr(pos, n), result.out);
         pos += n;
     }
@@ -332,7 +334,8 @@ TEST(Redaction, InlineElementLabelsRemoveTheElement) {
     const std::string body =
         R"({"resourceType":"Patient","id":"p1","name":[{"family":"Doe"},{"family":"Secret",)"
         R"("extension":[{"url":")" +
-        std::string(kInlineLabelUrl) + R"(","valueCoding":{"system":"x","code":"PSY"}}]}],)"
+        std::string(kInlineLabelUrl) +
+        R"(","valueCoding":{"system":"x","code":"PSY"}}]}],)"
         R"("birthDate":"1970-01-01","_birthDate":{"extension":[{"url":")" +
         std::string(kInlineLabelUrl) + R"(","valueCoding":{"code":"SEX"}}]}})";
     const Result result = run(body);
@@ -362,13 +365,14 @@ TEST(Redaction, PatientCompartment) {
     Request request = treating();
     request.patient_id = "p1";
     request.server_base = "https://gw.example/fhir";
-    const Result result =
-        run(bundle({observation("o1", "p1", "1-1"), observation("o9", "p2", "1-1"),
-                    R"({"resourceType":"Practitioner","id":"dr"})",
-                    R"({"resourceType":"Observation","id":"oa","subject":{"reference":"https://gw.example/fhir/Patient/p1"}})",
-                    R"({"resourceType":"Observation","id":"ob","subject":{"reference":"https://evil.example/fhir/Patient/p1"}})",
-                    patient("p2"), patient("p1")}),
-            request);
+    const Result result = run(
+        bundle(
+            {observation("o1", "p1", "1-1"), observation("o9", "p2", "1-1"),
+             R"({"resourceType":"Practitioner","id":"dr"})",
+             R"({"resourceType":"Observation","id":"oa","subject":{"reference":"https://gw.example/fhir/Patient/p1"}})",
+             R"({"resourceType":"Observation","id":"ob","subject":{"reference":"https://evil.example/fhir/Patient/p1"}})",
+             patient("p2"), patient("p1")}),
+        request);
     ASSERT_EQ(result.status, Status::Ok) << result.reason;
     EXPECT_EQ(entry_ids(parse(result.out)), (std::vector<std::string>{"o1", "dr", "oa", "p1"}));
     EXPECT_EQ(result.counters.resources_removed, 3u);
@@ -392,8 +396,8 @@ TEST(Redaction, MalformedInputIsCutAtTheFaultyUnit) {
         "{\"resourceType\":\"Observation\",\"id\":\"BAD1\",\"value\":\"\xed\xa0\x80\"}",
     };
     for (const std::string &faulty : faulty_resources) {
-        const std::string body = bundle({observation("o1", "p1", "1-1"), faulty,
-                                         observation("o2", "p1", "1-1")});
+        const std::string body =
+            bundle({observation("o1", "p1", "1-1"), faulty, observation("o2", "p1", "1-1")});
         for (const size_t chunk : {size_t{1}, size_t{5}, body.size()}) {
             const Result result = run(sandbox_config(), treating(), body, {chunk});
             EXPECT_EQ(result.status, Status::Error) << faulty;
@@ -461,7 +465,8 @@ TEST(Redaction, ResourceLargerThanTheCapFailsClosed) {
     EXPECT_EQ(single.status, Status::Error);
     EXPECT_EQ(single.reason, "too-large");
     EXPECT_LT(single.peak, size_t{1} << 20);
-    const Result in_bundle = run(config, treating(), bundle({observation("o1", "p1", "1"), big}), {4096});
+    const Result in_bundle =
+        run(config, treating(), bundle({observation("o1", "p1", "1"), big}), {4096});
     EXPECT_EQ(in_bundle.status, Status::Error);
     EXPECT_EQ(in_bundle.out.find("big"), std::string::npos);
     // Many tokens in few bytes count against the same cap.
@@ -557,9 +562,9 @@ TEST(RedactionTestdata, Ds4pInlineLabels) {
     // Without R withheld the SSN goes only through the policy mask.
     const Result masked = run(sandbox_config(), treating(), patient_body, {1});
     EXPECT_EQ(masked.out.find("111-22-3333"), std::string::npos);
-    EXPECT_EQ(run(Config{}, treating(), patient_body, {1}).out.find("111-22-3333") ==
-                  std::string::npos,
-              false);
+    EXPECT_EQ(
+        run(Config{}, treating(), patient_body, {1}).out.find("111-22-3333") == std::string::npos,
+        false);
     // Immunization: inline labels on `patient` (UNCERTREL, PATRPT) remove it when withheld.
     const std::string immunization = slurp(dir / "extension-inline-sec-label-immunization.json");
     Request uncertain;

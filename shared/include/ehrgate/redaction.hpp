@@ -42,6 +42,9 @@ inline constexpr std::string_view kInlineLabelUrl =
     "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-inline-sec-label";
 // Text and token tape together; buffers grow by doubling, so the peak stays under 1 MiB.
 inline constexpr size_t kDefaultMaxHeldBytes = 384 * 1024;
+// Bounds a policy bundle may set.
+inline constexpr size_t kMinHeldBytes = 16 * 1024;
+inline constexpr size_t kMaxHeldBytesLimit = 64 * 1024 * 1024;
 
 // Unlabelled data is labelled by its codes: a Coding (any object with string `system` and
 // `code` members) matching `system` and `code` exactly, or starting with `code` when
@@ -51,6 +54,8 @@ struct InferenceRule {
     std::string code;
     bool prefix = false;
     std::string label;
+
+    bool operator==(const InferenceRule &) const = default;
 };
 
 // Removes the elements at `path` (dot-separated from the resource root, descending through
@@ -60,6 +65,8 @@ struct FieldMask {
     std::string resource_type;
     std::string path;
     std::string identifier_system;
+
+    bool operator==(const FieldMask &) const = default;
 };
 
 struct Config {
@@ -68,6 +75,8 @@ struct Config {
     // Bytes held at once: the current unit, its token tape and the Bundle members before
     // `entry`. Output released by one feed() is on top of this, at most about one chunk.
     size_t max_held_bytes = kDefaultMaxHeldBytes;
+
+    bool operator==(const Config &) const = default;
 };
 
 // Per response.
@@ -115,6 +124,8 @@ class Redactor {
     // "outside-patient-compartment", "malformed-json", "too-large", ...
     std::string_view reason() const { return reason_; }
     const Counters &counters() const { return counters_; }
+    // True once the whole document has been seen (its counters are final).
+    bool complete() const;
     // True once the response is known to be a single resource (not a streamed Bundle).
     bool single_resource() const;
     // Peak bytes held by the engine's buffers (capacity, not size).

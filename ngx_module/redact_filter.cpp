@@ -158,6 +158,21 @@ ngx_int_t send_replacement(ngx_http_request_t *r, RequestCtx *ctx, ngx_uint_t st
     return g_next_body_filter(r, &out);
 }
 
+bool default_applies(const policy::Redaction &policy, const policy::Client *client) {
+    if (policy.withheld_contexts.empty() || client == nullptr) {
+        return true;
+    }
+    const std::string_view context = client->context == policy::LaunchContext::User      ? "user"
+                                     : client->context == policy::LaunchContext::Patient ? "patient"
+                                                                                         : "system";
+    for (const std::string &listed : policy.withheld_contexts) {
+        if (listed == context) {
+            return true;
+        }
+    }
+    return false;
+}
+
 // The route's upstream name, else its name: which system the data came from.
 std::string source_system(ngx_http_request_t *r, const policy::Snapshot &snapshot) {
     const policy::Route *route = snapshot.bundle.match_route(view(r->uri));
@@ -272,14 +287,18 @@ ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
                                     "The EHR sent a content type the gateway does not release");
         }
         redaction::Request request;
-        // Consent obligations when the decision carried them, else the bundle's default.
-        request.withheld = ctx->obligations.len > 0
-                               ? redaction::split_labels(view(ctx->obligations))
-                               : policy.withheld_labels;
+        const policy::Client *client_policy = snapshot->bundle.find_client(view(ctx->client_id));
+        // Consent obligations when the decision carried them, else the bundle's default for the
+        // client's launch context (an unidentified client gets the default: fail closed).
+        if (ctx->obligations.len > 0) {
+            request.withheld = redaction::split_labels(view(ctx->obligations));
+        } else if (default_applies(policy, client_policy)) {
+            request.withheld = policy.withheld_labels;
+        }
         if (ctx->check_patient.len > 0) {
             request.patient_id = std::string(view(ctx->check_patient));
-        } else if (const policy::Client *c = snapshot->bundle.find_client(view(ctx->client_id));
-                   c != nullptr && c->context == policy::LaunchContext::Patient &&
+        } else if (client_policy != nullptr &&
+                   client_policy->context == policy::LaunchContext::Patient &&
                    ctx->patient.len > 0) {
             request.patient_id = std::string(view(ctx->patient));
         }

@@ -210,11 +210,12 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
     if (bundle.redaction.present) {  // redaction: written only when set, like throttling
         const Redaction &redaction = bundle.redaction;
         w.key("redaction");
-        w.map(5);
+        w.map(6);
         w.key("max_held_bytes");
         w.uint(redaction.engine.max_held_bytes);
         put_list(w, "withheld_labels", redaction.withheld_labels);
         put_list(w, "allowed_content_types", redaction.allowed_content_types);
+        put_list(w, "withheld_contexts", redaction.withheld_contexts);
         w.key("inference");
         w.array(static_cast<uint32_t>(redaction.engine.inference.size()));
         for (const redaction::InferenceRule &rule : redaction.engine.inference) {
@@ -515,10 +516,11 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 
 // redaction
 bool read_redaction(Reader &r, Redaction &redaction) {
-    static constexpr std::array<std::string_view, 5> kKeys = {
-        "max_held_bytes", "withheld_labels", "allowed_content_types", "inference", "masks"};
+    static constexpr std::array<std::string_view, 6> kKeys = {
+        "max_held_bytes", "withheld_labels", "allowed_content_types",
+        "inference",      "masks",           "withheld_contexts"};
     redaction.present = true;
-    return read_fields(r, kKeys, 0b11111, [&](size_t field) {
+    return read_fields(r, kKeys, 0b111111, [&](size_t field) {
         switch (field) {
             case 0:
                 return read_bounded(r, redaction.engine.max_held_bytes,
@@ -528,6 +530,8 @@ bool read_redaction(Reader &r, Redaction &redaction) {
                 return read_string_list(r, redaction.withheld_labels, kMaxNames);
             case 2:
                 return read_string_list(r, redaction.allowed_content_types, kMaxNames);
+            case 5:
+                return read_string_list(r, redaction.withheld_contexts, 3);
             case 3:
                 return read_object_list(
                     r, redaction.engine.inference, kMaxNames,
@@ -545,7 +549,7 @@ bool read_redaction(Reader &r, Redaction &redaction) {
                                                             : rule.label);
                         });
                     });
-            default:
+            case 4:
                 return read_object_list(
                     r, redaction.engine.masks, kMaxNames,
                     [](Reader &rr, redaction::FieldMask &mask) {
@@ -558,6 +562,7 @@ bool read_redaction(Reader &r, Redaction &redaction) {
                         });
                     });
         }
+        return false;
     });
 }
 
@@ -875,6 +880,7 @@ void Bundle::canonicalize() {
                      [](const Upstream &a, const Upstream &b) { return a.name < b.name; });
     std::sort(redaction.withheld_labels.begin(), redaction.withheld_labels.end());
     std::sort(redaction.allowed_content_types.begin(), redaction.allowed_content_types.end());
+    std::sort(redaction.withheld_contexts.begin(), redaction.withheld_contexts.end());
 }
 
 std::string encode_snapshot(const Snapshot &snapshot) {

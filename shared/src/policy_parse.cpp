@@ -572,12 +572,13 @@ constexpr std::array<FieldSpec, 10> kBundleFields = {{
 }};
 
 // redaction
-constexpr std::array<FieldSpec, 5> kRedactionFields = {{
+constexpr std::array<FieldSpec, 6> kRedactionFields = {{
     {"max_held_bytes", false},
     {"withheld_labels", false},
     {"allowed_content_types", false},
     {"inference", false},
     {"masks", false},
+    {"withheld_contexts", false},
 }};
 
 constexpr std::array<FieldSpec, 5> kInferenceFields = {{
@@ -1547,6 +1548,17 @@ class BundleParser {
                 case 3:
                     v_.walk_list(value, 4096, [&](const Value &entry) { inference_rule(entry); });
                     return;
+                case 5:
+                    return v_.string_set(
+                        value, 3, false, false, "context", redaction.withheld_contexts,
+                        [&](const Value &at, const std::string &context) {
+                            if (context == "user" || context == "patient" || context == "system") {
+                                return true;
+                            }
+                            v_.report(at, "unknown context " + quote(context) +
+                                              "; expected user, patient or system");
+                            return false;
+                        });
                 default:
                     v_.walk_list(value, 1024, [&](const Value &entry) { field_mask(entry); });
                     return;

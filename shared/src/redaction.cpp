@@ -739,14 +739,14 @@ struct Redactor::Impl {
         if (type == "Bundle") {
             return evaluate_bundle(resource);
         }
+        // The compartment first: for a patient token it is the more fundamental refusal.
+        if (!request.patient_id.empty() && !in_compartment(resource, type)) {
+            return Verdict::DropCompartment;
+        }
         const uint64_t removed_before = counters->elements_removed;
         if (sensitive(resource)) {
             counters->elements_removed = removed_before;
             return Verdict::DropLabel;
-        }
-        if (!request.patient_id.empty() && !in_compartment(resource, type)) {
-            counters->elements_removed = removed_before;
-            return Verdict::DropCompartment;
         }
         apply_masks(resource, type);
         if (counters->elements_removed != removed_before) {

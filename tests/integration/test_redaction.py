@@ -169,6 +169,30 @@ def test_malformed_single_resource_is_a_502(shared_stack):
     assert "BROKEN" not in response.text
 
 
+@pytest.mark.parametrize("mode,reason", [("html", "upstream-content-type-refused"),
+                                         ("gzip", "upstream-encoding-refused")])
+def test_non_json_and_encoded_bodies_never_pass(shared_stack, mode, reason):
+    response = get(shared_stack, f"/fhir/Observation?_sandbox_stream=1&_sandbox_malformed={mode}",
+                   {**clinician(shared_stack), "Accept-Encoding": "gzip"})
+    assert response.status_code == 502
+    assert response.json()["issue"][0]["details"]["coding"][0]["code"] == reason
+    assert "SECRET" not in response.text
+
+
+def test_patient_reads_own_sensitive_record_but_not_another_patients(shared_stack):
+    # withheld_contexts exempts patient-context tokens from the default labels; the compartment
+    # still applies.
+    token = shared_stack.mint(client="demo-patient-app", scope="patient/*.rs launch/patient",
+                              patient=DEMO_PATIENT)
+    headers = {"Authorization": "Bearer " + token, **PLAIN}
+    own = get(shared_stack, "/fhir/Observation/fx-p1-hiv-viral-load", headers)
+    assert own.status_code == 200 and own.json()["id"] == "fx-p1-hiv-viral-load"
+    other = get(shared_stack, "/fhir/Condition/fx-p2-alcohol-eth-sud", headers)
+    assert other.status_code == 403
+    assert other.json()["issue"][0]["details"]["coding"][0]["code"] == "outside-patient-compartment"
+    assert "F10" not in other.text
+
+
 def worker_pids(stack) -> list[int]:
     master = int((stack.run_dir / "nginx.pid").read_text())
     pids = []

@@ -1156,12 +1156,26 @@ class SandboxHandler(BaseHTTPRequestHandler):
         """GET /Observation?_sandbox_stream=N: a generated search Bundle of about N MB for the
         redaction tests (every tenth entry an unlabelled opioid-dependence Condition), made on the
         fly. _sandbox_malformed=mid puts a broken entry after the first ones (after the headers
-        went out); _sandbox_malformed=single answers a truncated single resource."""
+        went out); _sandbox_malformed=single answers a truncated single resource, =html an HTML
+        page, =gzip a gzip-encoded resource nobody asked for."""
         mode = params.get("_sandbox_malformed", "")
         patient = STABLE_PATIENT_IDS[0]
         if mode == "single":
             self.send_body(200, b'{"resourceType":"Observation","id":"BROKEN-single","status":"fin',
                            FHIR_JSON)
+            return
+        if mode == "html":
+            self.send_body(200, b"<html><body>SECRET-html</body></html>", "text/html")
+            return
+        if mode == "gzip":  # compressed although the caller did not ask for it
+            body = gzip.compress(b'{"resourceType":"Observation","id":"SECRET-gzip"}', mtime=0)
+            self.send_response(200)
+            self.send_header("Content-Type", FHIR_JSON)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.response_started = True
+            self.wfile.write(body)
             return
         target = parse_int_param("_sandbox_stream", params.get("_sandbox_stream", "1")) * 1024 * 1024
         if target > 512 * 1024 * 1024:

@@ -37,6 +37,7 @@ TEST(RedactionPolicy, SandboxBundleDefault) {
     EXPECT_FALSE(redaction.engine.inference.empty());
     ASSERT_EQ(redaction.engine.masks.size(), 1u);
     EXPECT_EQ(redaction.engine.masks[0].identifier_system, "http://hl7.org/fhir/sid/us-ssn");
+    EXPECT_EQ(redaction.withheld_contexts, (std::vector<std::string>{"system", "user"}));
     Snapshot snapshot;
     snapshot.serial = 7;
     snapshot.bundle = *result.bundle;
@@ -50,6 +51,7 @@ TEST(RedactionPolicy, FullSectionParses) {
   max_held_bytes: 65536
   withheld_labels: [PSY, HIV]
   allowed_content_types: [application/pdf]
+  withheld_contexts: [user]
   inference:
     - {system: http://hl7.org/fhir/sid/icd-10-cm, code_prefix: F10, label: SUD}
     - {system: http://loinc.org, code: 7917-8, label: HIV, display: HIV 1 Ab}
@@ -67,6 +69,7 @@ TEST(RedactionPolicy, FullSectionParses) {
     EXPECT_EQ(r.engine.inference[1].code, "7917-8");
     EXPECT_EQ(r.allowed_content_types, std::vector<std::string>{"application/pdf"});
     EXPECT_EQ(r.engine.masks[1].path, "contact.telecom");
+    EXPECT_EQ(r.withheld_contexts, std::vector<std::string>{"user"});
 }
 
 TEST(RedactionPolicy, AbsentSectionKeepsTheDigest) {
@@ -90,6 +93,7 @@ TEST(RedactionPolicy, DiagnosticsNameFileLineAndField) {
   masks:
     - {resource: Patient, path: .identifier}
   extra: 1
+  withheld_contexts: [clinician]
 )";
     const ParseResult result = parse_bundle(yaml, "bad.yaml");
     ASSERT_FALSE(result.bundle);
@@ -105,6 +109,7 @@ TEST(RedactionPolicy, DiagnosticsNameFileLineAndField) {
              "redaction.inference[2].labl: unknown field \"labl\"; did you mean \"label\"?",
              "redaction.masks[0].path: invalid element path \".identifier\"",
              "bad.yaml:20:3: redaction.extra: unknown field \"extra\"",
+             "bad.yaml:21:23: redaction.withheld_contexts[0]: unknown context \"clinician\"",
          }) {
         EXPECT_NE(text.find(expected), std::string::npos) << expected << " not in" << text;
     }

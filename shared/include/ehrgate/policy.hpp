@@ -147,6 +147,9 @@ struct Redaction {
     // Media types (lower case, no parameters) released unfiltered on protected routes besides
     // JSON; everything else is refused.
     std::vector<std::string> allowed_content_types{};
+    // Client launch contexts ("user", "patient", "system") the default withheld_labels apply to;
+    // empty: all. A patient reading their own compartment may be exempted (right of access).
+    std::vector<std::string> withheld_contexts{};
 
     bool operator==(const Redaction &) const = default;
 };

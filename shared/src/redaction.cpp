@@ -1,6 +1,7 @@
 #include "ehrgate/redaction.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #include "ehrgate/compartment.hpp"
@@ -37,6 +38,46 @@ enum : uint8_t {
 
 constexpr std::string_view kRedactedCoding =
     R"({"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"REDACTED"})";
+
+// Eight bytes at a time (SWAR): the lowest flagged byte of each mask is exact, which is all the
+// scanners need.
+static_assert(std::endian::native == std::endian::little);
+constexpr uint64_t kOnes = 0x0101010101010101ULL;
+constexpr uint64_t kHigh = 0x8080808080808080ULL;
+
+inline uint64_t load8(const char *p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+inline uint64_t zero_bytes(uint64_t v) {
+    return (v - kOnes) & ~v & kHigh;
+}
+inline uint64_t bytes_equal(uint64_t v, uint8_t b) {
+    return zero_bytes(v ^ (kOnes * b));
+}
+inline uint64_t bytes_below(uint64_t v, uint8_t n) {
+    return (v - kOnes * n) & ~v & kHigh;
+}
+inline size_t first_flagged(uint64_t mask) {
+    return static_cast<size_t>(std::countr_zero(mask)) / 8;
+}
+
+// Index of the first '"' or '\\' at or after pos, or size.
+inline size_t find_quote_or_backslash(const char *data, size_t pos, size_t size) {
+    while (pos + 8 <= size) {
+        const uint64_t v = load8(data + pos);
+        const uint64_t m = bytes_equal(v, '"') | bytes_equal(v, '\\');
+        if (m != 0) {
+            return pos + first_flagged(m);
+        }
+        pos += 8;
+    }
+    while (pos < size && data[pos] != '"' && data[pos] != '\\') {
+        ++pos;
+    }
+    return pos;
+}
 
 inline bool is_ws(char c) {
     return c == ' ' || c == '\n' || c == '\r' || c == '\t';
@@ -116,8 +157,9 @@ void append_utf8(std::string &out, uint32_t cp) {
 // A strict tokenizer over one complete unit, producing a flat tape (no per-token allocation).
 class Tokenizer {
   public:
-    Tokenizer(std::string_view text, std::vector<Node> &tape, size_t max_nodes)
-        : s_(text), tape_(tape), max_nodes_(max_nodes) {}
+    Tokenizer(std::string_view text, std::vector<Node> &tape, std::vector<uint32_t> &open,
+              size_t max_nodes)
+        : s_(text), tape_(tape), max_nodes_(max_nodes), open_(open) {}
 
     // Returns an empty string on success, else an error code.
     std::string_view run() {
@@ -233,6 +275,16 @@ class Tokenizer {
         const size_t size = s_.size();
         for (;;) {
             // Plain ASCII runs are the common case.
+            while (pos + 8 <= size) {
+                const uint64_t v = load8(data + pos);
+                const uint64_t m =
+                    bytes_equal(v, '"') | bytes_equal(v, '\\') | bytes_below(v, 0x20) | (v & kHigh);
+                if (m != 0) {
+                    pos += first_flagged(m);
+                    break;
+                }
+                pos += 8;
+            }
             while (pos < size) {
                 const auto c = static_cast<unsigned char>(data[pos]);
                 if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) {
@@ -356,7 +408,7 @@ class Tokenizer {
     std::string_view s_;
     std::vector<Node> &tape_;
     size_t max_nodes_;
-    std::vector<uint32_t> open_;
+    std::vector<uint32_t> &open_;  // the open containers, reused across units
 };
 
 }  // namespace
@@ -369,6 +421,7 @@ struct Redactor::Impl {
     const Request &request;
     std::string_view text;
     std::vector<Node> tape;
+    std::vector<uint32_t> open;
     std::vector<uint8_t> flags;
     std::string scratch;
     std::string scratch2;
@@ -378,7 +431,7 @@ struct Redactor::Impl {
     std::string_view tokenize(std::string_view unit, size_t max_nodes) {
         text = unit;
         error = {};
-        const std::string_view result = Tokenizer(unit, tape, max_nodes).run();
+        const std::string_view result = Tokenizer(unit, tape, open, max_nodes).run();
         if (result.empty()) {
             flags.assign(tape.size(), 0);
         }
@@ -1109,9 +1162,8 @@ bool Redactor::step(std::string_view chunk, size_t &pos, std::string &out) {
                 while (pos < size) {
                     const char c = data[pos];
                     if (in_string_) {
-                        // Skip to the next quote or backslash.
-                        while (pos < size && data[pos] != '"' && data[pos] != '\\' && !escape_) {
-                            ++pos;
+                        if (!escape_) {
+                            pos = find_quote_or_backslash(data, pos, size);
                         }
                         if (pos >= size) {
                             break;

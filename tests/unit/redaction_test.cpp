@@ -589,3 +589,53 @@ TEST(RedactionTestdata, LabelledAndUnlabelledRecordsAreRedactedAlike) {
 
 }  // namespace
 }  // namespace ehrgate::redaction
+
+namespace ehrgate::redaction {
+namespace {
+
+TEST(RedactionShapes, BundleWhoseTypeComesLateIsHeldAndJudgedWhole) {
+    // resourceType after entry: nothing can stream, the whole Bundle is one unit.
+    const std::string body = R"({"entry":[{"resource":)" + condition("c1", "p1", "F11.2") +
+                             R"(},{"resource":)" + condition("c2", "p1", "I10") +
+                             R"(}],"total":2,"resourceType":"Bundle"})";
+    const Config config = sandbox_config();
+    Redactor redactor(config, treating());
+    std::string out;
+    ASSERT_EQ(redactor.feed(body, out), Status::Ok);
+    ASSERT_EQ(redactor.finish(out), Status::Ok);
+    EXPECT_TRUE(redactor.single_resource());
+    EXPECT_TRUE(redactor.complete());
+    const json::Value value = parse(out);
+    EXPECT_EQ(entry_ids(value), std::vector<std::string>{"c2"});
+    EXPECT_EQ(value.find("total"), nullptr);
+    EXPECT_EQ(redactor.counters().resources_removed, 1u);
+}
+
+TEST(RedactionShapes, NestedBundleEntriesAreJudgedOneByOne) {
+    const std::string inner =
+        R"({"resourceType":"Bundle","type":"collection","entry":[{"resource":)" +
+        condition("n1", "p1", "F11.2") + R"(},{"resource":)" + condition("n2", "p1", "I10") + "}]}";
+    const Result result = run(bundle({inner}));
+    ASSERT_EQ(result.status, Status::Ok) << result.reason;
+    EXPECT_EQ(result.out.find("n1"), std::string::npos);
+    EXPECT_NE(result.out.find("n2"), std::string::npos);
+}
+
+TEST(RedactionShapes, CompleteAndLastUpdatedAreKnownAtTheEnd) {
+    const std::string body =
+        R"({"resourceType":"Observation","id":"x","meta":{"lastUpdated":"2025-01-02T03:04:05Z"},)"
+        R"("status":"final"}   )";
+    const Config config = sandbox_config();
+    Redactor redactor(config, treating());
+    std::string out;
+    ASSERT_EQ(redactor.feed(std::string_view(body).substr(0, 20), out), Status::Ok);
+    EXPECT_FALSE(redactor.complete());
+    ASSERT_EQ(redactor.feed(std::string_view(body).substr(20), out), Status::Ok);
+    EXPECT_TRUE(redactor.complete());  // before finish(): trailing blanks change nothing
+    EXPECT_EQ(redactor.last_updated(), "2025-01-02T03:04:05Z");
+    EXPECT_EQ(redactor.finish(out), Status::Ok);
+    EXPECT_TRUE(equal(parse(out), parse(body)));
+}
+
+}  // namespace
+}  // namespace ehrgate::redaction

@@ -109,6 +109,7 @@ class Redactor {
   public:
     // `config` is referenced, not copied: it must outlive the Redactor.
     Redactor(const Config &config, Request request);
+    Redactor(Config &&, Request) = delete;  // a temporary would dangle
     ~Redactor();
     Redactor(const Redactor &) = delete;
     Redactor &operator=(const Redactor &) = delete;

@@ -370,6 +370,15 @@ ngx_int_t body_filter(ngx_http_request_t *r, ngx_chain_t *in) noexcept {
         stream->out.clear();
         for (ngx_chain_t *cl = in; cl != nullptr; cl = cl->next) {
             ngx_buf_t *b = cl->buf;
+            if (!ngx_buf_in_memory(b) && ngx_buf_size(b) > 0) {
+                // filter_need_in_memory makes the copy filter read file buffers for us; a body
+                // we cannot see is never passed on.
+                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                              "ehrgate: response body not in memory; cut");
+                ctx->redact_state = kDone;
+                r->keepalive = 0;
+                return NGX_ERROR;
+            }
             const std::string_view chunk(reinterpret_cast<const char *>(b->pos),
                                          static_cast<size_t>(b->last - b->pos));
             b->pos = b->last;

@@ -201,10 +201,12 @@ ngx_int_t send_held_headers(ngx_http_request_t *r, RequestCtx *ctx, Stream &stre
         // HTTP/1.1, HTTP/2).
         r->expect_trailers = 1;
     }
-    // The body changes as it streams: no length, no validator of the upstream's bytes.
+    // The body is the redacted view for this caller and these obligations: no length, and no
+    // validator of the upstream's bytes (a 304 must not revive a view made under other rules).
     ngx_http_clear_content_length(r);
     ngx_http_clear_accept_ranges(r);
-    ngx_http_weak_etag(r);
+    ngx_http_clear_etag(r);
+    ngx_http_clear_last_modified(r);
     return g_next_header_filter(r);
 }
 

@@ -112,6 +112,7 @@ def test_provenance_headers(shared_stack):
         assert response.headers["X-Ehrgate-Source-Time"]
         assert response.headers["X-Ehrgate-Policy-Version"]
         assert "Content-Length" not in response.headers
+        assert "ETag" not in response.headers and "Last-Modified" not in response.headers
     # Decided before the headers went (a single resource; here also the small Bundle, which
     # arrived in one piece): the count is a header.
     assert single.headers["X-Ehrgate-Redacted"] == "1"

@@ -1,6 +1,7 @@
 #include "ehrgate/redaction.hpp"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstring>
 
@@ -942,6 +943,17 @@ enum State : uint8_t {
 
 enum ValueKind : uint8_t { kContainer, kStringValue, kScalar };
 
+// 1: quote, 2: opening bracket, 3: closing bracket, 0: anything else.
+constexpr std::array<uint8_t, 256> kStructure = [] {
+    std::array<uint8_t, 256> table{};
+    table['"'] = 1;
+    table['{'] = 2;
+    table['['] = 2;
+    table['}'] = 3;
+    table[']'] = 3;
+    return table;
+}();
+
 inline bool scalar_char(char c) {
     return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '+' ||
            c == '-' || c == '.';
@@ -1033,6 +1045,55 @@ Status Redactor::finish(std::string &out) {
         return fail("truncated-json");
     }
     return status_;
+}
+
+// Finds the end of the current string or container value; state kept in locals so the loop
+// does not reload members, written back at the end.
+bool Redactor::scan_value(const char *data, size_t size, size_t &pos) {
+    uint32_t depth = depth_;
+    bool in_string = in_string_;
+    bool escape = escape_;
+    const bool string_only = value_kind_ == kStringValue;
+    bool complete = false;
+    while (pos < size) {
+        if (in_string) {
+            if (escape) {
+                escape = false;
+                ++pos;
+                continue;
+            }
+            pos = find_quote_or_backslash(data, pos, size);
+            if (pos >= size) {
+                break;
+            }
+            if (data[pos++] == '\\') {
+                escape = true;
+                continue;
+            }
+            in_string = false;
+            if (string_only) {
+                complete = true;
+                break;
+            }
+            continue;
+        }
+        const uint8_t kind = kStructure[static_cast<unsigned char>(data[pos++])];
+        if (kind == 0) {
+            continue;
+        }
+        if (kind == 1) {
+            in_string = true;
+        } else if (kind == 2) {
+            ++depth;
+        } else if (depth == 0 || --depth == 0) {
+            complete = true;
+            break;
+        }
+    }
+    depth_ = depth;
+    in_string_ = in_string;
+    escape_ = escape;
+    return complete;
 }
 
 // Consumes as much of chunk from pos as one state allows. False stops the loop (error set).
@@ -1159,42 +1220,7 @@ bool Redactor::step(std::string_view chunk, size_t &pos, std::string &out) {
                 }
                 complete = pos < size;
             } else {
-                while (pos < size) {
-                    const char c = data[pos];
-                    if (in_string_) {
-                        if (!escape_) {
-                            pos = find_quote_or_backslash(data, pos, size);
-                        }
-                        if (pos >= size) {
-                            break;
-                        }
-                        if (escape_) {
-                            escape_ = false;
-                        } else if (data[pos] == '\\') {
-                            escape_ = true;
-                        } else {
-                            in_string_ = false;
-                            if (value_kind_ == kStringValue) {
-                                ++pos;
-                                complete = true;
-                                break;
-                            }
-                        }
-                        ++pos;
-                        continue;
-                    }
-                    ++pos;
-                    if (c == '"') {
-                        in_string_ = true;
-                    } else if (c == '{' || c == '[') {
-                        ++depth_;
-                    } else if (c == '}' || c == ']') {
-                        if (depth_ == 0 || --depth_ == 0) {
-                            complete = true;
-                            break;
-                        }
-                    }
-                }
+                complete = scan_value(data, size, pos);
             }
             unit_.append(data + start, pos - start);
             if (unit_.size() + held_.size() > config_.max_held_bytes) {

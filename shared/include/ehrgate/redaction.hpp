@@ -140,6 +140,7 @@ class Redactor {
     Status fail(std::string_view reason);
     Status withhold(std::string_view reason);
     bool step(std::string_view chunk, size_t &pos, std::string &out);
+    bool scan_value(const char *data, size_t size, size_t &pos);
     bool complete_member(std::string &out);
     bool complete_entry(std::string &out);
     bool start_entries(std::string &out);

@@ -21,7 +21,7 @@ PACKAGES=(
   nginx nginx-dev
   g++ cmake ninja-build pkg-config make clang-format
   libuv1-dev liblmdb-dev lmdb-utils libmsgpack-cxx-dev libyaml-cpp-dev libssl-dev openssl
-  googletest libgtest-dev
+  googletest libgtest-dev rapidjson-dev
   python3 python3-pytest python3-requests python3-jwt python3-cryptography python3-msgpack python3-yaml
   wrk curl procps
   rsyslog rsyslog-gnutls  # audit (issue 7): the syslog/TLS receiver in tests/integration/test_audit_syslog.py

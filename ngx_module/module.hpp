@@ -62,11 +62,6 @@ struct RequestCtx {
     ngx_str_t auth_status;       // "ok", "public", or the failure reason
     ngx_str_t www_authenticate;  // set on 401/403 from authentication
     ngx_str_t check_patient;     // non-empty: the response must be in this patient's compartment
-    // Response check state (response_check.cpp): the held body, in the request pool.
-    uint8_t check_state;
-    u_char *check_data;
-    size_t check_len;
-    size_t check_cap;
     // Throttling (limits.cpp): the slots this request holds until its pool is destroyed.
     ratelimit::Hold limit_hold;
     bool limit_held;
@@ -83,6 +78,12 @@ struct RequestCtx {
     ngx_str_t cert_fingerprint;     // hex SHA-256 of the mTLS client certificate
     ngx_str_t audit_resource_type;  // from the decision
     ngx_str_t audit_interaction;
+    // Response redaction (redact_filter.cpp): the engine is owned by a pool cleanup.
+    uint8_t redact_state;
+    void *redactor;
+    ngx_chain_t *redact_free;
+    ngx_chain_t *redact_busy;
+    ngx_str_t obligations;  // consent obligations: comma-separated label codes
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);
@@ -118,8 +119,8 @@ std::string token_cache_status_json();
 // `ehrgate_status;` content handler (status.cpp).
 char *set_status_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
 
-// Response compartment check (response_check.cpp).
-ngx_int_t install_response_check_filter() noexcept;
+// Response redaction, which includes the response compartment check (redact_filter.cpp).
+ngx_int_t install_redact_filter() noexcept;
 
 // Access-phase handler and response header filter (access.cpp).
 ngx_int_t access_handler(ngx_http_request_t *r) noexcept;

@@ -163,9 +163,9 @@ ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
         return NGX_ERROR;
     }
     *h = access_handler;
-    // The correlation-id filter goes on top so its headers are in place when the response check
-    // releases a held response.
-    if (install_response_check_filter() != NGX_OK) {
+    // The correlation-id filter goes on top so its headers are in place when the redaction
+    // filter releases a held response.
+    if (install_redact_filter() != NGX_OK) {
         return NGX_ERROR;
     }
     if (install_audit_log_handler(cf) != NGX_OK) {  // audit (issue 7)

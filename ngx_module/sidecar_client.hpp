@@ -59,6 +59,8 @@ class SidecarClient {
     bool connected() const { return state_ == State::Connected; }
     // The snapshot this worker holds, or nullptr before the first one arrives.
     const policy::Snapshot *snapshot() const { return snapshot_.get(); }
+    // For work that outlives a reload (a response streaming through redaction).
+    std::shared_ptr<const policy::Snapshot> snapshot_ref() const { return snapshot_; }
     // The snapshot's authentication data, compiled; nullptr before the first snapshot or when it
     // could not be compiled (then bearer authentication fails closed).
     const auth::AuthPolicy *auth_policy() const { return auth_policy_.get(); }

@@ -117,7 +117,7 @@ bool throttling_set(const Throttling &throttling) {
 void encode_bundle(Writer &w, const Bundle &bundle) {
     const bool throttling = throttling_set(bundle.throttling);
     w.map(6 + (bundle.rate_plans.empty() ? 0 : 1) + (bundle.upstreams.empty() ? 0 : 1) +
-          (throttling ? 1 : 0));
+          (throttling ? 1 : 0) + (bundle.redaction.present ? 1 : 0));
     put_str(w, "schema", bundle.schema);
     put_str(w, "version", bundle.version);
     put_str(w, "description", bundle.description);
@@ -206,6 +206,34 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
         put_str(w, "interactive_plan", bundle.throttling.interactive_plan);
         put_str(w, "batch_plan", bundle.throttling.batch_plan);
         put_str(w, "unclassified_plan", bundle.throttling.unclassified_plan);
+    }
+    if (bundle.redaction.present) {  // redaction: written only when set, like throttling
+        const Redaction &redaction = bundle.redaction;
+        w.key("redaction");
+        w.map(6);
+        w.key("max_held_bytes");
+        w.uint(redaction.engine.max_held_bytes);
+        put_list(w, "withheld_labels", redaction.withheld_labels);
+        put_list(w, "allowed_content_types", redaction.allowed_content_types);
+        put_list(w, "withheld_contexts", redaction.withheld_contexts);
+        w.key("inference");
+        w.array(static_cast<uint32_t>(redaction.engine.inference.size()));
+        for (const redaction::InferenceRule &rule : redaction.engine.inference) {
+            w.map(4);
+            put_str(w, "system", rule.system);
+            put_str(w, "code", rule.code);
+            w.key("prefix");
+            w.boolean(rule.prefix);
+            put_str(w, "label", rule.label);
+        }
+        w.key("masks");
+        w.array(static_cast<uint32_t>(redaction.engine.masks.size()));
+        for (const redaction::FieldMask &mask : redaction.engine.masks) {
+            w.map(3);
+            put_str(w, "resource", mask.resource_type);
+            put_str(w, "path", mask.path);
+            put_str(w, "identifier_system", mask.identifier_system);
+        }
     }
 }
 
@@ -484,6 +512,61 @@ bool read_throttling(Reader &r, Throttling &throttling) {
 }
 
 template <typename T, typename ReadOne>
+bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read_one);
+
+// redaction
+bool read_redaction(Reader &r, Redaction &redaction) {
+    static constexpr std::array<std::string_view, 6> kKeys = {
+        "max_held_bytes", "withheld_labels", "allowed_content_types",
+        "inference",      "masks",           "withheld_contexts"};
+    redaction.present = true;
+    return read_fields(r, kKeys, 0b111111, [&](size_t field) {
+        switch (field) {
+            case 0:
+                return read_bounded(r, redaction.engine.max_held_bytes,
+                                    redaction::kMaxHeldBytesLimit) &&
+                       redaction.engine.max_held_bytes >= redaction::kMinHeldBytes;
+            case 1:
+                return read_string_list(r, redaction.withheld_labels, kMaxNames);
+            case 2:
+                return read_string_list(r, redaction.allowed_content_types, kMaxNames);
+            case 5:
+                return read_string_list(r, redaction.withheld_contexts, 3);
+            case 3:
+                return read_object_list(
+                    r, redaction.engine.inference, kMaxNames,
+                    [](Reader &rr, redaction::InferenceRule &rule) {
+                        static constexpr std::array<std::string_view, 4> kRuleKeys = {
+                            "system", "code", "prefix", "label"};
+                        return read_fields(rr, kRuleKeys, 0b1111, [&](size_t f) {
+                            if (f == 2) {
+                                const std::optional<bool> prefix = rr.read_bool();
+                                rule.prefix = prefix.value_or(false);
+                                return prefix.has_value();
+                            }
+                            return read_string(rr, f == 0   ? rule.system
+                                                   : f == 1 ? rule.code
+                                                            : rule.label);
+                        });
+                    });
+            case 4:
+                return read_object_list(
+                    r, redaction.engine.masks, kMaxNames,
+                    [](Reader &rr, redaction::FieldMask &mask) {
+                        static constexpr std::array<std::string_view, 3> kMaskKeys = {
+                            "resource", "path", "identifier_system"};
+                        return read_fields(rr, kMaskKeys, 0b111, [&](size_t f) {
+                            return read_string(rr, f == 0   ? mask.resource_type
+                                                   : f == 1 ? mask.path
+                                                            : mask.identifier_system);
+                        });
+                    });
+        }
+        return false;
+    });
+}
+
+template <typename T, typename ReadOne>
 bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read_one) {
     const std::optional<uint32_t> count = r.read_array();
     if (!count || *count > max) {
@@ -499,9 +582,9 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 }
 
 bool read_bundle(Reader &r, Bundle &bundle) {
-    static constexpr std::array<std::string_view, 9> kKeys = {
-        "schema",  "version",    "description", "clients",   "routes",
-        "issuers", "rate_plans", "upstreams",   "throttling"};
+    static constexpr std::array<std::string_view, 10> kKeys = {
+        "schema",  "version",    "description", "clients",    "routes",
+        "issuers", "rate_plans", "upstreams",   "throttling", "redaction"};
     return read_fields(r, kKeys, 0b000011011, [&](size_t field) {
         switch (field) {
             case 0:
@@ -520,8 +603,10 @@ bool read_bundle(Reader &r, Bundle &bundle) {
                 return read_object_list(r, bundle.rate_plans, kMaxRatePlans, read_rate_plan);
             case 7:
                 return read_object_list(r, bundle.upstreams, kMaxUpstreams, read_upstream);
-            default:
+            case 8:
                 return read_throttling(r, bundle.throttling);
+            default:
+                return read_redaction(r, bundle.redaction);
         }
     });
 }
@@ -793,6 +878,9 @@ void Bundle::canonicalize() {
                      [](const RatePlan &a, const RatePlan &b) { return a.name < b.name; });
     std::stable_sort(upstreams.begin(), upstreams.end(),
                      [](const Upstream &a, const Upstream &b) { return a.name < b.name; });
+    std::sort(redaction.withheld_labels.begin(), redaction.withheld_labels.end());
+    std::sort(redaction.allowed_content_types.begin(), redaction.allowed_content_types.end());
+    std::sort(redaction.withheld_contexts.begin(), redaction.withheld_contexts.end());
 }
 
 std::string encode_snapshot(const Snapshot &snapshot) {

@@ -558,7 +558,7 @@ class Validator {
 
 // ---- Schema v1 -------------------------------------------------------------------------------
 
-constexpr std::array<FieldSpec, 9> kBundleFields = {{
+constexpr std::array<FieldSpec, 10> kBundleFields = {{
     {"schema", true},
     {"version", true},
     {"description", false},
@@ -568,6 +568,31 @@ constexpr std::array<FieldSpec, 9> kBundleFields = {{
     {"rate_plans", false},
     {"upstreams", false},
     {"throttling", false},  // required exactly when rate_plans lists a plan
+    {"redaction", false},   // redaction
+}};
+
+// redaction
+constexpr std::array<FieldSpec, 6> kRedactionFields = {{
+    {"max_held_bytes", false},
+    {"withheld_labels", false},
+    {"allowed_content_types", false},
+    {"inference", false},
+    {"masks", false},
+    {"withheld_contexts", false},
+}};
+
+constexpr std::array<FieldSpec, 5> kInferenceFields = {{
+    {"system", true},
+    {"code", false},
+    {"code_prefix", false},
+    {"label", true},
+    {"display", false},
+}};
+
+constexpr std::array<FieldSpec, 3> kMaskFields = {{
+    {"resource", true},
+    {"path", true},
+    {"identifier_system", false},
 }};
 
 constexpr std::array<FieldSpec, 6> kIssuerFields = {{
@@ -675,8 +700,10 @@ class BundleParser {
                     return rate_plans(value);
                 case 7:
                     return upstreams(value);
-                default:
+                case 8:
                     return throttling(value);
+                default:
+                    return redaction(value);
             }
         });
         check_references();
@@ -1443,6 +1470,181 @@ class BundleParser {
                               "requests are in flight, so this would refuse all of it");
             }
         });
+    }
+
+    // redaction
+    bool label_code(const Value &at, const std::string &code) {
+        if (code.empty() || code.size() > 64 || !std::all_of(code.begin(), code.end(), [](char c) {
+                return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                       c == '-' || c == '_' || c == '.';
+            })) {
+            v_.report(at, "invalid label code " + quote(code) +
+                              ": must be 1-64 characters from A-Z a-z 0-9 . _ - (e.g. \"PSY\")");
+            return false;
+        }
+        return true;
+    }
+
+    bool plain_text(const Value &at, const std::string &text, std::string_view what) {
+        if (text.empty() || text.size() > 256 || has_control(text, false) ||
+            text.find('"') != std::string::npos || text.find('\\') != std::string::npos) {
+            v_.report(at, "invalid " + std::string(what) + " " + quote(text) +
+                              ": must be 1-256 characters without quotes, backslashes or "
+                              "control characters");
+            return false;
+        }
+        return true;
+    }
+
+    void redaction(const Value &map) {
+        Redaction &redaction = bundle_.redaction;
+        redaction.present = true;
+        v_.walk_map(map, kRedactionFields, [&](size_t field, const Value &value) {
+            switch (field) {
+                case 0: {
+                    const std::optional<std::string> text = v_.string(value);
+                    const std::optional<int64_t> bytes =
+                        text ? whole_number(*text, static_cast<int64_t>(redaction::kMinHeldBytes),
+                                            static_cast<int64_t>(redaction::kMaxHeldBytesLimit))
+                             : std::nullopt;
+                    if (text && !bytes) {
+                        v_.report(value, "max_held_bytes must be a whole number of bytes from " +
+                                             std::to_string(redaction::kMinHeldBytes) + " to " +
+                                             std::to_string(redaction::kMaxHeldBytesLimit) +
+                                             ", got " + quote(*text));
+                    } else if (bytes) {
+                        redaction.engine.max_held_bytes = static_cast<size_t>(*bytes);
+                    }
+                    return;
+                }
+                case 1:
+                    return v_.string_set(value, 64, true, false, "label", redaction.withheld_labels,
+                                         [&](const Value &at, const std::string &code) {
+                                             return label_code(at, code);
+                                         });
+                case 2:
+                    return v_.string_set(
+                        value, 32, true, false, "content type", redaction.allowed_content_types,
+                        [&](const Value &at, const std::string &type) {
+                            const bool ok =
+                                type.find('/') != std::string::npos && type.size() <= 128 &&
+                                std::all_of(type.begin(), type.end(), [](char c) {
+                                    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                                           c == '/' || c == '-' || c == '+' || c == '.';
+                                });
+                            if (!ok) {
+                                v_.report(at, "invalid content type " + quote(type) +
+                                                  ": expected a lower-case media type without "
+                                                  "parameters, e.g. \"application/pdf\"");
+                            } else if (type.find("json") != std::string::npos) {
+                                v_.report(at,
+                                          "JSON is always redacted and cannot be allowed "
+                                          "unfiltered: remove " +
+                                              quote(type));
+                                return false;
+                            }
+                            return ok;
+                        });
+                case 3:
+                    v_.walk_list(value, 4096, [&](const Value &entry) { inference_rule(entry); });
+                    return;
+                case 5:
+                    return v_.string_set(
+                        value, 3, false, false, "context", redaction.withheld_contexts,
+                        [&](const Value &at, const std::string &context) {
+                            if (context == "user" || context == "patient" || context == "system") {
+                                return true;
+                            }
+                            v_.report(at, "unknown context " + quote(context) +
+                                              "; expected user, patient or system");
+                            return false;
+                        });
+                default:
+                    v_.walk_list(value, 1024, [&](const Value &entry) { field_mask(entry); });
+                    return;
+            }
+        });
+    }
+
+    void inference_rule(const Value &map) {
+        redaction::InferenceRule rule;
+        bool code_seen = false, ok = true;
+        v_.walk_map(map, kInferenceFields, [&](size_t field, const Value &value) {
+            const std::optional<std::string> text = v_.string(value);
+            if (!text) {
+                ok = false;
+                return;
+            }
+            switch (field) {
+                case 0:
+                    ok = plain_text(value, *text, "code system") && ok;
+                    rule.system = *text;
+                    return;
+                case 1:
+                case 2:
+                    if (code_seen) {
+                        v_.report(value, "give either code or code_prefix, not both");
+                        ok = false;
+                    }
+                    code_seen = true;
+                    ok = plain_text(value, *text, "code") && ok;
+                    rule.code = *text;
+                    rule.prefix = field == 2;
+                    return;
+                case 3:
+                    ok = label_code(value, *text) && ok;
+                    rule.label = *text;
+                    return;
+                default:
+                    return;  // display: for readers only
+            }
+        });
+        if (map.node.IsMap() && !code_seen) {
+            v_.report(map, "missing required field \"code\" (or \"code_prefix\")");
+            ok = false;
+        }
+        if (ok && map.node.IsMap()) {
+            bundle_.redaction.engine.inference.push_back(std::move(rule));
+        }
+    }
+
+    void field_mask(const Value &map) {
+        redaction::FieldMask mask;
+        bool ok = true;
+        v_.walk_map(map, kMaskFields, [&](size_t field, const Value &value) {
+            const std::optional<std::string> text = v_.string(value);
+            if (!text) {
+                ok = false;
+                return;
+            }
+            if (field == 0) {
+                if (!is_name(*text, false)) {
+                    v_.report(value, "invalid resource type " + quote(*text));
+                    ok = false;
+                }
+                mask.resource_type = *text;
+            } else if (field == 1) {
+                const bool valid = !text->empty() && text->front() != '.' && text->back() != '.' &&
+                                   text->find("..") == std::string::npos &&
+                                   std::all_of(text->begin(), text->end(), [](char c) {
+                                       return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                                              (c >= '0' && c <= '9') || c == '.' || c == '_';
+                                   });
+                if (!valid) {
+                    v_.report(value, "invalid element path " + quote(*text) +
+                                         ": expected element names joined by '.', e.g. "
+                                         "\"identifier\" or \"contact.telecom\"");
+                    ok = false;
+                }
+                mask.path = *text;
+            } else {
+                ok = plain_text(value, *text, "identifier system") && ok;
+                mask.identifier_system = *text;
+            }
+        });
+        if (ok && map.node.IsMap()) {
+            bundle_.redaction.engine.masks.push_back(std::move(mask));
+        }
     }
 
     void throttling(const Value &map) {

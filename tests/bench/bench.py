@@ -173,6 +173,39 @@ def canned_patient_json() -> str:
     return text
 
 
+# ---- redaction engine (issue 6) ----------------------------------------------------------------
+TARGET_REDACTION_MB_S = 300
+TARGET_REDACTION_PEAK_BYTES = 1 << 20
+
+
+def redaction_engine(build_dir: Path, seconds: float = 3.0) -> list[dict]:
+    """Runs ehrgate-redaction-bench: the streaming redaction engine's MB/s on one core and peak
+    memory per response for 1 MB and 50 MB search Bundles, beside a RapidJSON whole-body parse.
+    In-process and CPU-bound, so it runs after the HTTP stack has stopped."""
+    binary = build_dir / "bin" / "ehrgate-redaction-bench"
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing (rapidjson-dev not installed?)")
+    out = subprocess.run(["taskset", "-c", "0", str(binary), "--seconds", str(seconds), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def redaction_rows(results: list[dict]) -> list[tuple[str, str, str, str, str, str]]:
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    rows = []
+    for r in results:
+        size = f"{r['bundle_bytes'] / 1e6:.0f} MB"
+        ok = r["redaction_mb_per_s"] >= TARGET_REDACTION_MB_S and r["redaction_mb_per_s"] >= r["rapidjson_dom_mb_per_s"]
+        rows.append((f"redaction MB/s per core, {size} Bundle (vs RapidJSON DOM)",
+                     f"{r['rapidjson_dom_mb_per_s']:,.0f}", f"{r['redaction_mb_per_s']:,.0f}",
+                     f"{r['redaction_mb_per_s'] / r['rapidjson_dom_mb_per_s']:.2f}x RapidJSON",
+                     f">= {TARGET_REDACTION_MB_S} and >= RapidJSON", verdict(ok)))
+        rows.append((f"  redaction peak memory per response, {size} (bytes)", "",
+                     f"{r['peak_bytes']:,}", "", f"< {TARGET_REDACTION_PEAK_BYTES:,}",
+                     verdict(r["peak_bytes"] < TARGET_REDACTION_PEAK_BYTES)))
+    return rows
+
+
 def render(template: Path, values: dict[str, str]) -> str:
     text = template.read_text()
     for key, value in values.items():
@@ -718,7 +751,7 @@ class Bench:
         policyd_us = per_request_us("gateway", "policyd")
         r["cpu_per_request_us"] = {"gateway_worker": worker_us, "policyd": policyd_us}
         bare_open, gw_open = open_["bare"], open_["gateway"]
-        return [
+        rows = [
             (f"closed loop req/s, {a.connections} conns (median of {a.rounds})", f"{bare_rps:,.0f}",
              f"{gw_rps:,.0f}", f"{ratio:.1%} of bare", f">= {TARGET_RPS_RATIO:.0%} of bare",
              verdict("gateway_rps_ratio")),
@@ -774,6 +807,8 @@ class Bench:
             ("upstream alone req/s (headroom check)", f"{r['upstream_direct']['rps']:,.0f}", "", "", "",
              ""),
         ]
+        rows += redaction_rows(r.get("redaction", []))  # redaction
+        return rows
 
     def report(self, started: float) -> None:
         rows = self.table()
@@ -847,6 +882,7 @@ class Bench:
         finally:
             self.stop()
             os.close(lock_fd)
+        self.results["redaction"] = redaction_engine(self.build_dir)  # redaction
         self.report(started)
         return 0
 

@@ -531,7 +531,8 @@ def test_scope_beyond_ceiling_grants_only_the_intersection(env):
 
 def test_user_read_scope_reads_but_cannot_write(env):
     token = env.idp("ES256", scope="user/*.read")
-    assert call(env.stack, f"/fhir/{OWN_CONDITION}", token).status_code == 200
+    # (OWN_CONDITION is SEX-labelled: withheld from clinicians by the bundle's redaction default.)
+    assert call(env.stack, f"/fhir/Patient/{DEMO_PATIENT}", token).status_code == 200
     assert call(env.stack, f"/fhir/Observation?patient={OTHER_PATIENT}", token).status_code == 200
     before = ehr_count(env.stack)
     body = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},

@@ -69,7 +69,7 @@ def test_search_with_paging_through_gateway(shared_stack):
     links = {link["relation"]: link["url"] for link in bundle["link"]}
     # The gateway forwards its own Host, so paging links lead back through the gateway.
     assert links["self"].startswith(f"{shared_stack.base_url}/fhir/Observation")
-    if bundle["total"] > 2:
+    if "next" in links:  # Bundle.total is removed by redaction (docs/redaction.md)
         follow = requests.get(links["next"], headers=auth(shared_stack), timeout=5)
         assert follow.status_code == 200 and follow.json()["resourceType"] == "Bundle"
 

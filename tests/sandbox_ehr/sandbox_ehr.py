@@ -1152,6 +1152,64 @@ class SandboxHandler(BaseHTTPRequestHandler):
 
     # -- test hooks ------------------------------------------------------------
 
+    def sandbox_stream(self, params):
+        """GET /Observation?_sandbox_stream=N: a generated search Bundle of about N MB for the
+        redaction tests (every tenth entry an unlabelled opioid-dependence Condition), made on the
+        fly. _sandbox_malformed=mid puts a broken entry after the first ones (after the headers
+        went out); _sandbox_malformed=single answers a truncated single resource, =html an HTML
+        page, =gzip a gzip-encoded resource nobody asked for."""
+        mode = params.get("_sandbox_malformed", "")
+        patient = STABLE_PATIENT_IDS[0]
+        if mode == "single":
+            self.send_body(200, b'{"resourceType":"Observation","id":"BROKEN-single","status":"fin',
+                           FHIR_JSON)
+            return
+        if mode == "html":
+            self.send_body(200, b"<html><body>SECRET-html</body></html>", "text/html")
+            return
+        if mode == "gzip":  # compressed although the caller did not ask for it
+            body = gzip.compress(b'{"resourceType":"Observation","id":"SECRET-gzip"}', mtime=0)
+            self.send_response(200)
+            self.send_header("Content-Type", FHIR_JSON)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.response_started = True
+            self.wfile.write(body)
+            return
+        target = parse_int_param("_sandbox_stream", params.get("_sandbox_stream", "1")) * 1024 * 1024
+        if target > 512 * 1024 * 1024:
+            raise FhirError(400, "invalid", "mb must be at most 512")
+        observation = ('{"fullUrl":"urn:uuid:%d","resource":{"resourceType":"Observation","id":"gen-%d",'
+                       '"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/'
+                       'CodeSystem/observation-category","code":"vital-signs"}]}],"code":{"coding":[{'
+                       '"system":"http://loinc.org","code":"8867-4","display":"Heart rate"}]},'
+                       '"subject":{"reference":"Patient/' + patient + '"},"effectiveDateTime":'
+                       '"2024-01-01T00:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":'
+                       '"http://unitsofmeasure.org","code":"/min"}},"search":{"mode":"match"}}')
+        condition = ('{"fullUrl":"urn:uuid:%d","resource":{"resourceType":"Condition","id":"gen-%d",'
+                     '"code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm","code":"F11.20",'
+                     '"display":"Opioid dependence, uncomplicated"}]},"subject":{"reference":"Patient/'
+                     + patient + '"}},"search":{"mode":"match"}}')
+
+        def parts():
+            yield '{"resourceType":"Bundle","type":"searchset","total":%d,"entry":[' % (target // 500)
+            sent, n = 0, 0
+            while sent < target:
+                batch = []
+                for _ in range(200):
+                    if n == 150 and mode == "mid":
+                        batch.append('{"resource":{"resourceType":"Observation","id":"BROKEN-mid","x":tru}}')
+                    else:
+                        batch.append((condition if n % 10 == 3 else observation) % (n, n))
+                    n += 1
+                text = ("," if sent else "") + ",".join(batch)
+                sent += len(text)
+                yield text
+            yield "]}"
+
+        self.send_stream(parts())
+
     def handle_sandbox(self, path, query):
         """/__sandbox/* hooks; not FHIR and not counted in the request log."""
         log = self.server.request_log
@@ -1184,6 +1242,9 @@ class SandboxHandler(BaseHTTPRequestHandler):
         if not parts:
             raise FhirError(404, "not-found", "no resource type in request path")
         rtype, rest = parts[0], parts[1:]
+        if rtype == "Observation" and not rest and method == "GET" and "_sandbox_stream=" in query:
+            self.sandbox_stream(dict(parse_qsl(query)))
+            return
         if rtype not in SEARCH_PARAMS:
             raise FhirError(404, "not-supported", f"unknown resource type '{rtype}'")
         if not rest:

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ehrgate/protocol.hpp"
+#include "ehrgate/redaction.hpp"
 
 namespace ehrgate::policy {
 
@@ -136,6 +137,23 @@ struct Throttling {
     bool operator==(const Throttling &) const = default;
 };
 
+// Response redaction (docs/redaction.md). Present in the bundle or not: without it the gateway
+// still checks responses (JSON only, patient compartment) but withholds no label.
+struct Redaction {
+    bool present = false;
+    redaction::Config engine{};
+    // Labels withheld until the consent service supplies the request's obligations.
+    std::vector<std::string> withheld_labels{};
+    // Media types (lower case, no parameters) released unfiltered on protected routes besides
+    // JSON; everything else is refused.
+    std::vector<std::string> allowed_content_types{};
+    // Client launch contexts ("user", "patient", "system") the default withheld_labels apply to;
+    // empty: all. A patient reading their own compartment may be exempted (right of access).
+    std::vector<std::string> withheld_contexts{};
+
+    bool operator==(const Redaction &) const = default;
+};
+
 struct Bundle {
     std::string schema;
     std::string version;  // operator-chosen label; identifies the content (see reload rules)
@@ -147,6 +165,7 @@ struct Bundle {
     std::vector<RatePlan> rate_plans{};
     std::vector<Upstream> upstreams{};
     Throttling throttling{};
+    Redaction redaction{};  // redaction
 
     // Binary search: `clients` must be sorted by id, which parse_bundle(), decode_snapshot() and
     // canonicalize() guarantee. A bundle assembled by hand must call canonicalize() first.

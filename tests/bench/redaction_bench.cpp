@@ -1,0 +1,169 @@
+// Redaction engine throughput per core on generated FHIR search Bundles (1 MB and 50 MB), fed in
+// 16 KiB chunks as nginx would, with the engine's peak memory per response; beside a whole-body
+// DOM parse of the same bytes by RapidJSON (Debian's rapidjson-dev), the reference library.
+//
+//   ehrgate-redaction-bench [--seconds S] [--json]
+#include <rapidjson/document.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ehrgate/redaction.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string make_bundle(size_t target) {
+    const std::string observation =
+        R"({"fullUrl":"https://ehr.example/fhir/Observation/o%zu","resource":{"resourceType":)"
+        R"("Observation","id":"o%zu","meta":{"versionId":"1","lastUpdated":"2024-05-01T10:00:00Z"},)"
+        R"("status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/)"
+        R"(observation-category","code":"laboratory","display":"Laboratory"}]}],"code":{"coding":)"
+        R"([{"system":"http://loinc.org","code":"2339-0","display":"Glucose [Mass/volume] in Blood"}],)"
+        R"("text":"Glucose"},"subject":{"reference":"Patient/p1","display":"Jane Doe"},)"
+        R"("effectiveDateTime":"2024-05-01T09:30:00Z","valueQuantity":{"value":95.5,"unit":"mg/dL",)"
+        R"("system":"http://unitsofmeasure.org","code":"mg/dL"},"referenceRange":[{"low":{"value":70},)"
+        R"("high":{"value":99}}]},"search":{"mode":"match"}})";
+    const std::string labelled =
+        R"({"fullUrl":"https://ehr.example/fhir/Condition/c%zu","resource":{"resourceType":)"
+        R"("Condition","id":"c%zu","meta":{"security":[{"system":"http://terminology.hl7.org/)"
+        R"(CodeSystem/v3-ActCode","code":"PSY"}]},"code":{"coding":[{"system":)"
+        R"("http://hl7.org/fhir/sid/icd-10-cm","code":"F32.1"}]},"subject":{"reference":)"
+        R"("Patient/p1"}},"search":{"mode":"match"}})";
+    const std::string inferred =
+        R"({"fullUrl":"https://ehr.example/fhir/Condition/u%zu","resource":{"resourceType":)"
+        R"("Condition","id":"u%zu","code":{"coding":[{"system":"http://hl7.org/fhir/sid/icd-10-cm",)"
+        R"("code":"F11.20","display":"Opioid dependence, uncomplicated"}]},"subject":{"reference":)"
+        R"("Patient/p1"}},"search":{"mode":"match"}})";
+    std::string out =
+        R"({"resourceType":"Bundle","id":"b","type":"searchset","total":1000,"link":[{"relation":)"
+        R"("self","url":"https://ehr.example/fhir/Observation?patient=p1"}],"entry":[)";
+    char buffer[2048];
+    for (size_t n = 0; out.size() < target; ++n) {
+        const std::string &pattern = n % 20 == 7 ? labelled : n % 20 == 13 ? inferred : observation;
+        std::snprintf(buffer, sizeof buffer, pattern.c_str(), n, n);
+        if (n > 0) {
+            out.push_back(',');
+        }
+        out.append(buffer);
+    }
+    out.append("]}");
+    return out;
+}
+
+ehrgate::redaction::Config make_config() {
+    ehrgate::redaction::Config config;
+    for (int n = 10; n <= 19; ++n) {
+        config.inference.push_back(
+            {"http://hl7.org/fhir/sid/icd-10-cm", "F" + std::to_string(n), true, "SUD"});
+    }
+    config.inference.push_back({"http://loinc.org", "7917-8", false, "HIV"});
+    config.masks.push_back({"Patient", "identifier", "http://hl7.org/fhir/sid/us-ssn"});
+    return config;
+}
+
+struct Result {
+    double mb_per_s = 0;
+    size_t peak_bytes = 0;
+    uint64_t removed = 0;
+};
+
+Result run_redaction(const std::string &body, const ehrgate::redaction::Config &config,
+                     double seconds) {
+    Result result;
+    size_t bytes = 0;
+    const auto start = Clock::now();
+    double elapsed = 0;
+    std::string out;
+    do {
+        ehrgate::redaction::Request request;
+        request.withheld = {"PSY", "ETH", "SUD", "HIV", "SEX"};
+        ehrgate::redaction::Redactor redactor(config, std::move(request));
+        for (size_t pos = 0; pos < body.size(); pos += 16384) {
+            out.clear();
+            if (redactor.feed(std::string_view(body).substr(pos, 16384), out) !=
+                ehrgate::redaction::Status::Ok) {
+                std::fprintf(stderr, "redaction failed: %s\n",
+                             std::string(redactor.reason()).c_str());
+                std::exit(1);
+            }
+        }
+        if (redactor.finish(out) != ehrgate::redaction::Status::Ok) {
+            std::fprintf(stderr, "redaction failed at the end\n");
+            std::exit(1);
+        }
+        bytes += body.size();
+        // The engine's buffers plus the caller's output buffer (about one chunk).
+        result.peak_bytes = std::max(result.peak_bytes, redactor.peak_memory() + out.capacity());
+        result.removed = redactor.counters().resources_removed;
+        elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    } while (elapsed < seconds);
+    result.mb_per_s = static_cast<double>(bytes) / elapsed / 1e6;
+    return result;
+}
+
+double run_rapidjson(const std::string &body, double seconds) {
+    size_t bytes = 0;
+    const auto start = Clock::now();
+    double elapsed = 0;
+    do {
+        rapidjson::Document document;
+        document.Parse(body.data(), body.size());
+        if (document.HasParseError()) {
+            std::fprintf(stderr, "rapidjson parse failed\n");
+            std::exit(1);
+        }
+        bytes += body.size();
+        elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    } while (elapsed < seconds);
+    return static_cast<double>(bytes) / elapsed / 1e6;
+}
+
+}  // namespace
+
+int main(int argc, char **argv) {
+    double seconds = 2;
+    bool json = false;
+    for (int i = 1; i < argc; ++i) {
+        if (std::strcmp(argv[i], "--seconds") == 0 && i + 1 < argc) {
+            seconds = std::atof(argv[++i]);
+        } else if (std::strcmp(argv[i], "--json") == 0) {
+            json = true;
+        } else {
+            std::fprintf(stderr, "usage: %s [--seconds S] [--json]\n", argv[0]);
+            return 2;
+        }
+    }
+    const ehrgate::redaction::Config config = make_config();
+    if (json) {
+        std::printf("[");
+    }
+    bool first = true;
+    for (const size_t size : {size_t{1} << 20, size_t{50} << 20}) {
+        const std::string body = make_bundle(size);
+        const Result redaction = run_redaction(body, config, seconds);
+        const double reference = run_rapidjson(body, seconds);
+        if (json) {
+            std::printf(
+                "%s{\"bundle_bytes\":%zu,\"redaction_mb_per_s\":%.1f,\"peak_bytes\":%zu,"
+                "\"entries_removed\":%llu,\"rapidjson_dom_mb_per_s\":%.1f}",
+                first ? "" : ",", body.size(), redaction.mb_per_s, redaction.peak_bytes,
+                static_cast<unsigned long long>(redaction.removed), reference);
+        } else {
+            std::printf(
+                "%5.1f MB bundle: redaction %7.1f MB/s per core, peak %zu bytes per response, "
+                "%llu entries removed; RapidJSON DOM parse %7.1f MB/s\n",
+                static_cast<double>(body.size()) / 1e6, redaction.mb_per_s, redaction.peak_bytes,
+                static_cast<unsigned long long>(redaction.removed), reference);
+        }
+        first = false;
+    }
+    if (json) {
+        std::printf("]\n");
+    }
+    return 0;
+}

@@ -2,12 +2,14 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -29,6 +31,10 @@ namespace {
 constexpr size_t kBatchRecords = 1000;
 constexpr auto kPollInterval = std::chrono::milliseconds(100);
 constexpr auto kRetryInterval = std::chrono::milliseconds(1000);
+// A receiver (or network) that stalls this long fails the connection instead of holding the
+// forwarder thread, and with it policyd's shutdown, indefinitely.
+constexpr int kIoTimeoutSeconds = 5;
+constexpr auto kAckWait = std::chrono::milliseconds(5);
 
 // facility 10 (authpriv: security/authorization messages), severity 5 (notice)
 constexpr int kPri = 10 * 8 + 5;
@@ -101,7 +107,15 @@ class TlsStream {
         }
         for (addrinfo *ai = res; ai != nullptr && fd_ < 0; ai = ai->ai_next) {
             fd_ = ::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, ai->ai_protocol);
-            if (fd_ >= 0 && ::connect(fd_, ai->ai_addr, ai->ai_addrlen) != 0) {
+            if (fd_ < 0) {
+                continue;
+            }
+            // Bounds connect(), the handshake and every write (Linux applies SO_SNDTIMEO to
+            // connect too).
+            const timeval timeout{kIoTimeoutSeconds, 0};
+            ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+            ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+            if (::connect(fd_, ai->ai_addr, ai->ai_addrlen) != 0) {
                 ::close(fd_);
                 fd_ = -1;
             }
@@ -143,6 +157,16 @@ class TlsStream {
     }
 
     bool is_open() const { return ssl_ != nullptr; }
+
+    // Bytes written to the socket that the receiver's TCP has not acknowledged yet (SIOCOUTQ);
+    // -1 when unknown.
+    int unacknowledged_bytes() const {
+        int pending = 0;
+        if (fd_ < 0 || ::ioctl(fd_, SIOCOUTQ, &pending) != 0) {
+            return -1;
+        }
+        return pending;
+    }
 
     // A syslog receiver never sends: anything readable, a hang-up or an error means it closed
     // or reset the connection, and what was written since the last check may be lost.
@@ -286,9 +310,17 @@ void SyslogForwarder::run() {
                 return;
             }
         }
-        // The previous batch counts as delivered only once the connection is seen alive after
-        // it (a write to a peer that just went away succeeds locally): then the cursor moves.
+        // The previous batch counts as delivered only once the receiver's TCP has acknowledged
+        // every byte of it and the connection is still alive (a write to a peer that just went
+        // away succeeds locally): then the cursor moves. Until then nothing more is sent, so a
+        // slow receiver holds the forwarder back instead of the cursor running ahead of it.
         if (stream.is_open() && written_seq_ > cursor_.load()) {
+            const int unacknowledged = stream.unacknowledged_bytes();
+            if (stream.alive() && unacknowledged > 0) {
+                std::unique_lock lock(mutex_);
+                wake_.wait_for(lock, kAckWait, [&] { return stopping_; });
+                continue;
+            }
             if (stream.alive()) {
                 if (!store_cursor(written_seq_)) {
                     set_error("cannot persist the cursor at " + options_.cursor_path);

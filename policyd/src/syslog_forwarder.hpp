@@ -4,7 +4,8 @@
 // A dedicated thread reads records after the cursor from the audit LMDB (read transactions
 // never block the writer) and sends them. Syslog has no application-level ack, and a write to a
 // peer that just went away succeeds locally, so a written batch is confirmed only when the
-// connection is still seen alive afterwards; then the cursor is stored
+// receiver's TCP has acknowledged all of it (the socket's SIOCOUTQ is 0) and the connection is
+// still seen alive afterwards; then the cursor is stored
 // (<data-dir>/audit-syslog.cursor, written to a temporary file, fsynced, renamed). After a crash
 // or a lost connection it resumes from the stored cursor, so a record may be sent twice but is
 // not skipped; the receiver can deduplicate by the record id in the structured data.

@@ -215,6 +215,15 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     ctx->client_id = pool_copy(r->pool, identity.client_id);
     ctx->user = pool_copy(r->pool, identity.user());
     ctx->patient = pool_copy(r->pool, identity.patient);
+    // Consent (issue 5): the token's purpose claim wins over the header. Several values are
+    // passed joined, which no PurposeOfUse code matches: policyd then applies the fallback.
+    if (!identity.purpose_of_use.empty()) {
+        std::string purposes;
+        for (const std::string &purpose : identity.purpose_of_use) {
+            purposes += (purposes.empty() ? "" : ",") + purpose;
+        }
+        ctx->asserted_purpose = pool_copy(r->pool, purposes);
+    }
 
     const std::string base = server_base(r, policy->snapshot());
     auth::Request request;

@@ -66,6 +66,17 @@ struct RequestCtx {
     ngx_str_t ratelimit_policy;  // RateLimit-Policy header value
     ngx_str_t ratelimit;         // RateLimit header value
     ngx_str_t retry_after;       // Retry-After for refusals; empty: "1" on 503
+    // Consent (issue 5; access.cpp). Before the decision: what the caller asserted. After it:
+    // policyd's answer.
+    ngx_str_t asserted_purpose;    // token claim `purpose_of_use`, else X-Purpose-Of-Use
+    ngx_str_t break_glass_reason;  // X-Break-Glass-Reason; never logged
+    ngx_str_t purpose_of_use;      // effective purpose; empty: missing/unknown (fallback rule)
+    // Security label codes whose data must be withheld from the response, comma-separated
+    // ("ETH,PSY,SUD"); empty: nothing to withhold. The redaction filter reads this field.
+    ngx_str_t obligations;
+    ngx_str_t consent_ids;  // comma-separated
+    ngx_str_t decision_id;
+    bool break_glass;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);

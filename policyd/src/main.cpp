@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "consent_store.hpp"
 #include "log.hpp"
 #include "policy_state.hpp"
 #include "revocations.hpp"
@@ -164,11 +165,20 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    // Consent (issue 5): a record that cannot be read stops the start, as revocations do.
+    ConsentStore consents(*store);
+    if (consents.load(&store_error) != StoreStatus::Ok) {
+        log::error(std::string("cannot read consents: ") + store_status_name(store_error.status) +
+                   " (" + store_error.detail + ")");
+        return 1;
+    }
+
     uv_loop_t loop;
     uv_loop_init(&loop);
     int exit_code = 0;
     {
         Server server(&loop, options.server, policy, revocations);
+        server.set_consent_store(&consents);
         if (server.start()) {
             // READY goes to stdout so supervisors and tests can wait for it.
             std::printf("POLICYD READY socket=%s admin=%s\n", options.server.data_socket.c_str(),

@@ -87,6 +87,10 @@ class Server {
     // SIGHUP and `ehrgatectl policy reload`.
     ReloadOutcome reload_policy();
 
+    // Consent (issue 5): the store decisions and admin commands use; null: consent commands
+    // fail and bundles with a consent section refuse patient requests.
+    void set_consent_store(ConsentStore *consents) { consents_ = consents; }
+
     uv_loop_t *loop() { return loop_; }
     const ServerOptions &options() const { return options_; }
 
@@ -107,6 +111,12 @@ class Server {
     void push_snapshot();
     void push_revocations();
     void revoke_token(const protocol::AdminRequest &request, protocol::AdminReply &reply);
+    // Consent admin commands (consent_admin.cpp). `actor` names the admin socket peer.
+    bool handle_consent_admin(const protocol::AdminRequest &request, const std::string &actor,
+                              protocol::AdminReply &reply);
+    // Every durable consent change passes here once (log, counters). AUDIT HOOK: the audit log
+    // should record each ConsentChange here.
+    void on_consent_change(const ConsentChange &change);
 
     uv_loop_t *loop_;
     ServerOptions options_;
@@ -126,6 +136,8 @@ class Server {
     uint64_t reloads_ok_ = 0;
     uint64_t reloads_refused_ = 0;
     uint64_t started_at_ms_ = 0;
+    ConsentStore *consents_ = nullptr;  // consent (issue 5)
+    uint64_t consent_changes_ = 0;
 };
 
 }  // namespace ehrgate::policyd

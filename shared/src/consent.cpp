@@ -636,8 +636,13 @@ ImportResult import_fhir(std::string_view json_text) {
                        std::to_string(parse_error.offset);
         return result;
     }
+    return import_fhir(*root);
+}
+
+ImportResult import_fhir(const json::Value &resource) {
+    ImportResult result;
     Importer importer;
-    result.record = importer.record(*root);
+    result.record = importer.record(resource);
     if (!result.record) {
         result.error = importer.error.empty() ? "invalid Consent" : importer.error;
     }
@@ -684,6 +689,48 @@ std::string export_fhir(const Record &record) {
 }
 
 // ---- Decision ---------------------------------------------------------------------------------
+
+std::string named_patient(std::string_view method, std::string_view relative_path,
+                          std::string_view query) {
+    const std::optional<fhir::RequestTargetView> target =
+        fhir::classify_view(method, relative_path, query);
+    if (!target) {
+        return {};
+    }
+    if (target->resource_type == "Patient" && !target->id.empty()) {
+        return std::string(target->id);
+    }
+    if (target->interaction != fhir::Interaction::SearchType) {
+        return {};
+    }
+    const std::optional<fhir::Query> params = fhir::parse_query(query);
+    if (!params) {
+        return {};
+    }
+    std::string found;
+    for (const fhir::QueryParam &param : *params) {
+        const bool on_patient = target->resource_type == "Patient" && param.name == "_id";
+        const bool bare_ok = on_patient || param.name == "patient" ||
+                             param.name == "subject:Patient" || param.name == "patient:Patient";
+        if (!bare_ok && param.name != "subject") {
+            continue;
+        }
+        if (param.value.find(',') != std::string::npos) {
+            return {};  // several patients
+        }
+        std::string_view id = param.value;
+        if (id.starts_with("Patient/")) {
+            id.remove_prefix(8);
+        } else if (!bare_ok) {
+            continue;  // subject=Group/..., not a patient
+        }
+        if (!fhir::is_valid_id(id) || (!found.empty() && found != id)) {
+            return {};
+        }
+        found = id;
+    }
+    return found;
+}
 
 namespace {
 
@@ -854,9 +901,11 @@ Decision decide(const ConsentPolicy &policy, const Request &request,
     d.purpose = purpose;
     std::set<std::string> ids;
 
-    if (!purpose.empty() && contains(policy.break_glass.purposes, purpose)) {
+    // ETREAT and BTG are emergency access whether or not the bundle configures break-glass: a
+    // bundle without it grants them to no one.
+    if (purpose == "ETREAT" || purpose == "BTG") {
         const BreakGlass &bg = policy.break_glass;
-        if (!contains(bg.clients, request.client_id) ||
+        if (!contains(bg.purposes, purpose) || !contains(bg.clients, request.client_id) ||
             (!bg.users.empty() && (request.user.empty() || !contains(bg.users, request.user)))) {
             return refuse(reason::kBreakGlassNotAllowed,
                           "Emergency access is not granted to this client or user", purpose);

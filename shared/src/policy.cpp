@@ -117,7 +117,7 @@ bool throttling_set(const Throttling &throttling) {
 void encode_bundle(Writer &w, const Bundle &bundle) {
     const bool throttling = throttling_set(bundle.throttling);
     w.map(6 + (bundle.rate_plans.empty() ? 0 : 1) + (bundle.upstreams.empty() ? 0 : 1) +
-          (throttling ? 1 : 0));
+          (throttling ? 1 : 0) + (bundle.consent.enabled ? 1 : 0));
     put_str(w, "schema", bundle.schema);
     put_str(w, "version", bundle.version);
     put_str(w, "description", bundle.description);
@@ -206,6 +206,11 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
         put_str(w, "interactive_plan", bundle.throttling.interactive_plan);
         put_str(w, "batch_plan", bundle.throttling.batch_plan);
         put_str(w, "unclassified_plan", bundle.throttling.unclassified_plan);
+    }
+    // Consent (issue 5): written only when the bundle has the section, as throttling is.
+    if (bundle.consent.enabled) {
+        w.key("consent");
+        consent::encode_policy(w, bundle.consent);
     }
 }
 
@@ -499,9 +504,9 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 }
 
 bool read_bundle(Reader &r, Bundle &bundle) {
-    static constexpr std::array<std::string_view, 9> kKeys = {
-        "schema",  "version",    "description", "clients",   "routes",
-        "issuers", "rate_plans", "upstreams",   "throttling"};
+    static constexpr std::array<std::string_view, 10> kKeys = {
+        "schema",  "version",    "description", "clients",    "routes",
+        "issuers", "rate_plans", "upstreams",   "throttling", "consent"};
     return read_fields(r, kKeys, 0b000011011, [&](size_t field) {
         switch (field) {
             case 0:
@@ -520,8 +525,10 @@ bool read_bundle(Reader &r, Bundle &bundle) {
                 return read_object_list(r, bundle.rate_plans, kMaxRatePlans, read_rate_plan);
             case 7:
                 return read_object_list(r, bundle.upstreams, kMaxUpstreams, read_upstream);
-            default:
+            case 8:
                 return read_throttling(r, bundle.throttling);
+            default:  // consent (issue 5)
+                return consent::decode_policy(r, bundle.consent);
         }
     });
 }
@@ -793,6 +800,7 @@ void Bundle::canonicalize() {
                      [](const RatePlan &a, const RatePlan &b) { return a.name < b.name; });
     std::stable_sort(upstreams.begin(), upstreams.end(),
                      [](const Upstream &a, const Upstream &b) { return a.name < b.name; });
+    consent::canonicalize(consent);  // consent (issue 5)
 }
 
 std::string encode_snapshot(const Snapshot &snapshot) {

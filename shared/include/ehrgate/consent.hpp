@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ehrgate/consent_policy.hpp"
+#include "ehrgate/json.hpp"
 
 namespace ehrgate::consent {
 
@@ -100,6 +101,7 @@ struct ImportResult {
 // value set, nesting deeper than kMaxProvisionDepth. An absent id is allowed (the store assigns
 // one); elements the model does not keep (text, category, sourceAttachment...) are ignored.
 ImportResult import_fhir(std::string_view json_text);
+ImportResult import_fhir(const json::Value &resource);
 // The record as a FHIR R4 Consent resource; import_fhir(export_fhir(r)) == r.
 std::string export_fhir(const Record &record);
 
@@ -138,6 +140,13 @@ inline constexpr std::string_view kPurposeNotAllowed = "purpose-not-allowed";
 inline constexpr std::string_view kBreakGlassNotAllowed = "break-glass-not-allowed";
 inline constexpr std::string_view kBreakGlassReasonRequired = "break-glass-reason-required";
 }  // namespace reason
+
+// The one patient a request names by itself, for requests whose token has no patient: the id of
+// Patient/<id> (any interaction on it), or of a type search whose `_id` (Patient), `patient` or
+// `subject` parameters name exactly one patient (Patient/<id>, or a bare id for `patient` and
+// `_id`). Empty when it names none or several: only the defaults decide then.
+std::string named_patient(std::string_view method, std::string_view relative_path,
+                          std::string_view query);
 
 // `records` are the patient's consents (any status; only active ones count).
 Decision decide(const ConsentPolicy &policy, const Request &request,

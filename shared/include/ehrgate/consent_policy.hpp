@@ -5,7 +5,9 @@
 // Kept apart from policy.hpp so consent.hpp (the decision) does not depend on the whole bundle.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ehrgate::consent {
@@ -50,11 +52,34 @@ struct ConsentPolicy {
     // 42 CFR Part 2 style: withheld unless a consent explicitly permits them, whatever the
     // purpose default says. Sorted; a subset of sensitive_labels.
     std::vector<std::string> explicit_consent_labels;
-    std::vector<PurposeDefault> purposes;  // sorted by purpose; one entry per purpose
+    std::vector<PurposeDefault> purposes;  // sorted by purpose, then clients
     Fallback fallback;
     BreakGlass break_glass;
 
     bool operator==(const ConsentPolicy &) const = default;
 };
+
+}  // namespace ehrgate::consent
+
+namespace ehrgate::msgpack {
+class Writer;
+class Reader;
+}  // namespace ehrgate::msgpack
+
+namespace ehrgate::consent {
+
+std::string_view default_access_name(DefaultAccess access);  // "permit" / "consent-required"
+
+// Snapshot codec (policy.cpp writes it under the bundle key "consent" when enabled). The decoder
+// skips unknown keys and refuses a policy that consistent() rejects.
+void encode_policy(msgpack::Writer &w, const ConsentPolicy &policy);
+bool decode_policy(msgpack::Reader &r, ConsentPolicy &policy);
+// Sorts every list; order carries no meaning.
+void canonicalize(ConsentPolicy &policy);
+// The invariants parse_bundle() guarantees (docs/policy-bundle.md): codes are PurposeOfUse
+// codes, at most one default per purpose and client, explicit-consent labels are sensitive, the
+// fallback is consent-required and withholds every sensitive label, break-glass purposes are
+// ETREAT/BTG and name at least one client when any.
+bool consistent(const ConsentPolicy &policy);
 
 }  // namespace ehrgate::consent

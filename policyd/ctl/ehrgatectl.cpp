@@ -389,8 +389,9 @@ int consent_command(const std::string &socket_path, const std::vector<std::strin
     } else if (sub == "import" && args.size() == 2) {
         request = {"consent-import", {{"json", read_file(args[1])}}};
     } else {
-        fail(2, "usage: ehrgatectl consent grant|revoke ID|list --patient ID|show ID|import FILE "
-                "(see ehrgatectl --help)");
+        fail(2,
+             "usage: ehrgatectl consent grant|revoke ID|list --patient ID|show ID|import FILE "
+             "(see ehrgatectl --help)");
     }
     const protocol::AdminReply reply = AdminClient(socket_path).call(request);
     if (!reply.ok) {

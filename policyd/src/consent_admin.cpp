@@ -51,8 +51,7 @@ std::string summary_json(const consent::Record &record) {
 
 // The Consent resources in an import file: one Consent, a JSON array of them, or a FHIR Bundle
 // whose entries' resources are Consents. All of them must be valid, or none is imported.
-bool consent_records(std::string_view text, std::vector<consent::Record> *out,
-                     std::string *error) {
+bool consent_records(std::string_view text, std::vector<consent::Record> *out, std::string *error) {
     json::ParseError parse_error;
     const std::optional<json::Value> root =
         json::parse(text, &parse_error, json::Limits{size_t{4} << 20, 64});
@@ -78,8 +77,7 @@ bool consent_records(std::string_view text, std::vector<consent::Record> *out,
                     *error = "Bundle.entry[" + std::to_string(i) + "]: no resource";
                     return false;
                 }
-                items.emplace_back("Bundle.entry[" + std::to_string(i) + "].resource: ",
-                                   resource);
+                items.emplace_back("Bundle.entry[" + std::to_string(i) + "].resource: ", resource);
             }
         }
     } else {
@@ -138,8 +136,8 @@ bool Server::handle_consent_admin(const protocol::AdminRequest &request, const s
             return true;
         }
         if (policy_.snapshot().bundle.find_client(client) == nullptr) {
-            reply.message = "--client \"" + client.substr(0, 64) +
-                            "\" is not a client of the active policy";
+            reply.message =
+                "--client \"" + client.substr(0, 64) + "\" is not a client of the active policy";
             return true;
         }
         if (!consent::is_purpose_of_use(purpose)) {
@@ -160,8 +158,9 @@ bool Server::handle_consent_admin(const protocol::AdminRequest &request, const s
         if (const std::string_view until = request.arg("until"); !until.empty()) {
             const std::optional<int64_t> end = parse_until(until);
             if (!end || *end <= now) {
-                reply.message = "--until must be a future time: a FHIR dateTime such as "
-                                "2027-01-31 or 2027-01-31T12:00:00Z, or unix seconds";
+                reply.message =
+                    "--until must be a future time: a FHIR dateTime such as "
+                    "2027-01-31 or 2027-01-31T12:00:00Z, or unix seconds";
                 return true;
             }
             record.provision.period->end = end;

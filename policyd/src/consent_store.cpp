@@ -97,7 +97,8 @@ StoreStatus ConsentStore::load(StoreError *error) {
     status = store_.for_each(
         kHistory,
         [&](std::string_view key, std::string_view) {
-            next_seq_ = std::max<uint64_t>(next_seq_, std::stoull(std::string(key), nullptr, 16) + 1);
+            next_seq_ =
+                std::max<uint64_t>(next_seq_, std::stoull(std::string(key), nullptr, 16) + 1);
         },
         error);
     epoch_ = next_seq_;
@@ -180,8 +181,7 @@ StoreStatus ConsentStore::revoke(const std::string &id, const std::string &actor
     }
     consent::Record revoked = *current;
     revoked.status = consent::Status::Inactive;
-    ConsentChange made{next_seq_, now,           actor, "revoke", id, revoked.patient,
-                       "inactive", "revoke"};
+    ConsentChange made{next_seq_, now, actor, "revoke", id, revoked.patient, "inactive", "revoke"};
     const std::string text = consent::export_fhir(revoked);
     const std::string entry = made.to_json();
     const std::string key = seq_key(made.seq);

@@ -24,13 +24,13 @@ namespace ehrgate::policyd {
 // One recorded change, as the history keeps it and the audit hook receives it.
 struct ConsentChange {
     uint64_t seq = 0;
-    int64_t at = 0;         // unix seconds
-    std::string actor;      // who made it: "uid:<n>(<name>)" from the admin socket peer
-    std::string action;     // "create" | "revoke"
-    std::string id;         // consent id
-    std::string patient;    // patient id
-    std::string status;     // the record's status after the change
-    std::string source;     // "grant" | "import"
+    int64_t at = 0;       // unix seconds
+    std::string actor;    // who made it: "uid:<n>(<name>)" from the admin socket peer
+    std::string action;   // "create" | "revoke"
+    std::string id;       // consent id
+    std::string patient;  // patient id
+    std::string status;   // the record's status after the change
+    std::string source;   // "grant" | "import"
     std::string to_json() const;
 };
 

@@ -64,7 +64,8 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
         input.client_purposes = client->purposes;
     }
     input.now = now;
-    consent::Decision decision = consent::decide(policy, input, consents->for_patient(input.patient));
+    consent::Decision decision =
+        consent::decide(policy, input, consents->for_patient(input.patient));
     reply.purpose_of_use = decision.purpose;
     reply.consent_ids = std::move(decision.consent_ids);
     if (!decision.permit) {

@@ -5,9 +5,9 @@
 #include <cstdint>
 #include <string>
 
+#include "consent_store.hpp"
 #include "ehrgate/protocol.hpp"
 #include "policy_state.hpp"
-#include "consent_store.hpp"
 #include "revocations.hpp"
 
 namespace ehrgate::policyd {

@@ -125,8 +125,8 @@ void encode_policy(msgpack::Writer &w, const ConsentPolicy &policy) {
 bool decode_policy(msgpack::Reader &r, ConsentPolicy &policy) {
     static constexpr std::array<std::string_view, 5> kKeys = {
         "sensitive_labels", "explicit_consent_labels", "purposes", "fallback", "break_glass"};
-    static constexpr std::array<std::string_view, 4> kDefaultKeys = {"purpose", "clients",
-                                                                     "access", "withhold"};
+    static constexpr std::array<std::string_view, 4> kDefaultKeys = {"purpose", "clients", "access",
+                                                                     "withhold"};
     static constexpr std::array<std::string_view, 2> kFallbackKeys = {"access", "withhold"};
     static constexpr std::array<std::string_view, 4> kBreakGlassKeys = {"purposes", "clients",
                                                                         "users", "withhold"};
@@ -198,7 +198,7 @@ void canonicalize(ConsentPolicy &policy) {
     std::stable_sort(policy.purposes.begin(), policy.purposes.end(),
                      [](const PurposeDefault &a, const PurposeDefault &b) {
                          return a.purpose != b.purpose ? a.purpose < b.purpose
-                                                        : a.clients < b.clients;
+                                                       : a.clients < b.clients;
                      });
     sort(policy.fallback.withhold);
     sort(policy.break_glass.purposes);
@@ -232,8 +232,8 @@ bool consistent(const ConsentPolicy &policy) {
             return false;
         }
         // Two defaults for one purpose must not both apply to one client.
-        for (size_t j = i + 1; j < policy.purposes.size() && policy.purposes[j].purpose == d.purpose;
-             ++j) {
+        for (size_t j = i + 1;
+             j < policy.purposes.size() && policy.purposes[j].purpose == d.purpose; ++j) {
             const PurposeDefault &o = policy.purposes[j];
             if (d.clients.empty() || o.clients.empty() ||
                 std::find_first_of(d.clients.begin(), d.clients.end(), o.clients.begin(),

@@ -1674,8 +1674,8 @@ class BundleParser {
         } else if (*text == "consent-required") {
             out = consent::DefaultAccess::ConsentRequired;
         } else {
-            v_.report(value, "unknown access " + quote(*text) +
-                                 "; expected permit or consent-required");
+            v_.report(value,
+                      "unknown access " + quote(*text) + "; expected permit or consent-required");
         }
     }
 
@@ -1702,12 +1702,14 @@ class BundleParser {
                 case 2:
                     v_.walk_list(value, kMaxConsentEntries, [&](const Value &entry) {
                         consent::PurposeDefault &d = policy.purposes.emplace_back();
-                        Value purpose_at = entry;
+                        // Not a Value copy assigned later: assigning a YAML::Node writes
+                        // through to the node it refers to.
+                        std::optional<Value> purpose_at;
                         v_.walk_map(entry, kConsentDefaultFields, [&](size_t f, const Value &v) {
                             switch (f) {
                                 case 0:
                                     if (std::optional<std::string> code = v_.string(v)) {
-                                        purpose_at = v;
+                                        purpose_at.emplace(v);
                                         if (purpose_code(v, *code)) {
                                             if (*code == "ETREAT" || *code == "BTG") {
                                                 v_.report(v, *code +
@@ -1726,7 +1728,7 @@ class BundleParser {
                                     return labels(v, d.withhold);
                             }
                         });
-                        default_positions_.push_back(purpose_at);
+                        default_positions_.push_back(purpose_at ? *purpose_at : entry);
                     });
                     return;
                 case 3:
@@ -1736,8 +1738,9 @@ class BundleParser {
                         if (f == 0) {
                             access(v, policy.fallback.access);
                             if (policy.fallback.access != consent::DefaultAccess::ConsentRequired) {
-                                v_.report(v, "the fallback for a missing or unknown purpose is "
-                                             "the lowest privilege: it must be consent-required");
+                                v_.report(v,
+                                          "the fallback for a missing or unknown purpose is "
+                                          "the lowest privilege: it must be consent-required");
                             }
                         } else {
                             labels(v, policy.fallback.withhold);
@@ -1768,8 +1771,9 @@ class BundleParser {
                                         if (!user.empty() && user.size() <= 256) {
                                             return true;
                                         }
-                                        v_.report(entry, "a user is a fhirUser or sub value of "
-                                                         "1-256 characters");
+                                        v_.report(entry,
+                                                  "a user is a fhirUser or sub value of "
+                                                  "1-256 characters");
                                         return false;
                                     });
                             default:
@@ -1790,7 +1794,9 @@ class BundleParser {
             return;
         }
         for (const Reference &ref : consent_client_refs_) {
-            if (bundle_.find_client(ref.name) == nullptr) {
+            // Linear: the clients are not in canonical order yet, so find_client cannot be used.
+            if (std::none_of(bundle_.clients.begin(), bundle_.clients.end(),
+                             [&](const Client &c) { return c.id == ref.name; })) {
                 std::vector<std::string_view> ids;
                 for (const Client &c : bundle_.clients) {
                     ids.push_back(c.id);
@@ -1815,8 +1821,10 @@ class BundleParser {
         if (fallback_at_) {
             for (const std::string &label : policy.sensitive_labels) {
                 if (!has(policy.fallback.withhold, label)) {
-                    v_.report(*fallback_at_, "the fallback must withhold every sensitive label; "
-                                             "missing " + quote(label));
+                    v_.report(*fallback_at_,
+                              "the fallback must withhold every sensitive label; "
+                              "missing " +
+                                  quote(label));
                 }
             }
         }

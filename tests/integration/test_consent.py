@@ -30,7 +30,7 @@ def _build_dir() -> Path:
     return Path(os.environ.get("EHRGATE_BUILD_DIR", ROOT / "build"))
 
 
-def testdata() -> Path:
+def _testdata_dir() -> Path:
     if os.environ.get("EHRGATE_TESTDATA"):
         return Path(os.environ["EHRGATE_TESTDATA"])
     beside = ROOT.parent / "shared" / "testdata"
@@ -362,9 +362,9 @@ def test_import_is_all_or_nothing(stack, patients, tmp_path):
 
 
 def test_import_r4_examples(stack):
-    examples = sorted((testdata() / "fhir" / "r4-core").glob("Consent-*.json"))
+    examples = sorted((_testdata_dir() / "fhir" / "r4-core").glob("Consent-*.json"))
     if not examples:
-        pytest.skip(f"FHIR R4 Consent examples not found under {testdata()}")
+        pytest.skip(f"FHIR R4 Consent examples not found under {_testdata_dir()}")
     bundle = {"resourceType": "Bundle", "type": "collection",
               "entry": [{"resource": json.loads(p.read_text())} for p in examples]}
     path = Path(stack.run_dir) / "r4-examples.json"

@@ -151,7 +151,8 @@ TEST(ConsentPolicy, SandboxBundleDefaults) {
     ASSERT_TRUE(r.bundle) << dump(r.diagnostics);
     const consent::ConsentPolicy &c = r.bundle->consent;
     ASSERT_TRUE(c.enabled);
-    const std::vector<std::string> clinician_purposes = r.bundle->find_client("demo-clinician-app")->purposes;
+    const std::vector<std::string> clinician_purposes =
+        r.bundle->find_client("demo-clinician-app")->purposes;
     consent::Request treat;
     treat.client_id = "demo-clinician-app";
     treat.patient = "p";
@@ -162,7 +163,8 @@ TEST(ConsentPolicy, SandboxBundleDefaults) {
     const consent::Decision d = consent::decide(c, treat, {});
     EXPECT_TRUE(d.permit);
     EXPECT_EQ(d.obligations, (std::vector<std::string>{"ETH", "HIV", "PSY", "SEX", "SUD"}));
-    const std::vector<std::string> app_purposes = r.bundle->find_client("demo-patient-app")->purposes;
+    const std::vector<std::string> app_purposes =
+        r.bundle->find_client("demo-patient-app")->purposes;
     consent::Request app = treat;
     app.client_id = "demo-patient-app";
     app.purpose = "PATRQT";

@@ -316,7 +316,14 @@ TEST(ConsentProtocol, GoldenReplyWithConsentFields) {
     reply.break_glass = true;
     const std::string body = protocol::encode(reply);
     // ... the 9 original keys, then "obligations": ["PSY"], "break_glass": true.
-    const std::string tail = std::string("\xab" "obligations" "\x91\xa3" "PSY" "\xab" "break_glass" "\xc3");
+    const std::string tail = std::string(
+        "\xab"
+        "obligations"
+        "\x91\xa3"
+        "PSY"
+        "\xab"
+        "break_glass"
+        "\xc3");
     ASSERT_GE(body.size(), tail.size());
     EXPECT_EQ(static_cast<uint8_t>(body[0]), 0x80 | 11);
     EXPECT_EQ(body.substr(body.size() - tail.size()), tail);

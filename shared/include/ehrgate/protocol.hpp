@@ -103,10 +103,10 @@ struct DecideRequest {
     std::string host;
     // Consent (issue 5). Written only when non-empty, so older goldens keep their bytes; `{}`
     // initializers keep brace-initialized requests of the original fields compiling.
-    std::string user{};              // fhirUser or sub of the token
-    std::string patient{};           // the patient the request targets; empty: none known
-    std::string purpose_of_use{};    // as asserted (claim, else X-Purpose-Of-Use); unvalidated
-    std::string tenant{};            // reserved: policyd takes the tenant from the route
+    std::string user{};                // fhirUser or sub of the token
+    std::string patient{};             // the patient the request targets; empty: none known
+    std::string purpose_of_use{};      // as asserted (claim, else X-Purpose-Of-Use); unvalidated
+    std::string tenant{};              // reserved: policyd takes the tenant from the route
     std::string break_glass_reason{};  // X-Break-Glass-Reason or the claim; never logged
 };
 

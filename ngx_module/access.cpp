@@ -151,6 +151,7 @@ void record_consent(ngx_http_request_t *r, RequestCtx *ctx, const protocol::Deci
     ctx->obligations = pool_copy(pool, join(reply.obligations));
     ctx->consent_ids = pool_copy(pool, join(reply.consent_ids));
     ctx->decision_id = pool_copy(pool, reply.decision_id);
+    ctx->consent_token = pool_copy(pool, reply.consent_token);
     ctx->break_glass = reply.break_glass && reply.decision == protocol::Decision::Permit;
     if (ctx->break_glass) {
         // An alert for operators; no PHI: the ids lead to the audit record.

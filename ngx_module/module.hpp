@@ -76,6 +76,7 @@ struct RequestCtx {
     ngx_str_t obligations;
     ngx_str_t consent_ids;  // comma-separated
     ngx_str_t decision_id;
+    ngx_str_t consent_token;  // signed consent context: $ehrgate_consent_token
     bool break_glass;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);

@@ -25,6 +25,7 @@ enum class Field : uintptr_t {
     Obligations,
     BreakGlass,
     DecisionId,
+    ConsentToken,
 };
 
 void set_value(ngx_http_variable_value_t *v, const ngx_str_t &value) {
@@ -121,6 +122,9 @@ ngx_int_t get_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             case Field::DecisionId:
                 set_value(v, ctx->decision_id);
                 break;
+            case Field::ConsentToken:
+                set_value(v, ctx->consent_token);
+                break;
         }
     } catch (const std::exception &) {
         return NGX_ERROR;
@@ -150,6 +154,7 @@ VariableSpec g_variables[] = {
     {ngx_string("ehrgate_obligations"), Field::Obligations},
     {ngx_string("ehrgate_break_glass"), Field::BreakGlass},
     {ngx_string("ehrgate_decision_id"), Field::DecisionId},
+    {ngx_string("ehrgate_consent_token"), Field::ConsentToken},
 };
 
 }  // namespace

@@ -54,6 +54,7 @@ commands:
   consent show ID             one consent and its change history (JSON)
   consent import FILE         import FHIR R4 Consent JSON (a Consent, an array, or a Bundle):
                               all of them or, on any error, none
+  consent jwks                the JWKS that verifies X-Ehrgate-Consent (for downstream hops)
 
 --socket PATH overrides the admin socket; default $EHRGATE_ADMIN_SOCKET, else
 ./run/policyd-admin.sock (where `./build.sh run` puts it, so run from the repo root).
@@ -386,18 +387,20 @@ int consent_command(const std::string &socket_path, const std::vector<std::strin
         request = {"consent-show", {{"id", args[1]}}};
     } else if (sub == "list" && args.size() == 3 && args[1] == "--patient") {
         request = {"consent-list", {{"patient", args[2]}}};
+    } else if (sub == "jwks" && args.size() == 1) {
+        request = {"consent-jwks", {}};
     } else if (sub == "import" && args.size() == 2) {
         request = {"consent-import", {{"json", read_file(args[1])}}};
     } else {
         fail(2,
-             "usage: ehrgatectl consent grant|revoke ID|list --patient ID|show ID|import FILE "
+             "usage: ehrgatectl consent grant|revoke ID|list --patient ID|show ID|import FILE|jwks "
              "(see ehrgatectl --help)");
     }
     const protocol::AdminReply reply = AdminClient(socket_path).call(request);
     if (!reply.ok) {
         fail(1, reply.message);
     }
-    if (sub == "show" || sub == "list") {
+    if (sub == "show" || sub == "list" || sub == "jwks") {
         std::printf("%s\n", reply.json.c_str());
     } else {
         std::printf("%s\n", reply.message.c_str());

@@ -114,6 +114,16 @@ bool Server::handle_consent_admin(const protocol::AdminRequest &request, const s
     }
     reply.ok = false;
     reply.json = "{}";
+    if (command == "consent-jwks") {
+        if (signer_ == nullptr) {
+            reply.message = "this policyd signs no consent contexts";
+            return true;
+        }
+        reply.ok = true;
+        reply.message = signer_->kid();
+        reply.json = signer_->jwks();
+        return true;
+    }
     if (consents_ == nullptr) {
         reply.message = "this policyd has no consent store";
         return true;
@@ -278,7 +288,7 @@ bool Server::handle_consent_admin(const protocol::AdminRequest &request, const s
     }
     reply.message = "unknown consent command \"" + command.substr(0, 32) +
                     "\"; known: consent-grant, consent-revoke, consent-list, consent-show, "
-                    "consent-import";
+                    "consent-import, consent-jwks";
     return true;
 }
 

@@ -17,7 +17,7 @@ void append_error_frame(std::string &out, uint32_t request_id, std::string_view 
 
 void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideRequest &request,
                    const ConsentStore *consents, int64_t now, DataCounters &counters,
-                   protocol::DecideReply &reply) {
+                   protocol::DecideReply &reply, const ConsentSigner *signer) {
     const consent::ConsentPolicy &policy = snapshot.bundle.consent;
     // Requests the policy refused, unidentified callers (the public capability statement) and
     // capabilities carry no patient data: nothing to decide.
@@ -74,6 +74,25 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
     }
     reply.obligations = std::move(decision.obligations);
     reply.break_glass = decision.break_glass;
+    if (signer != nullptr) {
+        ConsentContext context;
+        context.purpose_of_use = reply.purpose_of_use;
+        context.decision = "permit";
+        context.obligations = reply.obligations;
+        context.consent_ids = reply.consent_ids;
+        context.correlation_id = request.correlation_id;
+        context.decision_id = reply.decision_id;
+        context.client_id = request.client_id;
+        context.break_glass = reply.break_glass;
+        context.issued_at = now;
+        context.expires_at = now + ConsentSigner::kLifetimeSeconds;
+        reply.consent_token = signer->sign(context);
+        if (reply.consent_token.empty()) {
+            refuse("consent-unavailable", "The consent context could not be signed");
+            reply.http_status = 503;
+            return;
+        }
+    }
     if (decision.break_glass) {
         ++counters.break_glass;
         // No PHI: the correlation id and decision id lead to the audit record.
@@ -85,7 +104,8 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
 
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
                                  DataPeer &peer, DataCounters &counters, std::string &out,
-                                 const Revocations *revocations, const ConsentStore *consents) {
+                                 const Revocations *revocations, const ConsentStore *consents,
+                                 const ConsentSigner *signer) {
     const uint32_t id = frame.header.request_id;
     switch (frame.header.type) {
         case MessageType::DecideRequest: {
@@ -98,7 +118,7 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
             }
             protocol::DecideReply reply = policy::evaluate(state.snapshot(), *request);
             apply_consent(state.snapshot(), *request, consents,
-                          static_cast<int64_t>(std::time(nullptr)), counters, reply);
+                          static_cast<int64_t>(std::time(nullptr)), counters, reply, signer);
             ++peer.decisions;
             ++(reply.decision == protocol::Decision::Permit ? counters.permits : counters.denies);
             protocol::encode_frame(out, MessageType::DecideReply, id, protocol::encode(reply));

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "consent_signer.hpp"
 #include "consent_store.hpp"
 #include "ehrgate/protocol.hpp"
 #include "policy_state.hpp"
@@ -37,14 +38,16 @@ enum class DispatchResult { Ok, CloseConnection };
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
                                  DataPeer &peer, DataCounters &counters, std::string &out,
                                  const Revocations *revocations = nullptr,
-                                 const ConsentStore *consents = nullptr);
+                                 const ConsentStore *consents = nullptr,
+                                 const ConsentSigner *signer = nullptr);
 
 // Consent (issue 5): after the policy permitted `request`, decides it against the patient's
 // consents and the bundle's defaults, and fills the reply's consent fields (a refusal turns it
-// into a 403). `now` is unix seconds.
+// into a 403). `now` is unix seconds. With a signer, a permit carries the signed consent context
+// (consent_token); a signing failure refuses (503): the hops behind expect it.
 void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideRequest &request,
                    const ConsentStore *consents, int64_t now, DataCounters &counters,
-                   protocol::DecideReply &reply);
+                   protocol::DecideReply &reply, const ConsentSigner *signer = nullptr);
 
 // Frames sent to a peer that broke the protocol, right before the connection is closed.
 void append_error_frame(std::string &out, uint32_t request_id, std::string_view code,

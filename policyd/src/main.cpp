@@ -11,6 +11,7 @@
 #include <string>
 #include <string_view>
 
+#include "consent_signer.hpp"
 #include "consent_store.hpp"
 #include "log.hpp"
 #include "policy_state.hpp"
@@ -173,12 +174,21 @@ int main(int argc, char **argv) {
         return 1;
     }
 
+    std::string signer_error;
+    const std::unique_ptr<ConsentSigner> signer =
+        ConsentSigner::load_or_create(options.data_dir, &signer_error);
+    if (!signer) {
+        log::error("consent signing key: " + signer_error);
+        return 1;
+    }
+
     uv_loop_t loop;
     uv_loop_init(&loop);
     int exit_code = 0;
     {
         Server server(&loop, options.server, policy, revocations);
         server.set_consent_store(&consents);
+        server.set_consent_signer(signer.get());
         if (server.start()) {
             // READY goes to stdout so supervisors and tests can wait for it.
             std::printf("POLICYD READY socket=%s admin=%s\n", options.server.data_socket.c_str(),

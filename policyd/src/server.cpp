@@ -103,8 +103,8 @@ void Connection::process_frames() {
             continue;
         }
         if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
-                              &server_.revocations_,
-                              server_.consents_) == DispatchResult::CloseConnection) {
+                              &server_.revocations_, server_.consents_,
+                              server_.signer_) == DispatchResult::CloseConnection) {
             write(std::move(out));
             shutdown();
             return;

@@ -90,6 +90,7 @@ class Server {
     // Consent (issue 5): the store decisions and admin commands use; null: consent commands
     // fail and bundles with a consent section refuse patient requests.
     void set_consent_store(ConsentStore *consents) { consents_ = consents; }
+    void set_consent_signer(const ConsentSigner *signer) { signer_ = signer; }
 
     uv_loop_t *loop() { return loop_; }
     const ServerOptions &options() const { return options_; }
@@ -137,6 +138,7 @@ class Server {
     uint64_t reloads_refused_ = 0;
     uint64_t started_at_ms_ = 0;
     ConsentStore *consents_ = nullptr;  // consent (issue 5)
+    const ConsentSigner *signer_ = nullptr;
     uint64_t consent_changes_ = 0;
 };
 

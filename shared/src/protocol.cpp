@@ -294,7 +294,7 @@ std::string encode(const DecideReply &msg) {
     const bool has_consent_ids = !msg.consent_ids.empty();
     w.map(9 + (has_obligations ? 1 : 0) + (has_consent_ids ? 1 : 0) +
           (msg.decision_id.empty() ? 0 : 1) + (msg.purpose_of_use.empty() ? 0 : 1) +
-          (msg.break_glass ? 1 : 0));
+          (msg.break_glass ? 1 : 0) + (msg.consent_token.empty() ? 0 : 1));
     w.key("decision");
     w.uint(static_cast<uint8_t>(msg.decision));
     w.key("http_status");
@@ -322,6 +322,9 @@ std::string encode(const DecideReply &msg) {
     if (msg.break_glass) {
         w.key("break_glass");
         w.boolean(true);
+    }
+    if (!msg.consent_token.empty()) {
+        put(w, "consent_token", msg.consent_token);
     }
     return out;
 }
@@ -364,6 +367,8 @@ std::optional<DecideReply> decode_decide_reply(std::string_view body) {
             return read_into(r, msg.decision_id);
         if (key == "purpose_of_use")
             return read_into(r, msg.purpose_of_use);
+        if (key == "consent_token")
+            return read_into(r, msg.consent_token);
         if (key == "break_glass") {
             const std::optional<bool> v = r.read_bool();
             if (!v) {

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import jwt
 import pytest
 import requests
 
@@ -264,6 +265,66 @@ def test_expired_grant_no_longer_permits(stack, patients):
     assert_refused(stack, get(stack, f"Patient/{patient}", headers), "consent-required")
 
 
+# ---- The signed consent context -----------------------------------------------------------------
+
+def forwarded_consent_header(stack, correlation_id: str) -> str | None:
+    recent = requests.get(stack.ehr_url + "/__sandbox/stats", timeout=5).json()["recent"]
+    for entry in reversed(recent):
+        if entry["headers"].get("x-request-id") == correlation_id:
+            return entry["headers"].get("x-ehrgate-consent")
+    raise AssertionError(f"the EHR did not see request {correlation_id}")
+
+
+def verify_context(stack, token: str) -> dict:
+    jwks = json.loads(ctl_ok(stack, "consent", "jwks"))
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "EdDSA" and header["typ"] == "ehrgate-consent+jwt"
+    (key,) = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
+    return jwt.decode(token, jwt.PyJWK.from_dict(key).key, algorithms=["EdDSA"],
+                      options={"require": ["exp", "iat"]})
+
+
+def test_forwarded_request_carries_a_verifiable_consent_context(stack):
+    forged = "eyJhbGciOiJub25lIn0.eyJkZWNpc2lvbiI6InBlcm1pdCJ9."
+    headers = clinician(stack) | {"X-Ehrgate-Consent": forged}
+    response = get(stack, f"Condition?patient={DEMO_PATIENT}", headers)
+    assert response.status_code == 200, response.text
+    correlation = response.headers["X-Request-ID"]
+    token = forwarded_consent_header(stack, correlation)
+    assert token and forged not in token, "the client's copy reached the EHR"
+    claims = verify_context(stack, token)
+    assert claims["decision"] == "permit"
+    assert claims["purpose_of_use"] == "TREAT"
+    assert claims["obligations"] == SENSITIVE.split(",")
+    assert claims["consent_ids"] == []
+    assert claims["correlation_id"] == correlation
+    assert claims["client_id"] == "demo-clinician-app"
+    assert claims["break_glass"] is False
+    assert 0 < claims["exp"] - claims["iat"] <= 5
+    # A tampered token does not verify.
+    head, body, signature = token.split(".")
+    tampered = json.loads(jwt.utils.base64url_decode(body))
+    tampered["obligations"] = []
+    forged_body = jwt.utils.base64url_encode(json.dumps(tampered).encode()).decode()
+    with pytest.raises(jwt.InvalidSignatureError):
+        verify_context(stack, f"{head}.{forged_body}.{signature}")
+
+
+def test_consent_context_names_the_consents_and_break_glass(stack, patients):
+    patient = patients[9]
+    consent_id = ctl_ok(stack, "consent", "grant", "--patient", patient, "--client", "demo-patient-app",
+                        "--purpose", "PATRQT")
+    response = get(stack, f"Patient/{patient}", patient_app(stack, patient))
+    assert response.status_code == 200, response.text
+    claims = verify_context(stack, forwarded_consent_header(stack, response.headers["X-Request-ID"]))
+    assert claims["consent_ids"] == [consent_id]
+    assert claims["obligations"] == ["ETH", "SUD"]
+    response = get(stack, f"Patient/{patient}", clinician(stack, "ETREAT") | {"X-Break-Glass-Reason": "r"})
+    assert response.status_code == 200, response.text
+    claims = verify_context(stack, forwarded_consent_header(stack, response.headers["X-Request-ID"]))
+    assert claims["break_glass"] is True and claims["purpose_of_use"] == "ETREAT"
+
+
 # ---- Break-glass ------------------------------------------------------------------------------
 
 def test_break_glass_with_reason_gets_data_and_is_flagged(stack, patients):
@@ -378,10 +439,13 @@ def test_consents_survive_a_policyd_restart(make_stack):
     s = make_stack()
     consent_id = s.ctl("consent", "grant", "--patient", DEMO_PATIENT, "--client", "demo-patient-app",
                        "--purpose", "PATRQT", check=True).stdout.strip()
+    kid = json.loads(ctl_ok(s, "consent", "jwks"))["keys"][0]["kid"]
     s.stop_policyd()
     s.start_policyd()
     shown = json.loads(ctl_ok(s, "consent", "show", consent_id))
     assert shown["status"] == "active"
+    # The signing key is kept in the data directory: downstream JWKS caches stay valid.
+    assert json.loads(ctl_ok(s, "consent", "jwks"))["keys"][0]["kid"] == kid
     deadline = time.monotonic() + 5
     while True:
         response = get(s, f"Patient/{DEMO_PATIENT}", patient_app(s, DEMO_PATIENT))

@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "consent_signer.hpp"
 #include "consent_store.hpp"
 #include "dispatcher.hpp"
 #include "ehrgate/consent.hpp"
@@ -298,6 +300,7 @@ TEST(ConsentProtocol, FieldsRoundTripAndStayOutWhenUnset) {
     reply.decision_id = "d-1";
     reply.purpose_of_use = "ETREAT";
     reply.break_glass = true;
+    reply.consent_token = "h.p.s";
     const std::optional<protocol::DecideReply> decoded =
         protocol::decode_decide_reply(protocol::encode(reply));
     ASSERT_TRUE(decoded);
@@ -306,6 +309,42 @@ TEST(ConsentProtocol, FieldsRoundTripAndStayOutWhenUnset) {
     EXPECT_EQ(decoded->decision_id, "d-1");
     EXPECT_EQ(decoded->purpose_of_use, "ETREAT");
     EXPECT_TRUE(decoded->break_glass);
+    EXPECT_EQ(decoded->consent_token, "h.p.s");
+}
+
+TEST_F(ConsentStoreTest, SignerKeyPersistsAndPermitsCarryAToken) {
+    std::string error;
+    std::unique_ptr<ConsentSigner> signer = ConsentSigner::load_or_create(dir_, &error);
+    ASSERT_NE(signer, nullptr) << error;
+    const std::string kid = signer->kid();
+    EXPECT_EQ(std::filesystem::status(dir_ + "/consent-signing-key.pem").permissions() &
+                  std::filesystem::perms::group_all,
+              std::filesystem::perms::none);
+    signer = ConsentSigner::load_or_create(dir_, &error);
+    ASSERT_NE(signer, nullptr) << error;
+    EXPECT_EQ(signer->kid(), kid);
+    EXPECT_NE(signer->jwks().find(kid), std::string::npos);
+
+    const policy::Snapshot snapshot = sandbox_snapshot();
+    DataCounters counters;
+    protocol::DecideRequest treat = request("demo-clinician-app", "/fhir/Patient/p1", "TREAT");
+    protocol::DecideReply reply = policy::evaluate(snapshot, treat);
+    apply_consent(snapshot, treat, consents_.get(), 1000, counters, reply, signer.get());
+    ASSERT_EQ(reply.decision, protocol::Decision::Permit);
+    EXPECT_EQ(std::count(reply.consent_token.begin(), reply.consent_token.end(), '.'), 2);
+    // Refusals carry none.
+    protocol::DecideRequest app = request("demo-patient-app", "/fhir/Patient/p1", "PATRQT");
+    app.patient = "p1";
+    reply = policy::evaluate(snapshot, app);
+    apply_consent(snapshot, app, consents_.get(), 1000, counters, reply, signer.get());
+    EXPECT_EQ(reply.decision, protocol::Decision::Deny);
+    EXPECT_TRUE(reply.consent_token.empty());
+
+    // A file that is not an Ed25519 key refuses to start.
+    std::filesystem::create_directory(dir_ + "/bad");
+    std::ofstream(dir_ + "/bad/consent-signing-key.pem") << "not a key";
+    EXPECT_EQ(ConsentSigner::load_or_create(dir_ + "/bad", &error), nullptr);
+    EXPECT_NE(error.find("not an Ed25519 private key"), std::string::npos);
 }
 
 TEST(ConsentProtocol, GoldenReplyWithConsentFields) {

@@ -126,6 +126,8 @@ struct DecideReply {
     std::string decision_id{};
     std::string purpose_of_use{};  // the effective purpose; empty: missing/unknown (fallback)
     bool break_glass{false};
+    // Compact JWS of the consent context, forwarded as X-Ehrgate-Consent (docs/consent.md).
+    std::string consent_token{};
 };
 
 struct ErrorBody {

@@ -90,11 +90,18 @@ ConsentSigner::ConsentSigner(EVP_PKEY *key) : key_(key) {
     kid_ = base64url::encode(sha256("{\"crv\":\"Ed25519\",\"kty\":\"OKP\",\"x\":\"" + x + "\"}"));
     jwks_ = "{\"keys\":[{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"" + x + "\",\"kid\":\"" +
             kid_ + "\",\"alg\":\"EdDSA\",\"use\":\"sig\"}]}";
+    prepared_ = EVP_MD_CTX_new();
+    if (prepared_ != nullptr &&
+        EVP_DigestSignInit(prepared_, nullptr, nullptr, nullptr, key_) != 1) {
+        EVP_MD_CTX_free(prepared_);
+        prepared_ = nullptr;  // sign() then fails, and decisions refuse: fail closed
+    }
     header_b64_ = base64url::encode(
         "{\"alg\":\"EdDSA\",\"typ\":\"ehrgate-consent+jwt\",\"kid\":\"" + kid_ + "\"}");
 }
 
 ConsentSigner::~ConsentSigner() {
+    EVP_MD_CTX_free(prepared_);
     EVP_PKEY_free(key_);
 }
 
@@ -116,11 +123,13 @@ std::string ConsentSigner::sign(const ConsentContext &c) const {
     claims += ",\"iat\":" + std::to_string(c.issued_at) +
               ",\"exp\":" + std::to_string(c.expires_at) + "}";
     const std::string input = header_b64_ + "." + base64url::encode(claims);
+    // A copy of the prepared context: initializing one fetches the algorithm from the provider,
+    // which costs more than the signature itself.
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     unsigned char signature[64];
     size_t signature_len = sizeof signature;
     const bool ok =
-        ctx != nullptr && EVP_DigestSignInit(ctx, nullptr, nullptr, nullptr, key_) == 1 &&
+        ctx != nullptr && prepared_ != nullptr && EVP_MD_CTX_copy_ex(ctx, prepared_) == 1 &&
         EVP_DigestSign(ctx, signature, &signature_len,
                        reinterpret_cast<const unsigned char *>(input.data()), input.size()) == 1;
     EVP_MD_CTX_free(ctx);

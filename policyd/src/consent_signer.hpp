@@ -48,6 +48,7 @@ class ConsentSigner {
   private:
     explicit ConsentSigner(EVP_PKEY *key);
     EVP_PKEY *key_;
+    EVP_MD_CTX *prepared_ = nullptr;  // initialized once; copied per signature
     std::string kid_;
     std::string jwks_;
     std::string header_b64_;

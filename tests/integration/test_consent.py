@@ -453,3 +453,24 @@ def test_consents_survive_a_policyd_restart(make_stack):
             break
         time.sleep(0.1)
     assert response.status_code == 200, response.text
+
+
+def test_policy_validate_reports_consent_problems(stack, tmp_path):
+    import shutil
+    shutil.copytree(ROOT / "conf" / "sandbox", tmp_path / "sandbox")
+    text = (ROOT / "conf" / "policy.yaml").read_text()
+    bad = text.replace("    - purpose: PATRQT\n", "    - purpose: PATRQ\n", 1)
+    bad = bad.replace("  fallback:\n    access: consent-required\n", "  fallback:\n    access: permit\n", 1)
+    assert bad.count("PATRQ\n") == 1 and "  fallback:\n    access: permit\n" in bad
+    path = tmp_path / "policy.yaml"
+    path.write_text(bad)
+    result = stack.ctl("policy", "validate", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    purpose_line = bad.splitlines().index("    - purpose: PATRQ") + 1
+    fallback_line = bad.splitlines().index("  fallback:") + 2
+    assert any(l.startswith(f"{path}:{purpose_line}:") and "consent.purposes[1].purpose" in l
+               and 'did you mean "PATRQT"?' in l for l in lines), lines
+    assert any(l.startswith(f"{path}:{fallback_line}:") and "consent.fallback.access" in l
+               and "must be consent-required" in l for l in lines), lines
+    assert "is invalid (2 problem(s))" in lines[-1]

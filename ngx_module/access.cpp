@@ -245,7 +245,9 @@ ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
         ctx->asserted_purpose = find_header(r, "X-Purpose-Of-Use");
     }
     request.purpose_of_use.assign(view(ctx->asserted_purpose));
-    ctx->break_glass_reason = find_header(r, "X-Break-Glass-Reason");
+    if (ctx->break_glass_reason.len == 0) {  // the claim, set by authenticate, wins
+        ctx->break_glass_reason = find_header(r, "X-Break-Glass-Reason");
+    }
     request.break_glass_reason.assign(view(ctx->break_glass_reason));
     const uint32_t id = client == nullptr
                             ? 0

@@ -224,6 +224,9 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
         }
         ctx->asserted_purpose = pool_copy(r->pool, purposes);
     }
+    if (!identity.break_glass_reason.empty()) {
+        ctx->break_glass_reason = pool_copy(r->pool, identity.break_glass_reason);
+    }
 
     const std::string base = server_base(r, policy->snapshot());
     auth::Request request;

@@ -38,7 +38,7 @@ commands:
   policy validate FILE        check a policy bundle without loading it (no daemon needed)
   policy reload               make policyd reload its bundle; workers switch within a second
   token mint --client ID --scope "SCOPES" [--patient ID] [--user REF] [--ttl SECONDS]
-             [--purpose CODE]
+             [--purpose CODE] [--break-glass-reason TEXT]
              [--key PEM] [--issuer URL] [--audience AUD]
                               print a JWT signed by the sandbox issuer's DEVELOPMENT key
   token revoke --jti ID [--until UNIX_TIME] | --client ID
@@ -256,7 +256,7 @@ std::string random_id() {
 
 int token_mint(const std::vector<std::string> &args) {
     std::string client, scope, patient, user, key_path = kDefaultKey, issuer = kDefaultIssuer,
-                                              audience = kDefaultAudience, purpose;
+                                              audience = kDefaultAudience, purpose, reason;
     long ttl = 300;
     for (size_t i = 0; i < args.size(); ++i) {
         const std::string &flag = args[i];
@@ -275,6 +275,8 @@ int token_mint(const std::vector<std::string> &args) {
             key_path = value;
         else if (flag == "--purpose")  // consent (issue 5)
             purpose = value;
+        else if (flag == "--break-glass-reason")
+            reason = value;
         else if (flag == "--issuer")
             issuer = value;
         else if (flag == "--audience")
@@ -311,6 +313,8 @@ int token_mint(const std::vector<std::string> &args) {
         claims += ",\"fhirUser\":" + json::quote(user);
     if (!purpose.empty())
         claims += ",\"purpose_of_use\":" + json::quote(purpose);
+    if (!reason.empty())
+        claims += ",\"break_glass_reason\":" + json::quote(reason);
     claims += "}";
     const std::string signing_input = base64url::encode(header) + "." + base64url::encode(claims);
     std::printf("%s.%s\n", signing_input.c_str(),

@@ -350,6 +350,13 @@ def test_break_glass_with_reason_gets_data_and_is_flagged(stack, patients):
     assert patient not in policyd_log and "unresponsive" not in policyd_log
 
 
+def test_break_glass_reason_from_the_token_claim(stack, patients):
+    headers = clinician(stack, "ETREAT", **{"break-glass-reason": "mass casualty triage"})
+    response = get(stack, f"Patient/{patients[10]}", headers)
+    assert response.status_code == 200, response.text
+    assert log_field(log_line(stack, response.headers["X-Request-ID"]), "break_glass") == "1"
+
+
 def test_break_glass_only_for_named_clients(stack):
     # The patient app is registered for PATRQT only.
     headers = patient_app(stack, DEMO_PATIENT, "BTG") | {"X-Break-Glass-Reason": "x"}

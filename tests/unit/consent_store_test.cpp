@@ -11,6 +11,7 @@
 #include "consent_signer.hpp"
 #include "consent_store.hpp"
 #include "dispatcher.hpp"
+#include "ehrgate/auth.hpp"
 #include "ehrgate/consent.hpp"
 #include "ehrgate/policy.hpp"
 #include "ehrgate/protocol.hpp"
@@ -370,3 +371,20 @@ TEST(ConsentProtocol, GoldenReplyWithConsentFields) {
 
 }  // namespace
 }  // namespace ehrgate::policyd
+
+namespace ehrgate::auth {
+namespace {
+
+TEST(ConsentIdentity, BreakGlassReasonSurvivesTheTokenCache) {
+    Identity identity;
+    identity.client_id = "demo-clinician-app";
+    const std::string plain = encode_identity(identity);
+    EXPECT_EQ(plain.find("break_glass_reason"), std::string::npos);
+    identity.break_glass_reason = "cardiac arrest";
+    const std::optional<Identity> back = decode_identity(encode_identity(identity));
+    ASSERT_TRUE(back);
+    EXPECT_EQ(back->break_glass_reason, "cardiac arrest");
+}
+
+}  // namespace
+}  // namespace ehrgate::auth

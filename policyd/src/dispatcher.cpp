@@ -1,5 +1,8 @@
 #include "dispatcher.hpp"
 
+#include <openssl/rand.h>
+
+#include <cstddef>
 #include <ctime>
 
 #include "log.hpp"
@@ -26,10 +29,23 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
         return;
     }
     static constexpr char kHex[] = "0123456789abcdef";
+    // A random prefix per process keeps ids unique across restarts; the sequence within it.
+    static const std::string prefix = [] {
+        unsigned char bytes[4] = {};
+        RAND_bytes(bytes, sizeof bytes);
+        std::string out = "d-";
+        for (const unsigned char b : bytes) {
+            out += kHex[b >> 4];
+            out += kHex[b & 0xf];
+        }
+        return out + "-";
+    }();
     uint64_t seq = ++counters.decision_seq;
-    reply.decision_id = "d-";
+    reply.decision_id = prefix;
     for (int i = 0; i < 12; ++i, seq >>= 4) {
-        reply.decision_id.insert(reply.decision_id.begin() + 2, kHex[seq & 0xf]);
+        reply.decision_id.insert(
+            reply.decision_id.begin() + static_cast<std::ptrdiff_t>(prefix.size()),
+            kHex[seq & 0xf]);
     }
     const auto refuse = [&](std::string_view reason, std::string_view message) {
         reply.decision = protocol::Decision::Deny;

@@ -5,6 +5,8 @@
 // outcome and re-runs the phase engine, which calls the handler again to act on it. Every path
 // that is not an explicit permit from policyd ends in an OperationOutcome error: fail closed.
 #include <exception>
+#include <string>
+#include <vector>
 
 #include "ehrgate/outcome.hpp"
 #include "module.hpp"
@@ -119,6 +121,47 @@ void resume(ngx_http_request_t *r) {
     ngx_http_run_posted_requests(c);
 }
 
+// Consent (issue 5): a request header by name (case-insensitive); empty when absent.
+ngx_str_t find_header(ngx_http_request_t *r, std::string_view name) {
+    for (ngx_list_part_t *part = &r->headers_in.headers.part; part != nullptr; part = part->next) {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; ++i) {
+            if (h[i].key.len == name.size() &&
+                ngx_strncasecmp(h[i].key.data,
+                                reinterpret_cast<u_char *>(const_cast<char *>(name.data())),
+                                name.size()) == 0) {
+                return h[i].value;
+            }
+        }
+    }
+    return ngx_str_t{0, nullptr};
+}
+
+std::string join(const std::vector<std::string> &values) {
+    std::string out;
+    for (const std::string &value : values) {
+        out += (out.empty() ? "" : ",") + value;
+    }
+    return out;
+}
+
+void record_consent(ngx_http_request_t *r, RequestCtx *ctx, const protocol::DecideReply &reply) {
+    ngx_pool_t *pool = r->pool;
+    ctx->purpose_of_use = pool_copy(pool, reply.purpose_of_use);
+    ctx->obligations = pool_copy(pool, join(reply.obligations));
+    ctx->consent_ids = pool_copy(pool, join(reply.consent_ids));
+    ctx->decision_id = pool_copy(pool, reply.decision_id);
+    ctx->consent_token = pool_copy(pool, reply.consent_token);
+    ctx->obligations_decided = !reply.decision_id.empty();  // consent was evaluated
+    ctx->break_glass = reply.break_glass && reply.decision == protocol::Decision::Permit;
+    if (ctx->break_glass) {
+        // An alert for operators; no PHI: the ids lead to the audit record.
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ehrgate: break-glass access permitted, client: %V, decision: %V",
+                      &ctx->client_id, &ctx->decision_id);
+    }
+}
+
 void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *frame) noexcept {
     auto *ctx = static_cast<RequestCtx *>(data);
     ngx_http_request_t *r = ctx->request;
@@ -144,6 +187,7 @@ void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *fra
             ctx->policy_version = pool_copy(pool, reply->policy_version);
             ctx->audit_resource_type = pool_copy(pool, reply->resource_type);  // audit (issue 7)
             ctx->audit_interaction = pool_copy(pool, reply->interaction);
+            record_consent(r, ctx, *reply);
             if (SidecarClient *client = worker_client()) {
                 client->saw_policy_serial(reply->policy_serial);
             }
@@ -197,6 +241,17 @@ ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
         request.host.assign(view(r->headers_in.server));
     }
     request.client_id.assign(view(ctx->client_id));
+    // Consent (issue 5): the claim (set by authenticate) wins over the header.
+    request.user.assign(view(ctx->user));
+    request.patient.assign(view(ctx->patient));
+    if (ctx->asserted_purpose.len == 0) {
+        ctx->asserted_purpose = find_header(r, "X-Purpose-Of-Use");
+    }
+    request.purpose_of_use.assign(view(ctx->asserted_purpose));
+    if (ctx->break_glass_reason.len == 0) {  // the claim, set by authenticate, wins
+        ctx->break_glass_reason = find_header(r, "X-Break-Glass-Reason");
+    }
+    request.break_glass_reason.assign(view(ctx->break_glass_reason));
     const uint32_t id = client == nullptr
                             ? 0
                             : client->call(protocol::MessageType::DecideRequest,

@@ -223,6 +223,18 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     if (certificate) {
         ctx->cert_fingerprint = pool_copy(r->pool, certificate->sha256_hex);
     }
+    // Consent (issue 5): the token's purpose claim wins over the header. Several values are
+    // passed joined, which no PurposeOfUse code matches: policyd then applies the fallback.
+    if (!identity.purpose_of_use.empty()) {
+        std::string purposes;
+        for (const std::string &purpose : identity.purpose_of_use) {
+            purposes += (purposes.empty() ? "" : ",") + purpose;
+        }
+        ctx->asserted_purpose = pool_copy(r->pool, purposes);
+    }
+    if (!identity.break_glass_reason.empty()) {
+        ctx->break_glass_reason = pool_copy(r->pool, identity.break_glass_reason);
+    }
 
     const std::string base = server_base(r, policy->snapshot());
     auth::Request request;

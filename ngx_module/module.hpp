@@ -83,7 +83,22 @@ struct RequestCtx {
     void *redactor;
     ngx_chain_t *redact_free;
     ngx_chain_t *redact_busy;
-    ngx_str_t obligations;  // consent obligations: comma-separated label codes
+    // Consent (issue 5; access.cpp). Before the decision: what the caller asserted. After it:
+    // policyd's answer.
+    ngx_str_t asserted_purpose;    // token claim `purpose_of_use`, else X-Purpose-Of-Use
+    ngx_str_t break_glass_reason;  // X-Break-Glass-Reason; never logged
+    ngx_str_t purpose_of_use;      // effective purpose; empty: missing/unknown (fallback rule)
+    // Security label codes whose data must be withheld from the response, comma-separated
+    // ("ETH,PSY,SUD"); empty: nothing to withhold. The redaction filter reads this field.
+    ngx_str_t obligations;
+    ngx_str_t consent_ids;  // comma-separated
+    ngx_str_t decision_id;
+    ngx_str_t consent_token;  // signed consent context: $ehrgate_consent_token
+    bool break_glass;
+    // The decision carried consent obligations (consent evaluated): `obligations` is then the
+    // whole answer, empty meaning nothing to withhold. Otherwise the redaction filter applies
+    // the bundle's default withheld labels.
+    bool obligations_decided;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);

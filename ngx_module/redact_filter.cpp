@@ -290,9 +290,10 @@ ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
         }
         redaction::Request request;
         const policy::Client *client_policy = snapshot->bundle.find_client(view(ctx->client_id));
-        // Consent obligations when the decision carried them, else the bundle's default for the
-        // client's launch context (an unidentified client gets the default: fail closed).
-        if (ctx->obligations.len > 0) {
+        // Consent obligations when consent decided the request (empty: nothing to withhold),
+        // else the bundle's default for the client's launch context (an unidentified client
+        // gets the default: fail closed).
+        if (ctx->obligations_decided) {
             request.withheld = redaction::split_labels(view(ctx->obligations));
         } else if (default_applies(policy, client_policy)) {
             request.withheld = policy.withheld_labels;

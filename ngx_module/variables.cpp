@@ -19,6 +19,13 @@ enum class Field : uintptr_t {
     Patient,
     AuthStatus,
     LimitStatus,
+    // Consent (issue 5)
+    PurposeOfUse,
+    Consent,
+    Obligations,
+    BreakGlass,
+    DecisionId,
+    ConsentToken,
 };
 
 void set_value(ngx_http_variable_value_t *v, const ngx_str_t &value) {
@@ -96,6 +103,28 @@ ngx_int_t get_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             }
             case Field::WorkerPolicyVersion:
                 break;
+            case Field::PurposeOfUse:
+                set_value(v, ctx->purpose_of_use);
+                break;
+            case Field::Consent:
+                set_value(v, ctx->consent_ids);
+                break;
+            case Field::Obligations:
+                set_value(v, ctx->obligations);
+                break;
+            case Field::BreakGlass: {
+                static ngx_str_t yes = ngx_string("1");
+                if (ctx->break_glass) {
+                    set_value(v, yes);
+                }
+                break;
+            }
+            case Field::DecisionId:
+                set_value(v, ctx->decision_id);
+                break;
+            case Field::ConsentToken:
+                set_value(v, ctx->consent_token);
+                break;
         }
     } catch (const std::exception &) {
         return NGX_ERROR;
@@ -119,6 +148,13 @@ VariableSpec g_variables[] = {
     {ngx_string("ehrgate_patient"), Field::Patient},
     {ngx_string("ehrgate_auth_status"), Field::AuthStatus},
     {ngx_string("ehrgate_limit_status"), Field::LimitStatus},
+    // Consent (issue 5)
+    {ngx_string("ehrgate_purpose_of_use"), Field::PurposeOfUse},
+    {ngx_string("ehrgate_consent"), Field::Consent},
+    {ngx_string("ehrgate_obligations"), Field::Obligations},
+    {ngx_string("ehrgate_break_glass"), Field::BreakGlass},
+    {ngx_string("ehrgate_decision_id"), Field::DecisionId},
+    {ngx_string("ehrgate_consent_token"), Field::ConsentToken},
 };
 
 }  // namespace

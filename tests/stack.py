@@ -24,6 +24,8 @@ NGINX = "/usr/sbin/nginx"
 SANDBOX = ROOT / "tests" / "sandbox_ehr" / "sandbox_ehr.py"
 TEMPLATE = ROOT / "conf" / "nginx" / "ehrgate-sandbox.conf.in"
 DEMO_PATIENT = "erXuFYUfucBZaryVksYEcMg3"
+# The purpose of use each demo client's tokens state (conf/policy.yaml, docs/consent.md).
+DEMO_PURPOSES = {"demo-clinician-app": "TREAT", "demo-patient-app": "PATRQT", "demo-batch": "HOPERAT"}
 
 
 def sandbox_policy_version() -> str:
@@ -208,8 +210,15 @@ class Stack:
         return subprocess.run([self.bin("ehrgatectl"), "--socket", str(self.admin_socket), *args],
                               capture_output=True, text=True, check=check, cwd=ROOT)
 
-    def mint(self, client: str = "demo-clinician-app", scope: str = "user/*.read", **claims: str) -> str:
+    def mint(self, client: str = "demo-clinician-app", scope: str = "user/*.read",
+             purpose: str | None = "demo", **claims: str) -> str:
         args = ["token", "mint", "--client", client, "--scope", scope]
+        # Consent (docs/consent.md): tokens of the demo clients state the purpose each is
+        # registered for, as a real authorization server would; purpose=None mints none.
+        if purpose == "demo":
+            purpose = DEMO_PURPOSES.get(client)
+        if purpose:
+            args += ["--purpose", purpose]
         for name, value in claims.items():
             args += [f"--{name}", value]
         return self.ctl(*args, check=True).stdout.strip()
@@ -239,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         return 1
     token_cmd = ("./build/bin/ehrgatectl token mint --client demo-clinician-app "
-                 "--scope 'user/*.read' --user Practitioner/demo-clinician")
+                 "--scope 'user/*.read' --user Practitioner/demo-clinician --purpose TREAT")
     print(f"""
 ehrgate sandbox is up (run state in {stack.run_dir}):
   gateway      {stack.base_url}/fhir/   (nginx + ngx_http_ehrgate_module)

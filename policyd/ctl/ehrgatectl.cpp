@@ -42,6 +42,7 @@ commands:
   policy validate FILE        check a policy bundle without loading it (no daemon needed)
   policy reload               make policyd reload its bundle; workers switch within a second
   token mint --client ID --scope "SCOPES" [--patient ID] [--user REF] [--ttl SECONDS]
+             [--purpose CODE] [--break-glass-reason TEXT]
              [--key PEM] [--issuer URL] [--audience AUD]
                               print a JWT signed by the sandbox issuer's DEVELOPMENT key
   token revoke --jti ID [--until UNIX_TIME] | --client ID
@@ -61,6 +62,16 @@ commands:
   audit purge --older-than-days N [--data-dir DIR]
                               retention: remove old records up to a signed checkpoint, which
                               stays as the anchor the rest verifies from
+  consent grant --patient ID --client ID --purpose CODE [--deny-label LABEL]... [--until TIME]
+                              record a patient's consent for a client and purpose (HL7 v3
+                              PurposeOfUse); prints the new consent id. TIME: 2027-01-31,
+                              2027-01-31T12:00:00Z or unix seconds
+  consent revoke ID           revoke it; every request decided afterwards sees it
+  consent list --patient ID   the patient's consents (JSON)
+  consent show ID             one consent and its change history (JSON)
+  consent import FILE         import FHIR R4 Consent JSON (a Consent, an array, or a Bundle):
+                              all of them or, on any error, none
+  consent jwks                the JWKS that verifies X-Ehrgate-Consent (for downstream hops)
 
 --socket PATH overrides the admin socket; default $EHRGATE_ADMIN_SOCKET, else
 ./run/policyd-admin.sock (where `./build.sh run` puts it, so run from the repo root).
@@ -265,7 +276,7 @@ std::string random_id() {
 
 int token_mint(const std::vector<std::string> &args) {
     std::string client, scope, patient, user, key_path = kDefaultKey, issuer = kDefaultIssuer,
-                                              audience = kDefaultAudience;
+                                              audience = kDefaultAudience, purpose, reason;
     long ttl = 300;
     for (size_t i = 0; i < args.size(); ++i) {
         const std::string &flag = args[i];
@@ -282,6 +293,10 @@ int token_mint(const std::vector<std::string> &args) {
             user = value;
         else if (flag == "--key")
             key_path = value;
+        else if (flag == "--purpose")  // consent (issue 5)
+            purpose = value;
+        else if (flag == "--break-glass-reason")
+            reason = value;
         else if (flag == "--issuer")
             issuer = value;
         else if (flag == "--audience")
@@ -316,10 +331,104 @@ int token_mint(const std::vector<std::string> &args) {
         claims += ",\"patient\":" + json::quote(patient);
     if (!user.empty())
         claims += ",\"fhirUser\":" + json::quote(user);
+    if (!purpose.empty())
+        claims += ",\"purpose_of_use\":" + json::quote(purpose);
+    if (!reason.empty())
+        claims += ",\"break_glass_reason\":" + json::quote(reason);
     claims += "}";
     const std::string signing_input = base64url::encode(header) + "." + base64url::encode(claims);
     std::printf("%s.%s\n", signing_input.c_str(),
                 base64url::encode(sign_es256(key.get(), signing_input)).c_str());
+    return 0;
+}
+
+// ---- consent (issue 5) -------------------------------------------------------------------------
+
+std::string read_file(const std::string &path) {
+    FILE *file = std::fopen(path.c_str(), "rb");
+    if (file == nullptr) {
+        fail(1, "cannot open " + path + ": " + std::strerror(errno));
+    }
+    std::string text;
+    char buffer[65536];
+    size_t n;
+    while ((n = std::fread(buffer, 1, sizeof buffer, file)) > 0) {
+        text.append(buffer, n);
+        if (text.size() > (size_t{3} << 20)) {
+            std::fclose(file);
+            fail(1, path + " is larger than 3 MiB; split it");
+        }
+    }
+    std::fclose(file);
+    return text;
+}
+
+int consent_command(const std::string &socket_path, const std::vector<std::string> &args) {
+    const std::string &sub = args[0];
+    protocol::AdminRequest request;
+    if (sub == "grant") {
+        request.command = "consent-grant";
+        std::string deny_labels;
+        for (size_t i = 1; i < args.size(); i += 2) {
+            const std::string &flag = args[i];
+            if (i + 1 >= args.size()) {
+                fail(2, "consent grant: " + flag + " needs a value");
+            }
+            const std::string &value = args[i + 1];
+            if (flag == "--deny-label") {
+                if (value.find(',') != std::string::npos) {
+                    fail(2, "consent grant: one label per --deny-label");
+                }
+                deny_labels += (deny_labels.empty() ? "" : ",") + value;
+            } else if (flag == "--patient" || flag == "--client" || flag == "--purpose" ||
+                       flag == "--until") {
+                if (!request.arg(flag.substr(2)).empty()) {
+                    fail(2, "consent grant: " + flag + " given twice");
+                }
+                request.args.emplace_back(flag.substr(2), value);
+            } else {
+                fail(2, "consent grant: unknown option \"" + flag + "\"");
+            }
+        }
+        for (const char *required : {"patient", "client", "purpose"}) {
+            if (request.arg(required).empty()) {
+                fail(2, std::string("consent grant: --") + required + " is required");
+            }
+        }
+        if (!deny_labels.empty()) {
+            request.args.emplace_back("deny_labels", deny_labels);
+        }
+        const protocol::AdminReply reply = AdminClient(socket_path).call(request);
+        if (!reply.ok) {
+            fail(1, reply.message);
+        }
+        std::printf("%s\n", reply.message.c_str());  // the new consent id, alone, for scripts
+        return 0;
+    }
+    if (sub == "revoke" && args.size() == 2) {
+        request = {"consent-revoke", {{"id", args[1]}}};
+    } else if (sub == "show" && args.size() == 2) {
+        request = {"consent-show", {{"id", args[1]}}};
+    } else if (sub == "list" && args.size() == 3 && args[1] == "--patient") {
+        request = {"consent-list", {{"patient", args[2]}}};
+    } else if (sub == "jwks" && args.size() == 1) {
+        request = {"consent-jwks", {}};
+    } else if (sub == "import" && args.size() == 2) {
+        request = {"consent-import", {{"json", read_file(args[1])}}};
+    } else {
+        fail(2,
+             "usage: ehrgatectl consent grant|revoke ID|list --patient ID|show ID|import FILE|jwks "
+             "(see ehrgatectl --help)");
+    }
+    const protocol::AdminReply reply = AdminClient(socket_path).call(request);
+    if (!reply.ok) {
+        fail(1, reply.message);
+    }
+    if (sub == "show" || sub == "list" || sub == "jwks") {
+        std::printf("%s\n", reply.json.c_str());
+    } else {
+        std::printf("%s\n", reply.message.c_str());
+    }
     return 0;
 }
 
@@ -372,6 +481,9 @@ int main(int argc, char **argv) {
             fail(2, "token revoke: give exactly one of --jti or --client");
         }
         return print_reply(AdminClient(socket_path).call(request));
+    }
+    if (command == "consent" && args.size() >= 2) {  // consent (issue 5)
+        return consent_command(socket_path, std::vector<std::string>(args.begin() + 1, args.end()));
     }
     if (command == "token" && args.size() >= 2 && args[1] == "mint") {
         return token_mint(std::vector<std::string>(args.begin() + 2, args.end()));

@@ -1,5 +1,12 @@
 #include "dispatcher.hpp"
 
+#include <openssl/rand.h>
+
+#include <cstddef>
+#include <ctime>
+
+#include "log.hpp"
+
 namespace ehrgate::policyd {
 
 using protocol::MessageType;
@@ -11,9 +18,110 @@ void append_error_frame(std::string &out, uint32_t request_id, std::string_view 
         protocol::encode(protocol::ErrorBody{std::string(code), std::string(message)}));
 }
 
+void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideRequest &request,
+                   const ConsentStore *consents, int64_t now, DataCounters &counters,
+                   protocol::DecideReply &reply, const ConsentSigner *signer) {
+    const consent::ConsentPolicy &policy = snapshot.bundle.consent;
+    // Requests the policy refused, unidentified callers (the public capability statement) and
+    // capabilities carry no patient data: nothing to decide.
+    if (!policy.enabled || reply.decision != protocol::Decision::Permit ||
+        request.client_id.empty() || reply.interaction == "capabilities") {
+        return;
+    }
+    static constexpr char kHex[] = "0123456789abcdef";
+    // A random prefix per process keeps ids unique across restarts; the sequence within it.
+    static const std::string prefix = [] {
+        unsigned char bytes[4] = {};
+        RAND_bytes(bytes, sizeof bytes);
+        std::string out = "d-";
+        for (const unsigned char b : bytes) {
+            out += kHex[b >> 4];
+            out += kHex[b & 0xf];
+        }
+        return out + "-";
+    }();
+    uint64_t seq = ++counters.decision_seq;
+    reply.decision_id = prefix;
+    for (int i = 0; i < 12; ++i, seq >>= 4) {
+        reply.decision_id.insert(
+            reply.decision_id.begin() + static_cast<std::ptrdiff_t>(prefix.size()),
+            kHex[seq & 0xf]);
+    }
+    const auto refuse = [&](std::string_view reason, std::string_view message) {
+        reply.decision = protocol::Decision::Deny;
+        reply.http_status = 403;
+        reply.reason = reason;
+        reply.message = message;
+        ++counters.consent_denies;
+    };
+    if (consents == nullptr) {
+        refuse("consent-unavailable", "Consent cannot be checked; no decision was made");
+        return;
+    }
+    const policy::Client *client = snapshot.bundle.find_client(request.client_id);
+    const policy::Route *route = snapshot.bundle.match_route(request.path);
+    consent::Request input;
+    input.client_id = request.client_id;
+    input.user = request.user;
+    // The token's patient when it has one (the worker keeps the request in its compartment);
+    // else the one patient the request names, if any.
+    std::string named;
+    if (request.patient.empty() && route != nullptr && request.path.starts_with(route->prefix)) {
+        named = consent::named_patient(request.method, request.path.substr(route->prefix.size()),
+                                       request.query);
+    }
+    input.patient = request.patient.empty() ? std::string_view(named) : request.patient;
+    input.resource_type = reply.resource_type;
+    input.interaction = reply.interaction;
+    input.purpose = request.purpose_of_use;
+    input.tenant = route != nullptr ? std::string_view(route->tenant) : std::string_view();
+    input.break_glass_reason = request.break_glass_reason;
+    if (client != nullptr) {
+        input.client_purposes = client->purposes;
+    }
+    input.now = now;
+    consent::Decision decision =
+        consent::decide(policy, input, consents->for_patient(input.patient));
+    reply.purpose_of_use = decision.purpose;
+    reply.consent_ids = std::move(decision.consent_ids);
+    if (!decision.permit) {
+        refuse(decision.reason, decision.message);
+        return;
+    }
+    reply.obligations = std::move(decision.obligations);
+    reply.break_glass = decision.break_glass;
+    if (signer != nullptr) {
+        ConsentContext context;
+        context.purpose_of_use = reply.purpose_of_use;
+        context.decision = "permit";
+        context.obligations = reply.obligations;
+        context.consent_ids = reply.consent_ids;
+        context.correlation_id = request.correlation_id;
+        context.decision_id = reply.decision_id;
+        context.client_id = request.client_id;
+        context.break_glass = reply.break_glass;
+        context.issued_at = now;
+        context.expires_at = now + ConsentSigner::kLifetimeSeconds;
+        reply.consent_token = signer->sign(context);
+        if (reply.consent_token.empty()) {
+            refuse("consent-unavailable", "The consent context could not be signed");
+            reply.http_status = 503;
+            return;
+        }
+    }
+    if (decision.break_glass) {
+        ++counters.break_glass;
+        // No PHI: the correlation id and decision id lead to the audit record.
+        log::warn("break-glass access by client " + request.client_id + " for purpose " +
+                  decision.purpose + " (decision " + reply.decision_id + ", correlation " +
+                  request.correlation_id + ")");
+    }
+}
+
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
                                  DataPeer &peer, DataCounters &counters, std::string &out,
-                                 const Revocations *revocations) {
+                                 const Revocations *revocations, const ConsentStore *consents,
+                                 const ConsentSigner *signer) {
     const uint32_t id = frame.header.request_id;
     switch (frame.header.type) {
         case MessageType::DecideRequest: {
@@ -24,7 +132,9 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
                 append_error_frame(out, id, "bad-request", "undecodable decide request");
                 return DispatchResult::Ok;  // framing is intact; only this message was bad
             }
-            const protocol::DecideReply reply = policy::evaluate(state.snapshot(), *request);
+            protocol::DecideReply reply = policy::evaluate(state.snapshot(), *request);
+            apply_consent(state.snapshot(), *request, consents,
+                          static_cast<int64_t>(std::time(nullptr)), counters, reply, signer);
             ++peer.decisions;
             ++(reply.decision == protocol::Decision::Permit ? counters.permits : counters.denies);
             protocol::encode_frame(out, MessageType::DecideReply, id, protocol::encode(reply));

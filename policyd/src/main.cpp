@@ -12,6 +12,8 @@
 #include <string_view>
 
 #include "audit_log.hpp"
+#include "consent_signer.hpp"
+#include "consent_store.hpp"
 #include "log.hpp"
 #include "policy_state.hpp"
 #include "revocations.hpp"
@@ -232,6 +234,21 @@ int main(int argc, char **argv) {
         syslog = std::make_unique<SyslogForwarder>(*audit_store, syslog_options);
         syslog->start();
     }
+    // Consent (issue 5): a record that cannot be read stops the start, as revocations do.
+    ConsentStore consents(*store);
+    if (consents.load(&store_error) != StoreStatus::Ok) {
+        log::error(std::string("cannot read consents: ") + store_status_name(store_error.status) +
+                   " (" + store_error.detail + ")");
+        return 1;
+    }
+
+    std::string signer_error;
+    const std::unique_ptr<ConsentSigner> signer =
+        ConsentSigner::load_or_create(options.data_dir, &signer_error);
+    if (!signer) {
+        log::error("consent signing key: " + signer_error);
+        return 1;
+    }
 
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -242,6 +259,8 @@ int main(int argc, char **argv) {
         Server server(&loop, options.server, policy, revocations);
         server.set_audit(&audit);
         server.set_syslog(syslog.get());
+        server.set_consent_store(&consents);
+        server.set_consent_signer(signer.get());
         if (server.start()) {
             // READY goes to stdout so supervisors and tests can wait for it.
             std::printf("POLICYD READY socket=%s admin=%s\n", options.server.data_socket.c_str(),

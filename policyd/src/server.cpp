@@ -1,6 +1,7 @@
 #include "server.hpp"
 
 #include <grp.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -106,7 +107,8 @@ void Connection::process_frames() {
             continue;
         }
         if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
-                              &server_.revocations_) == DispatchResult::CloseConnection) {
+                              &server_.revocations_, server_.consents_,
+                              server_.signer_) == DispatchResult::CloseConnection) {
             write(std::move(out));
             shutdown();
             return;
@@ -509,7 +511,13 @@ std::string Server::status_json() const {
     out += "],\"decisions\":{\"permit\":" + std::to_string(counters_.permits) +
            ",\"deny\":" + std::to_string(counters_.denies) +
            "},\"rejected_frames\":" + std::to_string(counters_.rejected_frames) +
-           ",\"uptime_ms\":" + std::to_string(uv_now(loop_) - started_at_ms_);
+           ",\"uptime_ms\":" + std::to_string(uv_now(loop_) - started_at_ms_) +
+           // Consent (issue 5): break_glass counts alerts.
+           ",\"consent\":{\"records\":" + std::to_string(consents_ ? consents_->size() : 0) +
+           ",\"epoch\":" + std::to_string(consents_ ? consents_->epoch() : 0) +
+           ",\"changes\":" + std::to_string(consent_changes_) +
+           ",\"denies\":" + std::to_string(counters_.consent_denies) +
+           ",\"break_glass\":" + std::to_string(counters_.break_glass) + "}";
     // audit (issue 7): storage problems are visible here, not only in the log.
     out += ",\"audit\":" + (audit_ != nullptr ? audit_->status_json() : std::string("null"));
     out +=
@@ -517,6 +525,32 @@ std::string Server::status_json() const {
     out += "}";
     return out;
 }
+
+namespace {
+
+// Who is on the other end of an admin connection, from the kernel (SO_PEERCRED), for the
+// consent history: "uid:1000(alice)".
+std::string peer_actor(Connection &connection) {
+    uv_os_fd_t fd;
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(connection.pipe()), &fd) != 0) {
+        return "unknown";
+    }
+    struct ucred cred {};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+        return "unknown";
+    }
+    std::string actor = "uid:" + std::to_string(cred.uid);
+    char buf[1024];
+    struct passwd pw {};
+    struct passwd *found = nullptr;
+    if (::getpwuid_r(cred.uid, &pw, buf, sizeof buf, &found) == 0 && found != nullptr) {
+        actor += "(" + std::string(found->pw_name) + ")";
+    }
+    return actor;
+}
+
+}  // namespace
 
 void Server::handle_admin_frame(Connection &connection, const protocol::FrameView &frame,
                                 std::string &out) {
@@ -571,10 +605,13 @@ void Server::handle_admin_frame(Connection &connection, const protocol::FrameVie
         reply.json += "]}";
     } else if (request->command == "token-revoke") {
         revoke_token(*request, reply);
+    } else if (handle_consent_admin(*request, peer_actor(connection), reply)) {
+        // consent-* (issue 5)
     } else {
         reply.ok = false;
         reply.message = "unknown admin command \"" + request->command +
-                        "\"; known: ping, status, policy-reload, token-revoke";
+                        "\"; known: ping, status, policy-reload, token-revoke, consent-grant, "
+                        "consent-revoke, consent-list, consent-show, consent-import";
         reply.json = "{}";
     }
     protocol::encode_frame(out, MessageType::AdminReply, id, protocol::encode(reply));

@@ -89,6 +89,11 @@ class Server {
     // SIGHUP and `ehrgatectl policy reload`.
     ReloadOutcome reload_policy();
 
+    // Consent (issue 5): the store decisions and admin commands use; null: consent commands
+    // fail and bundles with a consent section refuse patient requests.
+    void set_consent_store(ConsentStore *consents) { consents_ = consents; }
+    void set_consent_signer(const ConsentSigner *signer) { signer_ = signer; }
+
     uv_loop_t *loop() { return loop_; }
     const ServerOptions &options() const { return options_; }
     // audit (issue 7): where AuditAppend frames and policyd's own events go. Without it, appends
@@ -118,6 +123,12 @@ class Server {
     void handle_audit_append(Connection &connection, const protocol::FrameView &frame,
                              std::string &out);
     Connection *find_connection(uint64_t id);
+    // Consent admin commands (consent_admin.cpp). `actor` names the admin socket peer.
+    bool handle_consent_admin(const protocol::AdminRequest &request, const std::string &actor,
+                              protocol::AdminReply &reply);
+    // Every durable consent change passes here once: log, counters, and a consent-change
+    // record in the audit log.
+    void on_consent_change(const ConsentChange &change);
 
     uv_loop_t *loop_;
     ServerOptions options_;
@@ -139,6 +150,9 @@ class Server {
     uint64_t started_at_ms_ = 0;
     AuditLog *audit_ = nullptr;  // audit (issue 7)
     const SyslogForwarder *syslog_ = nullptr;
+    ConsentStore *consents_ = nullptr;  // consent (issue 5)
+    const ConsentSigner *signer_ = nullptr;
+    uint64_t consent_changes_ = 0;
 };
 
 }  // namespace ehrgate::policyd

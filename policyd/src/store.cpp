@@ -162,6 +162,42 @@ StoreStatus Store::put(std::string_view database_name, std::string_view key, std
     return StoreStatus::Ok;
 }
 
+StoreStatus Store::put_all(const std::vector<Put> &puts, StoreError *error) {
+    MDB_txn *txn = nullptr;
+    int rc = mdb_txn_begin(env_, nullptr, 0, &txn);
+    if (rc != MDB_SUCCESS) {
+        return translate_error(rc, error);
+    }
+    std::vector<std::pair<std::string, MDB_dbi>> opened;
+    for (const Put &put : puts) {
+        MDB_dbi dbi;
+        const bool known = dbis_.count(put.database) != 0;
+        StoreStatus status = database(txn, put.database, true, &dbi, error);
+        if (status != StoreStatus::Ok) {
+            mdb_txn_abort(txn);
+            return status;
+        }
+        if (!known) {
+            opened.emplace_back(std::string(put.database), dbi);
+        }
+        MDB_val k = as_val(put.key);
+        MDB_val v = as_val(put.value);
+        rc = mdb_put(txn, dbi, &k, &v, 0);
+        if (rc != MDB_SUCCESS) {
+            mdb_txn_abort(txn);
+            return translate_error(rc, error);
+        }
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc != MDB_SUCCESS) {
+        return translate_error(rc, error);
+    }
+    for (auto &[name, dbi] : opened) {
+        dbis_.emplace(std::move(name), dbi);
+    }
+    return StoreStatus::Ok;
+}
+
 std::optional<std::string> Store::get(std::string_view database_name, std::string_view key,
                                       StoreError *error) {
     MDB_txn *txn = nullptr;

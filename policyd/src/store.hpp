@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace ehrgate::policyd {
 
@@ -52,6 +53,13 @@ class Store {
     std::optional<std::string> get(std::string_view database, std::string_view key,
                                    StoreError *error = nullptr);
     StoreStatus erase(std::string_view database, std::string_view key, StoreError *error = nullptr);
+    // Several puts in one transaction: all of them are durable, or none (consent, issue 5).
+    struct Put {
+        std::string_view database;
+        std::string_view key;
+        std::string_view value;
+    };
+    StoreStatus put_all(const std::vector<Put> &puts, StoreError *error = nullptr);
     // Calls visit(key, value) for every entry in key order, in one read transaction. The views
     // are valid only during the call. A database never written to is empty, not an error.
     template <typename Visit>

@@ -94,7 +94,9 @@ std::optional<std::string> unverified_issuer(std::string_view token) {
 std::string encode_identity(const Identity &identity) {
     std::string out;
     msgpack::Writer w(out);
-    w.map(12);
+    // Consent (issue 5): the break-glass reason only when present, so other payloads keep
+    // their bytes.
+    w.map(identity.break_glass_reason.empty() ? 12 : 13);
     put(w, "client_id", identity.client_id);
     put(w, "issuer_id", identity.issuer_id);
     put(w, "sub", identity.subject);
@@ -114,6 +116,9 @@ std::string encode_identity(const Identity &identity) {
     w.sint(identity.issued_at);
     w.key("has_iat");
     w.boolean(identity.has_iat);
+    if (!identity.break_glass_reason.empty()) {
+        put(w, "break_glass_reason", identity.break_glass_reason);
+    }
     return out;
 }
 
@@ -152,6 +157,8 @@ std::optional<Identity> decode_identity(std::string_view bytes) {
             identity.issued_at = r.read_int().value_or(0);
         else if (*key == "has_iat")
             identity.has_iat = r.read_bool().value_or(false);
+        else if (*key == "break_glass_reason")
+            str(identity.break_glass_reason);
         else if (*key == "purpose_of_use") {
             const std::optional<uint32_t> n = r.read_array();
             for (uint32_t k = 0; n && k < *n && k < 64 && r.ok(); ++k) {
@@ -328,6 +335,7 @@ TokenResult authenticate_token(const AuthPolicy &policy, std::string_view token,
     identity.scope = scopes->intersect_ceiling(client->ceiling).to_string();
     identity.cnf_x5t_s256 = claims.cnf_x5t_s256;
     identity.purpose_of_use = claims.purpose_of_use;
+    identity.break_glass_reason = claims.break_glass_reason;
     // Usable until exp plus the issuer's leeway: the same tolerance verify_jwt applied, kept for
     // the cache and the per-request re-check.
     identity.expires_at = claims.exp.value_or(now) + chosen->issuer->leeway_seconds;

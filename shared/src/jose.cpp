@@ -811,6 +811,8 @@ TokenError read_claims(const json::Value &payload, Claims *claims) {
             ok = read_string(value, &claims->fhir_user);
         } else if (name == "purpose_of_use"sv) {
             ok = read_string_or_list(value, &claims->purpose_of_use);
+        } else if (name == "break_glass_reason"sv) {  // consent (issue 5)
+            ok = read_string(value, &claims->break_glass_reason);
         } else if (name == "cnf"sv) {
             ok = read_confirmation(value, &claims->cnf_x5t_s256);
         }

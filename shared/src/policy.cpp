@@ -117,7 +117,8 @@ bool throttling_set(const Throttling &throttling) {
 void encode_bundle(Writer &w, const Bundle &bundle) {
     const bool throttling = throttling_set(bundle.throttling);
     w.map(6 + (bundle.rate_plans.empty() ? 0 : 1) + (bundle.upstreams.empty() ? 0 : 1) +
-          (throttling ? 1 : 0) + (bundle.redaction.present ? 1 : 0));
+          (throttling ? 1 : 0) + (bundle.redaction.present ? 1 : 0) +
+          (bundle.consent.enabled ? 1 : 0));
     put_str(w, "schema", bundle.schema);
     put_str(w, "version", bundle.version);
     put_str(w, "description", bundle.description);
@@ -234,6 +235,11 @@ void encode_bundle(Writer &w, const Bundle &bundle) {
             put_str(w, "path", mask.path);
             put_str(w, "identifier_system", mask.identifier_system);
         }
+    }
+    // Consent (issue 5): written only when the bundle has the section, as throttling is.
+    if (bundle.consent.enabled) {
+        w.key("consent");
+        consent::encode_policy(w, bundle.consent);
     }
 }
 
@@ -582,9 +588,9 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 }
 
 bool read_bundle(Reader &r, Bundle &bundle) {
-    static constexpr std::array<std::string_view, 10> kKeys = {
+    static constexpr std::array<std::string_view, 11> kKeys = {
         "schema",  "version",    "description", "clients",    "routes",
-        "issuers", "rate_plans", "upstreams",   "throttling", "redaction"};
+        "issuers", "rate_plans", "upstreams",   "throttling", "redaction", "consent"};
     return read_fields(r, kKeys, 0b000011011, [&](size_t field) {
         switch (field) {
             case 0:
@@ -605,8 +611,10 @@ bool read_bundle(Reader &r, Bundle &bundle) {
                 return read_object_list(r, bundle.upstreams, kMaxUpstreams, read_upstream);
             case 8:
                 return read_throttling(r, bundle.throttling);
-            default:
+            case 9:
                 return read_redaction(r, bundle.redaction);
+            default:  // consent (issue 5)
+                return consent::decode_policy(r, bundle.consent);
         }
     });
 }
@@ -881,6 +889,7 @@ void Bundle::canonicalize() {
     std::sort(redaction.withheld_labels.begin(), redaction.withheld_labels.end());
     std::sort(redaction.allowed_content_types.begin(), redaction.allowed_content_types.end());
     std::sort(redaction.withheld_contexts.begin(), redaction.withheld_contexts.end());
+    consent::canonicalize(consent);  // consent (issue 5)
 }
 
 std::string encode_snapshot(const Snapshot &snapshot) {

@@ -20,6 +20,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "ehrgate/consent.hpp"
 #include "ehrgate/fhir_request.hpp"
 #include "ehrgate/jose.hpp"
 #include "ehrgate/policy.hpp"
@@ -558,7 +559,7 @@ class Validator {
 
 // ---- Schema v1 -------------------------------------------------------------------------------
 
-constexpr std::array<FieldSpec, 10> kBundleFields = {{
+constexpr std::array<FieldSpec, 11> kBundleFields = {{
     {"schema", true},
     {"version", true},
     {"description", false},
@@ -569,6 +570,7 @@ constexpr std::array<FieldSpec, 10> kBundleFields = {{
     {"upstreams", false},
     {"throttling", false},  // required exactly when rate_plans lists a plan
     {"redaction", false},   // redaction
+    {"consent", false},     // consent (issue 5)
 }};
 
 // redaction
@@ -594,6 +596,32 @@ constexpr std::array<FieldSpec, 3> kMaskFields = {{
     {"path", true},
     {"identifier_system", false},
 }};
+
+// ---- Consent (issue 5) ----
+constexpr std::array<FieldSpec, 5> kConsentFields = {{
+    {"sensitive_labels", false},
+    {"explicit_consent_labels", false},
+    {"purposes", false},
+    {"fallback", false},
+    {"break_glass", false},
+}};
+constexpr std::array<FieldSpec, 4> kConsentDefaultFields = {{
+    {"purpose", true},
+    {"clients", false},
+    {"access", true},
+    {"withhold", false},
+}};
+constexpr std::array<FieldSpec, 2> kConsentFallbackFields = {{
+    {"access", true},
+    {"withhold", false},
+}};
+constexpr std::array<FieldSpec, 4> kBreakGlassFields = {{
+    {"purposes", true},
+    {"clients", true},
+    {"users", false},
+    {"withhold", false},
+}};
+constexpr size_t kMaxConsentEntries = 256;
 
 constexpr std::array<FieldSpec, 6> kIssuerFields = {{
     {"id", true},
@@ -702,12 +730,15 @@ class BundleParser {
                     return upstreams(value);
                 case 8:
                     return throttling(value);
-                default:
+                case 9:
                     return redaction(value);
+                default:
+                    return consent(value);
             }
         });
         check_references();
         check_throttling(top);
+        check_consent();
     }
 
     Validator &validator() { return v_; }
@@ -1810,6 +1841,216 @@ class BundleParser {
         }
     }
 
+    // ---- Consent (issue 5) ----
+
+    void labels(const Value &list, std::vector<std::string> &out) {
+        v_.string_set(list, kMaxConsentEntries, true, false, "label", out,
+                      [&](const Value &entry, const std::string &code) {
+                          if (consent::is_label_code(code)) {
+                              return true;
+                          }
+                          v_.report(entry, "invalid security label code " + quote(code) +
+                                               ": 1-32 characters from A-Z a-z 0-9 - _, e.g. PSY");
+                          return false;
+                      });
+    }
+
+    bool purpose_code(const Value &entry, const std::string &code) {
+        if (consent::is_purpose_of_use(code)) {
+            return true;
+        }
+        const std::optional<std::string_view> hint = closest(code, kPurposeOfUse);
+        v_.report(entry, "unknown PurposeOfUse code " + quote(code) +
+                             (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                   : "; expected a code of the HL7 v3 PurposeOfUse value set"));
+        return false;
+    }
+
+    void access(const Value &value, consent::DefaultAccess &out) {
+        const std::optional<std::string> text = v_.string(value);
+        if (!text) {
+            return;
+        }
+        if (*text == "permit") {
+            out = consent::DefaultAccess::Permit;
+        } else if (*text == "consent-required") {
+            out = consent::DefaultAccess::ConsentRequired;
+        } else {
+            v_.report(value,
+                      "unknown access " + quote(*text) + "; expected permit or consent-required");
+        }
+    }
+
+    void consent_clients(const Value &list, std::vector<std::string> &out, bool allow_empty) {
+        v_.string_set(list, kMaxConsentEntries, allow_empty, false, "client", out,
+                      [&](const Value &entry, const std::string &id) {
+                          consent_client_refs_.push_back({entry, id});
+                          return true;
+                      });
+    }
+
+    void consent(const Value &map) {
+        consent::ConsentPolicy &policy = bundle_.consent;
+        policy.enabled = true;
+        bool fallback_given = false;
+        v_.walk_map(map, kConsentFields, [&](size_t field, const Value &value) {
+            switch (field) {
+                case 0:
+                    sensitive_at_ = value;
+                    return labels(value, policy.sensitive_labels);
+                case 1:
+                    explicit_at_ = value;
+                    return labels(value, policy.explicit_consent_labels);
+                case 2:
+                    v_.walk_list(value, kMaxConsentEntries, [&](const Value &entry) {
+                        consent::PurposeDefault &d = policy.purposes.emplace_back();
+                        // Not a Value copy assigned later: assigning a YAML::Node writes
+                        // through to the node it refers to.
+                        std::optional<Value> purpose_at;
+                        v_.walk_map(entry, kConsentDefaultFields, [&](size_t f, const Value &v) {
+                            switch (f) {
+                                case 0:
+                                    if (std::optional<std::string> code = v_.string(v)) {
+                                        purpose_at.emplace(v);
+                                        if (purpose_code(v, *code)) {
+                                            if (*code == "ETREAT" || *code == "BTG") {
+                                                v_.report(v, *code +
+                                                                 " is emergency access: configure "
+                                                                 "it under consent.break_glass");
+                                            }
+                                            d.purpose = *code;
+                                        }
+                                    }
+                                    return;
+                                case 1:
+                                    return consent_clients(v, d.clients, false);
+                                case 2:
+                                    return access(v, d.access);
+                                default:
+                                    return labels(v, d.withhold);
+                            }
+                        });
+                        default_positions_.push_back(purpose_at ? *purpose_at : entry);
+                    });
+                    return;
+                case 3:
+                    fallback_given = true;
+                    fallback_at_ = value;
+                    v_.walk_map(value, kConsentFallbackFields, [&](size_t f, const Value &v) {
+                        if (f == 0) {
+                            access(v, policy.fallback.access);
+                            if (policy.fallback.access != consent::DefaultAccess::ConsentRequired) {
+                                v_.report(v,
+                                          "the fallback for a missing or unknown purpose is "
+                                          "the lowest privilege: it must be consent-required");
+                            }
+                        } else {
+                            labels(v, policy.fallback.withhold);
+                        }
+                    });
+                    return;
+                default:
+                    v_.walk_map(value, kBreakGlassFields, [&](size_t f, const Value &v) {
+                        consent::BreakGlass &bg = policy.break_glass;
+                        switch (f) {
+                            case 0:
+                                return v_.string_set(
+                                    v, 2, false, false, "purpose", bg.purposes,
+                                    [&](const Value &entry, const std::string &code) {
+                                        if (code == "ETREAT" || code == "BTG") {
+                                            return true;
+                                        }
+                                        v_.report(entry, "break-glass purpose " + quote(code) +
+                                                             " must be ETREAT or BTG");
+                                        return false;
+                                    });
+                            case 1:
+                                return consent_clients(v, bg.clients, false);
+                            case 2:
+                                return v_.string_set(
+                                    v, kMaxConsentEntries, true, false, "user", bg.users,
+                                    [&](const Value &entry, const std::string &user) {
+                                        if (!user.empty() && user.size() <= 256) {
+                                            return true;
+                                        }
+                                        v_.report(entry,
+                                                  "a user is a fhirUser or sub value of "
+                                                  "1-256 characters");
+                                        return false;
+                                    });
+                            default:
+                                return labels(v, bg.withhold);
+                        }
+                    });
+                    return;
+            }
+        });
+        if (!fallback_given) {
+            policy.fallback.withhold = policy.sensitive_labels;
+        }
+    }
+
+    void check_consent() {
+        const consent::ConsentPolicy &policy = bundle_.consent;
+        if (!policy.enabled) {
+            return;
+        }
+        for (const Reference &ref : consent_client_refs_) {
+            // Linear: the clients are not in canonical order yet, so find_client cannot be used.
+            if (std::none_of(bundle_.clients.begin(), bundle_.clients.end(),
+                             [&](const Client &c) { return c.id == ref.name; })) {
+                std::vector<std::string_view> ids;
+                for (const Client &c : bundle_.clients) {
+                    ids.push_back(c.id);
+                }
+                const std::optional<std::string_view> hint = closest(ref.name, ids);
+                v_.report(ref.at, "unknown client " + quote(ref.name) +
+                                      (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                            : "; it must be registered under clients"));
+            }
+        }
+        const auto has = [](const std::vector<std::string> &v, std::string_view x) {
+            return std::find(v.begin(), v.end(), x) != v.end();
+        };
+        if (explicit_at_) {
+            for (const std::string &label : policy.explicit_consent_labels) {
+                if (!has(policy.sensitive_labels, label)) {
+                    v_.report(*explicit_at_, "explicit-consent label " + quote(label) +
+                                                 " must also be listed in sensitive_labels");
+                }
+            }
+        }
+        if (fallback_at_) {
+            for (const std::string &label : policy.sensitive_labels) {
+                if (!has(policy.fallback.withhold, label)) {
+                    v_.report(*fallback_at_,
+                              "the fallback must withhold every sensitive label; "
+                              "missing " +
+                                  quote(label));
+                }
+            }
+        }
+        for (size_t i = 0; i < policy.purposes.size(); ++i) {
+            const consent::PurposeDefault &d = policy.purposes[i];
+            for (size_t j = 0; j < i; ++j) {
+                const consent::PurposeDefault &o = policy.purposes[j];
+                if (d.purpose.empty() || o.purpose != d.purpose) {
+                    continue;
+                }
+                const bool overlap =
+                    d.clients.empty() || o.clients.empty() ||
+                    std::find_first_of(d.clients.begin(), d.clients.end(), o.clients.begin(),
+                                       o.clients.end()) != d.clients.end();
+                if (overlap) {
+                    v_.report(default_positions_[i],
+                              "a second default for purpose " + quote(d.purpose) +
+                                  " applying to the same client; first at line " +
+                                  std::to_string(default_positions_[j].at.line));
+                }
+            }
+        }
+    }
+
     // ---- Cross-references ----
 
     void check_references() {
@@ -1853,6 +2094,12 @@ class BundleParser {
     std::optional<Value> rate_plans_at_;
     std::optional<Value> upstreams_at_;
     std::optional<Value> throttling_at_;
+    // Consent (issue 5)
+    std::vector<Reference> consent_client_refs_;
+    std::vector<Value> default_positions_;
+    std::optional<Value> sensitive_at_;
+    std::optional<Value> explicit_at_;
+    std::optional<Value> fallback_at_;
     std::set<std::string, std::less<>> client_tenants_;
     // Certificate fingerprint -> (client index, line) of its first pinning.
     std::unordered_map<std::string, std::pair<size_t, int>> certificate_owners_;

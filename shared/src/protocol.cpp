@@ -51,6 +51,34 @@ void put(Writer &w, std::string_view key, std::string_view value) {
     w.str(value);
 }
 
+// Consent (issue 5): lists of short strings (label codes, consent ids), bounded on decode.
+constexpr uint32_t kMaxStrings = 1024;
+
+void put_strings(Writer &w, std::string_view key, const std::vector<std::string> &values) {
+    w.key(key);
+    w.array(static_cast<uint32_t>(values.size()));
+    for (const std::string &value : values) {
+        w.str(value);
+    }
+}
+
+bool read_strings(Reader &r, std::vector<std::string> &out) {
+    const std::optional<uint32_t> n = r.read_array();
+    if (!n || *n > kMaxStrings) {
+        r.fail();
+        return true;
+    }
+    for (uint32_t i = 0; i < *n && r.ok(); ++i) {
+        const std::optional<std::string_view> v = r.read_str();
+        if (!v) {
+            r.fail();
+            return true;
+        }
+        out.emplace_back(*v);
+    }
+    return true;
+}
+
 }  // namespace
 
 const char *message_type_name(MessageType type) {
@@ -205,13 +233,30 @@ std::string empty_body() {
 std::string encode(const DecideRequest &msg) {
     std::string out;
     Writer w(out);
-    w.map(6);
+    // Consent fields (issue 5) only when set: requests without them keep their encoding.
+    const std::pair<std::string_view, const std::string *> consent_fields[] = {
+        {"user", &msg.user},
+        {"patient", &msg.patient},
+        {"purpose_of_use", &msg.purpose_of_use},
+        {"tenant", &msg.tenant},
+        {"break_glass_reason", &msg.break_glass_reason},
+    };
+    uint32_t extra = 0;
+    for (const auto &[key, value] : consent_fields) {
+        extra += value->empty() ? 0 : 1;
+    }
+    w.map(6 + extra);
     put(w, "correlation_id", msg.correlation_id);
     put(w, "method", msg.method);
     put(w, "path", msg.path);
     put(w, "query", msg.query);
     put(w, "client_id", msg.client_id);
     put(w, "host", msg.host);
+    for (const auto &[key, value] : consent_fields) {
+        if (!value->empty()) {
+            put(w, key, *value);
+        }
+    }
     return out;
 }
 
@@ -230,6 +275,16 @@ std::optional<DecideRequest> decode_decide_request(std::string_view body) {
             return read_into(r, msg.client_id);
         if (key == "host")
             return read_into(r, msg.host);
+        if (key == "user")
+            return read_into(r, msg.user);
+        if (key == "patient")
+            return read_into(r, msg.patient);
+        if (key == "purpose_of_use")
+            return read_into(r, msg.purpose_of_use);
+        if (key == "tenant")
+            return read_into(r, msg.tenant);
+        if (key == "break_glass_reason")
+            return read_into(r, msg.break_glass_reason);
         return false;
     });
     if (!ok || msg.method.empty()) {
@@ -241,7 +296,12 @@ std::optional<DecideRequest> decode_decide_request(std::string_view body) {
 std::string encode(const DecideReply &msg) {
     std::string out;
     Writer w(out);
-    w.map(9);
+    // Consent fields (issue 5) only when set: replies without them keep their encoding.
+    const bool has_obligations = !msg.obligations.empty();
+    const bool has_consent_ids = !msg.consent_ids.empty();
+    w.map(9 + (has_obligations ? 1 : 0) + (has_consent_ids ? 1 : 0) +
+          (msg.decision_id.empty() ? 0 : 1) + (msg.purpose_of_use.empty() ? 0 : 1) +
+          (msg.break_glass ? 1 : 0) + (msg.consent_token.empty() ? 0 : 1));
     w.key("decision");
     w.uint(static_cast<uint8_t>(msg.decision));
     w.key("http_status");
@@ -254,6 +314,25 @@ std::string encode(const DecideReply &msg) {
     put(w, "route", msg.route);
     put(w, "resource_type", msg.resource_type);
     put(w, "interaction", msg.interaction);
+    if (has_obligations) {
+        put_strings(w, "obligations", msg.obligations);
+    }
+    if (has_consent_ids) {
+        put_strings(w, "consent_ids", msg.consent_ids);
+    }
+    if (!msg.decision_id.empty()) {
+        put(w, "decision_id", msg.decision_id);
+    }
+    if (!msg.purpose_of_use.empty()) {
+        put(w, "purpose_of_use", msg.purpose_of_use);
+    }
+    if (msg.break_glass) {
+        w.key("break_glass");
+        w.boolean(true);
+    }
+    if (!msg.consent_token.empty()) {
+        put(w, "consent_token", msg.consent_token);
+    }
     return out;
 }
 
@@ -287,6 +366,25 @@ std::optional<DecideReply> decode_decide_reply(std::string_view body) {
             return read_into(r, msg.resource_type);
         if (key == "interaction")
             return read_into(r, msg.interaction);
+        if (key == "obligations")
+            return read_strings(r, msg.obligations);
+        if (key == "consent_ids")
+            return read_strings(r, msg.consent_ids);
+        if (key == "decision_id")
+            return read_into(r, msg.decision_id);
+        if (key == "purpose_of_use")
+            return read_into(r, msg.purpose_of_use);
+        if (key == "consent_token")
+            return read_into(r, msg.consent_token);
+        if (key == "break_glass") {
+            const std::optional<bool> v = r.read_bool();
+            if (!v) {
+                r.fail();
+            } else {
+                msg.break_glass = *v;
+            }
+            return true;
+        }
         return false;
     });
     // A reply without an explicit decision is garbage, never an implicit permit.

@@ -426,7 +426,9 @@ class Bench:
         # Valid for longer than any run with non-default durations could take.
         result = self.gateway.ctl("token", "mint", "--client", "demo-clinician-app", "--scope",
                                   "user/*.read", "--user", "Practitioner/demo-clinician",
-                                  "--ttl", "3600")
+                                  "--ttl", "3600", "--purpose", "TREAT")
+        # --purpose TREAT: with the sandbox bundle's consent section, a token without a purpose
+        # of use is refused (docs/consent.md); treatment is what the clinician app does.
         token = result.stdout.strip()
         if result.returncode != 0 or not token:
             raise BenchError(f"ehrgatectl token mint failed: {result.stderr.strip()}")
@@ -604,6 +606,21 @@ class Bench:
         if proc.stderr.strip():
             print(proc.stderr.strip(), file=sys.stderr)
         self.results["policyd"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.gateway.check_alive()
+        self.policyd_consent()
+
+    def policyd_consent(self) -> None:
+        """Consent (issue 5): the same round trips as demo-clinician-app with purpose TREAT, so
+        each permit also runs the consent decision and signs the consent context."""
+        a = self.args
+        print("bench: policyd_bench --consent  decision round trip with consent", flush=True)
+        cmd = [str(self.policyd_bench), "--socket", str(self.gateway.data_socket), "--consent",
+               "--duration", str(a.policyd_duration), "--window", str(a.policyd_window),
+               "--latency-duration", "2", "--policyd-pid", str(self.gateway.policyd.pid), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.policyd_duration + 30)
+        if proc.returncode != 0:
+            raise BenchError(f"policyd_bench --consent failed ({proc.returncode}): {proc.stderr.strip()}")
+        self.results["policyd_consent"] = json.loads(proc.stdout.strip().splitlines()[-1])
         self.gateway.check_alive()
 
     def limiter_accuracy(self) -> None:
@@ -808,6 +825,14 @@ class Bench:
              ""),
         ]
         rows += redaction_rows(r.get("redaction", []))  # redaction
+        if "policyd_consent" in r:  # consent (issue 5): decision + signed consent context
+            pc = r["policyd_consent"]
+            rows += [
+                ("policyd round trips/s with consent", "", f"{pc['round_trips_per_s']:,.0f}", "", "", ""),
+                ("  unpipelined consent decision p50 / p99 (us)", "",
+                 f"{pc['latency_p50_us']:.0f} / {pc['latency_p99_us']:.0f}", "", "p99 < 200",
+                 verdict(pc["latency_p99_us"] < 200)),
+            ]
         return rows
 
     def report(self, started: float) -> None:

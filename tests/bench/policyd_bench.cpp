@@ -51,6 +51,8 @@ unpipelined decisions.
   --latency-duration S     unpipelined phase length in seconds (default 2; 0 skips it)
   --policyd-pid PID        report policyd's CPU use over the pipelined phase
   --json                   print one JSON object line instead of the summary
+  --consent                requests as demo-clinician-app with purpose TREAT: the consent
+                           decision and the signed consent context run on every permit
   --help                   this text
 )";
 
@@ -82,6 +84,9 @@ struct Options {
     double latency_duration_s = 2;
     std::optional<int> policyd_pid;
     bool json = false;
+    // Consent (issue 5): requests as demo-clinician-app with purpose TREAT, so every permitted
+    // one also runs the consent decision and signs a consent context.
+    bool consent = false;
 };
 
 struct Counts {
@@ -133,6 +138,10 @@ std::optional<Options> parse_cli(int argc, char **argv, int &exit_code) {
         }
         if (arg == "--json") {
             o.json = true;
+            continue;
+        }
+        if (arg == "--consent") {
+            o.consent = true;
             continue;
         }
         if (i + 1 >= argc) {
@@ -278,6 +287,11 @@ class Bench {
             request.path = sample.path;
             request.query = sample.query;
             request.host = "127.0.0.1:8080";
+            if (options.consent) {
+                request.client_id = "demo-clinician-app";
+                request.user = "Practitioner/demo-clinician";
+                request.purpose_of_use = "TREAT";
+            }
             bodies_.push_back(protocol::encode(request));
         }
     }

@@ -210,8 +210,11 @@ def tls_server_block(port: int, certs: Certificates) -> str:
 # ---- policy bundle ------------------------------------------------------------------------------
 
 def write_bundle(directory: Path, source: Path, sandbox_dir: Path, keys: Keys, *, version: str,
-                 extra_clients: list[dict], with_test_idp: bool = True) -> Path:
-    """A copy of the sandbox bundle with the test IdP as a second issuer and extra clients."""
+                 extra_clients: list[dict], with_test_idp: bool = True, with_consent: bool = False) -> Path:
+    """A copy of the sandbox bundle with the test IdP as a second issuer and extra clients.
+
+    Without `with_consent` the bundle's consent section is left out: these tests are about
+    authentication, and tests/integration/test_consent.py covers consent."""
     import shutil
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,6 +222,8 @@ def write_bundle(directory: Path, source: Path, sandbox_dir: Path, keys: Keys, *
     (directory / "test-idp-jwks.json").write_text(json.dumps(keys.jwks(), indent=2))
     bundle = yaml.safe_load(source.read_text())
     bundle["version"] = version
+    if not with_consent:
+        bundle.pop("consent", None)
     clients = [dict(c) for c in extra_clients]
     if with_test_idp:
         bundle["issuers"].append({

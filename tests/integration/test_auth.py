@@ -751,6 +751,9 @@ def test_revocation_by_jti_and_by_client(make_stack):
     url = f"{stack.base_url}/fhir/Patient/{DEMO_PATIENT}"
     first, second = stack.mint(), stack.mint()
     other_client = stack.mint(client="demo-patient-app", scope="patient/*.rs", patient=DEMO_PATIENT)
+    # The sandbox bundle lets the third-party app in only with the patient's consent.
+    stack.ctl("consent", "grant", "--patient", DEMO_PATIENT, "--client", "demo-patient-app",
+              "--purpose", "PATRQT", check=True)
     for token in (first, second, other_client):
         for _ in range(4):  # both workers, and the verified-token cache, know these tokens
             assert status_of(url, token) == 200

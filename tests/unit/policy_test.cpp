@@ -15,7 +15,7 @@ namespace ehrgate::policy {
 namespace {
 
 const std::string kSourceDir = EHRGATE_SOURCE_DIR;
-const std::string kSandboxVersion = "sandbox-2026.11.29-redaction-1";
+const std::string kSandboxVersion = "sandbox-2026.11.29-3";
 
 // The smallest valid bundle; tests splice their broken part into copies of it.
 constexpr const char *kMinimal = R"(schema: ehrgate.policy/v1

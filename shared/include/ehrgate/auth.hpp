@@ -40,6 +40,7 @@ struct Identity {
     int64_t expires_at = 0;
     int64_t issued_at = 0;
     bool has_iat = false;
+    std::string break_glass_reason{};  // the token's `break_glass_reason` claim (consent)
 
     // The user for logs and audit: fhirUser when given, else sub.
     const std::string &user() const { return fhir_user.empty() ? subject : fhir_user; }

@@ -133,7 +133,8 @@ struct Claims {
     std::string patient;                      // SMART launch context
     std::string fhir_user;                    // "fhirUser"
     std::vector<std::string> purpose_of_use;  // "purpose_of_use": a string or a list of strings
-    std::string cnf_x5t_s256;  // "cnf":{"x5t#S256":...} (RFC 8705 certificate binding)
+    std::string cnf_x5t_s256;          // "cnf":{"x5t#S256":...} (RFC 8705 certificate binding)
+    std::string break_glass_reason{};  // "break_glass_reason" (consent, issue 5)
 };
 
 struct VerifyResult {

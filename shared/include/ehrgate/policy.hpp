@@ -12,6 +12,7 @@
 #include <variant>
 #include <vector>
 
+#include "ehrgate/consent_policy.hpp"
 #include "ehrgate/protocol.hpp"
 #include "ehrgate/redaction.hpp"
 
@@ -166,6 +167,9 @@ struct Bundle {
     std::vector<Upstream> upstreams{};
     Throttling throttling{};
     Redaction redaction{};  // redaction
+    // Consent (issue 5): defaults per purpose, sensitive labels, break-glass. enabled == false
+    // (no `consent:` section): consent is not evaluated.
+    consent::ConsentPolicy consent{};
 
     // Binary search: `clients` must be sorted by id, which parse_bundle(), decode_snapshot() and
     // canonicalize() guarantee. A bundle assembled by hand must call canonicalize() first.

@@ -106,6 +106,13 @@ struct DecideRequest {
     std::string query;  // raw query string, without '?'
     std::string client_id;
     std::string host;
+    // Consent (issue 5). Written only when non-empty, so older goldens keep their bytes; `{}`
+    // initializers keep brace-initialized requests of the original fields compiling.
+    std::string user{};                // fhirUser or sub of the token
+    std::string patient{};             // the patient the request targets; empty: none known
+    std::string purpose_of_use{};      // as asserted (claim, else X-Purpose-Of-Use); unvalidated
+    std::string tenant{};              // reserved: policyd takes the tenant from the route
+    std::string break_glass_reason{};  // X-Break-Glass-Reason or the claim; never logged
 };
 
 struct DecideReply {
@@ -118,6 +125,14 @@ struct DecideReply {
     std::string route;
     std::string resource_type;
     std::string interaction;
+    // Consent (issue 5). Written only when set.
+    std::vector<std::string> obligations{};  // security label codes whose data must be withheld
+    std::vector<std::string> consent_ids{};  // the consents that decided
+    std::string decision_id{};
+    std::string purpose_of_use{};  // the effective purpose; empty: missing/unknown (fallback)
+    bool break_glass{false};
+    // Compact JWS of the consent context, forwarded as X-Ehrgate-Consent (docs/consent.md).
+    std::string consent_token{};
 };
 
 struct ErrorBody {

@@ -299,6 +299,27 @@ ngx_int_t header_filter(ngx_http_request_t *r) noexcept {
     return g_next_header_filter(r);
 }
 
+// Only the gateway speaks for consent: a client's own X-Ehrgate-Consent must never reach the
+// upstream, even from a location whose configuration forgot
+// `proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;` (which replaces it). nginx's
+// header list cannot drop an element safely (other fields point into it), so the value is
+// emptied: a downstream verifier sees no token.
+void blank_client_consent_headers(ngx_http_request_t *r) {
+    static constexpr std::string_view kName = "x-ehrgate-consent";
+    for (ngx_list_part_t *part = &r->headers_in.headers.part; part != nullptr; part = part->next) {
+        auto *headers = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; ++i) {
+            ngx_table_elt_t &h = headers[i];
+            if (h.key.len == kName.size() &&
+                ngx_strncasecmp(h.key.data,
+                                reinterpret_cast<u_char *>(const_cast<char *>(kName.data())),
+                                kName.size()) == 0) {
+                h.value.len = 0;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
@@ -317,6 +338,7 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
         }
         switch (ctx->state) {
             case DecisionState::Idle: {
+                blank_client_consent_headers(r);
                 ngx_int_t rc = authenticate(r, ctx);
                 if (rc == NGX_DECLINED) {
                     rc = apply_limits(r, ctx);

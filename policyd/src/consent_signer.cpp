@@ -1,5 +1,7 @@
 #include "consent_signer.hpp"
 
+#include <openssl/core_names.h>
+#include <openssl/ec.h>
 #include <openssl/pem.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,7 +17,7 @@ namespace ehrgate::policyd {
 
 namespace {
 
-constexpr const char *kKeyFile = "consent-signing-key.pem";
+constexpr const char *kKeyFile = "consent-signing-key.pem";  // P-256, PEM, mode 0600
 
 std::string sha256(std::string_view data) {
     unsigned char digest[32];
@@ -44,18 +46,22 @@ std::unique_ptr<ConsentSigner> ConsentSigner::load_or_create(const std::string &
     if (FILE *file = std::fopen(path.c_str(), "r")) {
         key = PEM_read_PrivateKey(file, nullptr, nullptr, nullptr);
         std::fclose(file);
-        if (key == nullptr || EVP_PKEY_get_base_id(key) != EVP_PKEY_ED25519) {
+        char curve[32] = {};
+        if (key == nullptr || EVP_PKEY_get_base_id(key) != EVP_PKEY_EC ||
+            EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, curve, sizeof curve,
+                                           nullptr) != 1 ||
+            std::strcmp(curve, "prime256v1") != 0) {
             EVP_PKEY_free(key);
-            *error = path + " is not an Ed25519 private key";
+            *error = path + " is not a P-256 EC private key";
             return nullptr;
         }
     } else if (errno != ENOENT) {
         *error = "cannot read " + path + ": " + std::strerror(errno);
         return nullptr;
     } else {
-        key = EVP_PKEY_Q_keygen(nullptr, nullptr, "ED25519");
+        key = EVP_PKEY_Q_keygen(nullptr, nullptr, "EC", "P-256");
         if (key == nullptr) {
-            *error = "cannot generate an Ed25519 key";
+            *error = "cannot generate a P-256 key";
             return nullptr;
         }
         const std::string temp = path + ".tmp";
@@ -81,23 +87,33 @@ std::unique_ptr<ConsentSigner> ConsentSigner::load_or_create(const std::string &
 }
 
 ConsentSigner::ConsentSigner(EVP_PKEY *key) : key_(key) {
-    unsigned char raw[32];
-    size_t raw_len = sizeof raw;
-    EVP_PKEY_get_raw_public_key(key_, raw, &raw_len);
-    const std::string x =
-        base64url::encode(std::string_view(reinterpret_cast<char *>(raw), raw_len));
-    // RFC 7638 thumbprint (RFC 8037 for OKP): the required members in lexicographic order.
-    kid_ = base64url::encode(sha256("{\"crv\":\"Ed25519\",\"kty\":\"OKP\",\"x\":\"" + x + "\"}"));
-    jwks_ = "{\"keys\":[{\"kty\":\"OKP\",\"crv\":\"Ed25519\",\"x\":\"" + x + "\",\"kid\":\"" +
-            kid_ + "\",\"alg\":\"EdDSA\",\"use\":\"sig\"}]}";
+    // The public point as JWK coordinates: 32 bytes each, big-endian, zero-padded.
+    BIGNUM *bx = nullptr;
+    BIGNUM *by = nullptr;
+    unsigned char raw[64] = {};
+    if (EVP_PKEY_get_bn_param(key_, OSSL_PKEY_PARAM_EC_PUB_X, &bx) == 1 &&
+        EVP_PKEY_get_bn_param(key_, OSSL_PKEY_PARAM_EC_PUB_Y, &by) == 1) {
+        BN_bn2binpad(bx, raw, 32);
+        BN_bn2binpad(by, raw + 32, 32);
+    }
+    BN_free(bx);
+    BN_free(by);
+    const std::string x = base64url::encode(std::string_view(reinterpret_cast<char *>(raw), 32));
+    const std::string y =
+        base64url::encode(std::string_view(reinterpret_cast<char *>(raw + 32), 32));
+    // RFC 7638 thumbprint: the required members in lexicographic order.
+    kid_ = base64url::encode(
+        sha256("{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"" + x + "\",\"y\":\"" + y + "\"}"));
+    jwks_ = "{\"keys\":[{\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"" + x + "\",\"y\":\"" + y +
+            "\",\"kid\":\"" + kid_ + "\",\"alg\":\"ES256\",\"use\":\"sig\"}]}";
     prepared_ = EVP_MD_CTX_new();
     if (prepared_ != nullptr &&
-        EVP_DigestSignInit(prepared_, nullptr, nullptr, nullptr, key_) != 1) {
+        EVP_DigestSignInit(prepared_, nullptr, EVP_sha256(), nullptr, key_) != 1) {
         EVP_MD_CTX_free(prepared_);
         prepared_ = nullptr;  // sign() then fails, and decisions refuse: fail closed
     }
     header_b64_ = base64url::encode(
-        "{\"alg\":\"EdDSA\",\"typ\":\"ehrgate-consent+jwt\",\"kid\":\"" + kid_ + "\"}");
+        "{\"alg\":\"ES256\",\"typ\":\"ehrgate-consent+jwt\",\"kid\":\"" + kid_ + "\"}");
 }
 
 ConsentSigner::~ConsentSigner() {
@@ -126,18 +142,30 @@ std::string ConsentSigner::sign(const ConsentContext &c) const {
     // A copy of the prepared context: initializing one fetches the algorithm from the provider,
     // which costs more than the signature itself.
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    unsigned char signature[64];
-    size_t signature_len = sizeof signature;
+    unsigned char der[80];  // an ECDSA P-256 signature in DER is at most 72 bytes
+    size_t der_len = sizeof der;
     const bool ok =
         ctx != nullptr && prepared_ != nullptr && EVP_MD_CTX_copy_ex(ctx, prepared_) == 1 &&
-        EVP_DigestSign(ctx, signature, &signature_len,
-                       reinterpret_cast<const unsigned char *>(input.data()), input.size()) == 1;
+        EVP_DigestSign(ctx, der, &der_len, reinterpret_cast<const unsigned char *>(input.data()),
+                       input.size()) == 1;
     EVP_MD_CTX_free(ctx);
     if (!ok) {
         return {};
     }
-    return input + "." +
-           base64url::encode(std::string_view(reinterpret_cast<char *>(signature), signature_len));
+    // JWS ES256 wants r || s, 32 bytes each (RFC 7518 section 3.4), not DER.
+    const unsigned char *p = der;
+    ECDSA_SIG *sig = d2i_ECDSA_SIG(nullptr, &p, static_cast<long>(der_len));
+    if (sig == nullptr) {
+        return {};
+    }
+    unsigned char raw[64];
+    const bool converted = BN_bn2binpad(ECDSA_SIG_get0_r(sig), raw, 32) == 32 &&
+                           BN_bn2binpad(ECDSA_SIG_get0_s(sig), raw + 32, 32) == 32;
+    ECDSA_SIG_free(sig);
+    if (!converted) {
+        return {};
+    }
+    return input + "." + base64url::encode(std::string_view(reinterpret_cast<char *>(raw), 64));
 }
 
 }  // namespace ehrgate::policyd

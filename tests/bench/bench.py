@@ -69,6 +69,9 @@ TARGET_WARM_TOKEN_RATIO = 0.90   # issue 3: warm token cache vs bare proxy
 TARGET_LIMITER_RATIO = 0.95      # issue 4: limiter path vs bare proxy
 TARGET_ACCURACY = 0.01           # issue 4: admitted within +-1 % of rate x time + burst
 TARGET_COLD_VERIFY = 0.80        # issue 3: cold verification vs `openssl speed` verify
+TARGET_AUDIT_ADDED_P99_US = 3000  # issue 7: audit-before-release at 1,000 req/s
+TARGET_AUDIT_DURABLE = 50_000     # issue 7: synced records/s with group commit
+TARGET_AUDIT_ASYNC = 200_000      # issue 7
 # The accuracy scenario: a plan far below what 2 workers can serve, so most requests are refused.
 ACCURACY_RATE = 1000
 ACCURACY_BURST = 100
@@ -226,6 +229,10 @@ def wait_http_ok(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
             pass
         time.sleep(0.05)
     raise BenchError(f"{what} not ready within {timeout} s")
+
+
+def verdict_of(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def parse_openssl_speed(text: str) -> dict[str, float]:
@@ -412,9 +419,26 @@ class Bench:
         self.upstream = Upstream(self.run_dir / "upstream")
         self.upstream.start()
         self.policies = BenchPolicies(self.run_dir / "policy")
+        # A second server in the same nginx, identical but for audit-before-release.
+        self.audited_port = free_port()
+        audited_server = f"""
+    server {{
+        listen 127.0.0.1:{self.audited_port} backlog=4096;
+        location /fhir/ {{
+            ehrgate on;
+            ehrgate_audit sync;
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host:$server_port;
+            proxy_set_header X-Request-ID $ehrgate_correlation_id;
+            proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;
+        }}
+    }}"""
         self.gateway = GatewayStack(self.build_dir, self.run_dir / "gateway", workers=1,
                                     ehr_port=self.upstream.port, error_log_level="notice",
-                                    policy_file=self.policies.write("limits"))
+                                    policy_file=self.policies.write("limits"),
+                                    extra_http=audited_server)
         self.gateway.start()
         self.mint_tokens()
 
@@ -688,8 +712,31 @@ class Bench:
             print(f"bench:   {alg}: {row['ehrgate_per_s']:,.0f}/s, openssl speed "
                   f"{row['openssl_verify_per_s']:,.0f}/s", flush=True)
 
+    def audit_before_release(self) -> None:
+        """Open loop at a fixed rate against the same gateway path with the access record
+        written asynchronously (the /fhir/ location) and durably before release (the audited
+        server): the difference is what waiting for the synced record costs a request."""
+        a = self.args
+        rate = a.audit_rate
+        runs: dict[str, list[dict]] = {"async": [], "sync": []}
+        urls = {"async": self.url(GATEWAY_PATH),
+                "sync": f"http://127.0.0.1:{self.audited_port}{GATEWAY_PATH}"}
+        for round_no in range(1, a.open_rounds + 1):
+            for side in ("async", "sync"):
+                print(f"bench: audit-before-release {round_no}/{a.open_rounds} {side:5}  "
+                      f"{rate:,.0f} req/s, {a.warmup:g} s warmup + {a.open_duration:g} s", flush=True)
+                runs[side].append(self.run_loadgen(urls[side], duration=a.open_duration,
+                                                   warmup=a.warmup, connections=a.connections,
+                                                   rate=rate))
+        self.results["audit_before_release"] = {
+            "rate": rate,
+            **{side: {"runs": results,
+                      **{key: statistics.median(r[key] for r in results)
+                         for key in ("rps", "p50_us", "p99_us")}}
+               for side, results in runs.items()}}
+
     # audit (issue 7): durable and async audit records/s through policyd's group commit, with the
-    # same policyd the gateway uses. Separate from the table: printed and kept in the JSON.
+    # same policyd the gateway uses.
     def audit(self) -> None:
         audit_bench = self.build_dir / "bin" / "audit_bench"
         if not audit_bench.exists():
@@ -824,6 +871,27 @@ class Bench:
             ("upstream alone req/s (headroom check)", f"{r['upstream_direct']['rps']:,.0f}", "", "", "",
              ""),
         ]
+        abr = r["audit_before_release"]
+        added_audit_p99 = abr["sync"]["p99_us"] - abr["async"]["p99_us"]
+        rows += [
+            (f"audit-before-release @ {abr['rate']:,.0f} req/s: p50 / p99 (us)",
+             f"{abr['async']['p50_us']:,.0f} / {abr['async']['p99_us']:,.0f}",
+             f"{abr['sync']['p50_us']:,.0f} / {abr['sync']['p99_us']:,.0f}",
+             f"{added_audit_p99:+,.0f} p99 added", f"added p99 < {TARGET_AUDIT_ADDED_P99_US:,}",
+             verdict_of(added_audit_p99 < TARGET_AUDIT_ADDED_P99_US)),
+            ("  (baseline: access record async; ehrgate: durable before release)", "", "", "", "", ""),
+        ]
+        if "audit" in r:
+            au = r["audit"]
+            rows += [
+                ("audit records/s, durable (synced group commit)", "",
+                 f"{au['durable_records_per_s']:,.0f}", "", f">= {TARGET_AUDIT_DURABLE:,}",
+                 verdict_of(au["durable_records_per_s"] >= TARGET_AUDIT_DURABLE)),
+                ("audit records/s, async", "", f"{au['async_records_per_s']:,.0f}", "",
+                 f">= {TARGET_AUDIT_ASYNC:,}", verdict_of(au["async_records_per_s"] >= TARGET_AUDIT_ASYNC)),
+                ("  single durable append p50 / p99 (us)", "",
+                 f"{au['single_append_p50_us']:,.0f} / {au['single_append_p99_us']:,.0f}", "", "", ""),
+            ]
         rows += redaction_rows(r.get("redaction", []))  # redaction
         if "policyd_consent" in r:  # consent (issue 5): decision + signed consent context
             pc = r["policyd_consent"]
@@ -831,7 +899,7 @@ class Bench:
                 ("policyd round trips/s with consent", "", f"{pc['round_trips_per_s']:,.0f}", "", "", ""),
                 ("  unpipelined consent decision p50 / p99 (us)", "",
                  f"{pc['latency_p50_us']:.0f} / {pc['latency_p99_us']:.0f}", "", "p99 < 200",
-                 verdict(pc["latency_p99_us"] < 200)),
+                 verdict_of(pc["latency_p99_us"] < 200)),
             ]
         return rows
 
@@ -900,6 +968,7 @@ class Bench:
             self.closed_loop()
             self.open_loop()
             self.policyd()
+            self.audit_before_release()
             self.audit()  # audit (issue 7)
             self.check_logs()
             self.limiter_accuracy()
@@ -928,6 +997,8 @@ def main() -> int:
                         help="policyd_bench pipelined seconds (5)")
     parser.add_argument("--policyd-window", type=int, default=64,
                         help="policyd_bench outstanding requests (64)")
+    parser.add_argument("--audit-rate", type=float, default=1000,
+                        help="open-loop rate of the audit-before-release runs, req/s (1000)")
     parser.add_argument("--accuracy-duration", type=float, default=8,
                         help="limiter accuracy run, seconds (8)")
     parser.add_argument("--verify-seconds", type=int, default=3,

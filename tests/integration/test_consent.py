@@ -20,7 +20,7 @@ import jwt
 import pytest
 import requests
 
-from stack import DEMO_PATIENT, ROOT, Stack
+from stack import DEMO_PATIENT, ROOT, Stack, free_port
 
 OTHER_PATIENT = "eq081-VQEgP8drUUqCWzHfw3"
 SENSITIVE = "ETH,HIV,PSY,SEX,SUD"
@@ -34,8 +34,7 @@ def _build_dir() -> Path:
 def _testdata_dir() -> Path:
     if os.environ.get("EHRGATE_TESTDATA"):
         return Path(os.environ["EHRGATE_TESTDATA"])
-    beside = ROOT.parent / "shared" / "testdata"
-    return beside if beside.exists() else Path("/work/shared/testdata")
+    return ROOT.parent / "shared" / "testdata"
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +277,9 @@ def forwarded_consent_header(stack, correlation_id: str) -> str | None:
 def verify_context(stack, token: str) -> dict:
     jwks = json.loads(ctl_ok(stack, "consent", "jwks"))
     header = jwt.get_unverified_header(token)
-    assert header["alg"] == "EdDSA" and header["typ"] == "ehrgate-consent+jwt"
+    assert header["alg"] == "ES256" and header["typ"] == "ehrgate-consent+jwt"
     (key,) = [k for k in jwks["keys"] if k["kid"] == header["kid"]]
-    return jwt.decode(token, jwt.PyJWK.from_dict(key).key, algorithms=["EdDSA"],
+    return jwt.decode(token, jwt.PyJWK.from_dict(key).key, algorithms=["ES256"],
                       options={"require": ["exp", "iat"]})
 
 
@@ -481,3 +480,29 @@ def test_policy_validate_reports_consent_problems(stack, tmp_path):
     assert any(l.startswith(f"{path}:{fallback_line}:") and "consent.fallback.access" in l
                and "must be consent-required" in l for l in lines), lines
     assert "is invalid (2 problem(s))" in lines[-1]
+
+
+def test_client_copies_are_emptied_even_where_the_location_forgets_to_replace_them(make_stack):
+    """The module itself empties a client's X-Ehrgate-Consent: a location configured without
+    `proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;` forwards no forged context."""
+    port = free_port()
+    plain_location = f"""
+    server {{
+        listen 127.0.0.1:{port};
+        location /fhir/ {{
+            ehrgate on;
+            proxy_pass http://127.0.0.1:@EHR_PORT@;
+            proxy_set_header X-Request-ID $ehrgate_correlation_id;
+            proxy_set_header Accept-Encoding "";
+        }}
+    }}
+"""
+    s = make_stack(start=False)
+    s.extra_http = plain_location.replace("@EHR_PORT@", str(s.ehr_port))
+    s.start()
+    forged = "eyJhbGciOiJub25lIn0.eyJkZWNpc2lvbiI6InBlcm1pdCJ9."
+    headers = {"Authorization": f"Bearer {s.mint()}", "X-Ehrgate-Consent": forged}
+    response = requests.get(f"http://127.0.0.1:{port}/fhir/Patient/{DEMO_PATIENT}", headers=headers,
+                            timeout=5)
+    assert response.status_code == 200, response.text
+    assert forwarded_consent_header(s, response.headers["X-Request-ID"]) in (None, "")

@@ -341,11 +341,11 @@ TEST_F(ConsentStoreTest, SignerKeyPersistsAndPermitsCarryAToken) {
     EXPECT_EQ(reply.decision, protocol::Decision::Deny);
     EXPECT_TRUE(reply.consent_token.empty());
 
-    // A file that is not an Ed25519 key refuses to start.
+    // A file that is not a P-256 key refuses to start.
     std::filesystem::create_directory(dir_ + "/bad");
     std::ofstream(dir_ + "/bad/consent-signing-key.pem") << "not a key";
     EXPECT_EQ(ConsentSigner::load_or_create(dir_ + "/bad", &error), nullptr);
-    EXPECT_NE(error.find("not an Ed25519 private key"), std::string::npos);
+    EXPECT_NE(error.find("not a P-256 EC private key"), std::string::npos);
 }
 
 TEST(ConsentProtocol, GoldenReplyWithConsentFields) {

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "ehrgate/consent.hpp"
+#include "testdata.hpp"
 
 namespace ehrgate::consent {
 namespace {
@@ -475,15 +476,7 @@ TEST(ConsentImport, OptOutRootDenies) {
 }
 
 std::filesystem::path testdata() {
-    if (const char *env = std::getenv("EHRGATE_TESTDATA")) {
-        return env;
-    }
-    const std::filesystem::path beside =
-        std::filesystem::path(EHRGATE_SOURCE_DIR) / ".." / "shared" / "testdata";
-    if (std::filesystem::exists(beside)) {
-        return beside;
-    }
-    return "/work/shared/testdata";
+    return ehrgate::testing::testdata_dir();
 }
 
 TEST(ConsentImport, ImportsTheR4Examples) {

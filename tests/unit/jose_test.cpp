@@ -1,6 +1,7 @@
 #include "ehrgate/jose.hpp"
 
 #include <gtest/gtest.h>
+
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/ec.h>
@@ -26,6 +27,7 @@
 #include "ehrgate/base64url.hpp"
 #include "ehrgate/json.hpp"
 #include "ehrgate/json_text.hpp"
+#include "testdata.hpp"
 
 namespace ehrgate::jose {
 
@@ -1287,8 +1289,7 @@ TEST_F(JoseTest, JwksErrorPointerMayBeNull) {
 
 // ---- RFC 7515 / 7517 / 7520 vectors ----------------------------------------------------------
 
-const std::filesystem::path kVectors =
-    std::filesystem::path(EHRGATE_SOURCE_DIR) / ".." / "shared" / "testdata" / "jose";
+const std::filesystem::path kVectors = ehrgate::testing::testdata_dir() / "jose";
 
 std::string read_file(const std::filesystem::path &path) {
     std::ifstream in(path, std::ios::binary);

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "ehrgate/json.hpp"
+#include "testdata.hpp"
 
 namespace ehrgate::redaction {
 namespace {
@@ -485,15 +486,7 @@ TEST(Redaction, ResourceLargerThanTheCapFailsClosed) {
 // ---- Public test data --------------------------------------------------------------------------
 
 std::filesystem::path testdata() {
-    if (const char *env = std::getenv("EHRGATE_TESTDATA")) {
-        return env;
-    }
-    const std::filesystem::path sibling =
-        std::filesystem::path(EHRGATE_SOURCE_DIR).parent_path() / "shared" / "testdata";
-    if (std::filesystem::exists(sibling)) {
-        return sibling;
-    }
-    return "/work/shared/testdata";
+    return ehrgate::testing::testdata_dir();
 }
 
 std::string slurp(const std::filesystem::path &path) {

@@ -183,15 +183,22 @@ def test_non_json_and_encoded_bodies_never_pass(shared_stack, mode, reason):
 def test_patient_reads_own_sensitive_record_but_not_another_patients(shared_stack):
     # withheld_contexts exempts patient-context tokens from the default labels; the compartment
     # still applies.
-    token = shared_stack.mint(client="demo-patient-app", scope="patient/*.rs launch/patient",
-                              patient=DEMO_PATIENT)
-    headers = {"Authorization": "Bearer " + token, **PLAIN}
-    own = get(shared_stack, "/fhir/Observation/fx-p1-hiv-viral-load", headers)
-    assert own.status_code == 200 and own.json()["id"] == "fx-p1-hiv-viral-load"
-    other = get(shared_stack, "/fhir/Condition/fx-p2-alcohol-eth-sud", headers)
-    assert other.status_code == 403
-    assert other.json()["issue"][0]["details"]["coding"][0]["code"] == "outside-patient-compartment"
-    assert "F10" not in other.text
+    # The third-party patient app needs the patient's consent (conf/policy.yaml, PATRQT); it
+    # withholds only the 42 CFR Part 2 classes the consent does not name (ETH, SUD).
+    consent_id = shared_stack.ctl("consent", "grant", "--patient", DEMO_PATIENT, "--client",
+                                  "demo-patient-app", "--purpose", "PATRQT", check=True).stdout.strip()
+    try:
+        token = shared_stack.mint(client="demo-patient-app", scope="patient/*.rs launch/patient",
+                                  patient=DEMO_PATIENT)
+        headers = {"Authorization": "Bearer " + token, **PLAIN}
+        own = get(shared_stack, "/fhir/Observation/fx-p1-hiv-viral-load", headers)
+        assert own.status_code == 200 and own.json()["id"] == "fx-p1-hiv-viral-load"
+        other = get(shared_stack, "/fhir/Condition/fx-p2-alcohol-eth-sud", headers)
+        assert other.status_code == 403
+        assert other.json()["issue"][0]["details"]["coding"][0]["code"] == "outside-patient-compartment"
+        assert "F10" not in other.text
+    finally:
+        shared_stack.ctl("consent", "revoke", consent_id, check=True)
 
 
 def worker_pids(stack) -> list[int]:

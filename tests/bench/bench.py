@@ -600,7 +600,10 @@ class Bench:
 
     def open_loop(self) -> None:
         a = self.args
-        rate = self.results["closed_loop"]["bare"]["median_rps"] * a.open_fraction
+        # Half of the slower side's saturation, so that both sides can carry the offered load
+        # and the latency difference is the gateway's, not a queue the gateway cannot drain.
+        closed = self.results["closed_loop"]
+        rate = min(closed["bare"]["median_rps"], closed["gateway"]["median_rps"]) * a.open_fraction
         runs: dict[str, list[dict]] = {"bare": [], "gateway": []}
         for round_no in range(1, a.open_rounds + 1):
             for side, path in (("bare", BARE_PATH), ("gateway", GATEWAY_PATH)):
@@ -990,7 +993,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2, help="warmup seconds before each run (2)")
     parser.add_argument("--rounds", type=int, default=3, help="bare/gateway closed-loop pairs (3)")
     parser.add_argument("--open-fraction", type=float, default=0.5,
-                        help="open-loop rate as a fraction of the bare maximum (0.5)")
+                        help="open-loop rate as a fraction of the lower closed-loop maximum (0.5)")
     parser.add_argument("--open-rounds", type=int, default=3, help="bare/gateway open-loop pairs (3)")
     parser.add_argument("--open-duration", type=float, default=8, help="open-loop measured seconds (8)")
     parser.add_argument("--policyd-duration", type=float, default=5,

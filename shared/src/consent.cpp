@@ -15,7 +15,9 @@ namespace {
 
 using namespace std::string_view_literals;
 
-// Same list as the bundle's `purposes` validation (policy_parse.cpp).
+// HL7 v3 PurposeOfUse (http://terminology.hl7.org/ValueSet/v3-PurposeOfUse) as bound by FHIR
+// R4 4.0.1: every concept of the value set except its abstract root. Sorted for bisection. The
+// bundle's `purposes` validation (policy_parse.cpp) uses this list too.
 constexpr std::array kPurposeOfUse = {
     "BIORCH"sv,      "BTG"sv,      "CAREMGT"sv,  "CLINTRCH"sv,  "CLINTRCHNPC"sv, "CLINTRCHPC"sv,
     "CLINTRL"sv,     "CLMATTCH"sv, "COC"sv,      "COVAUTH"sv,   "COVERAGE"sv,    "DISASTER"sv,

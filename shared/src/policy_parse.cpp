@@ -35,22 +35,6 @@ using namespace std::string_view_literals;
 
 constexpr std::array kMethods = {"GET"sv, "HEAD"sv, "POST"sv, "PUT"sv, "PATCH"sv, "DELETE"sv};
 
-// HL7 v3 PurposeOfUse (http://terminology.hl7.org/ValueSet/v3-PurposeOfUse) as bound by FHIR
-// R4 4.0.1: every concept of the value set except its abstract root. Sorted for bisection.
-constexpr std::array kPurposeOfUse = {
-    "BIORCH"sv,      "BTG"sv,      "CAREMGT"sv,  "CLINTRCH"sv,  "CLINTRCHNPC"sv, "CLINTRCHPC"sv,
-    "CLINTRL"sv,     "CLMATTCH"sv, "COC"sv,      "COVAUTH"sv,   "COVERAGE"sv,    "DISASTER"sv,
-    "DONAT"sv,       "DSRCH"sv,    "ELIGDTRM"sv, "ELIGVER"sv,   "ENROLLM"sv,     "ERTREAT"sv,
-    "ETREAT"sv,      "FAMRQT"sv,   "FRAUD"sv,    "GOV"sv,       "HACCRED"sv,     "HCOMPL"sv,
-    "HDECD"sv,       "HDIRECT"sv,  "HDM"sv,      "HLEGAL"sv,    "HMARKT"sv,      "HOPERAT"sv,
-    "HOUTCOMS"sv,    "HPAYMT"sv,   "HPRGRP"sv,   "HQUALIMP"sv,  "HRESCH"sv,      "HSYSADMIN"sv,
-    "HTEST"sv,       "LABELING"sv, "MEMADMIN"sv, "METAMGT"sv,   "MILCDM"sv,      "MILDCRG"sv,
-    "PATADMIN"sv,    "PATRQT"sv,   "PATSFTY"sv,  "PERFMSR"sv,   "POARCH"sv,      "POPHLTH"sv,
-    "PRECLINTRCH"sv, "PUBHLTH"sv,  "PWATRNY"sv,  "RECORDMGT"sv, "REMITADV"sv,    "SUPNWK"sv,
-    "SYSDEV"sv,      "THREAT"sv,   "TRAIN"sv,    "TRANSRCH"sv,  "TREAT"sv,
-};
-static_assert(std::is_sorted(kPurposeOfUse.begin(), kPurposeOfUse.end()));
-
 constexpr size_t kMaxNameLength = 64;
 constexpr size_t kMaxDisplayName = 128;
 constexpr size_t kMaxDescription = 1024;
@@ -1149,19 +1133,20 @@ class BundleParser {
     }
 
     void purposes(const Value &list, Client &client) {
-        v_.string_set(
-            list, kMaxPurposes, true, false, "purpose", client.purposes,
-            [&](const Value &entry, const std::string &code) {
-                if (std::binary_search(kPurposeOfUse.begin(), kPurposeOfUse.end(), code)) {
-                    return true;
-                }
-                const std::optional<std::string_view> hint = closest(code, kPurposeOfUse);
-                v_.report(entry, "unknown PurposeOfUse code " + quote(code) +
-                                     (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
-                                           : "; expected a code of the HL7 v3 "
-                                             "PurposeOfUse value set, e.g. TREAT"));
-                return false;
-            });
+        v_.string_set(list, kMaxPurposes, true, false, "purpose", client.purposes,
+                      [&](const Value &entry, const std::string &code) {
+                          if (consent::is_purpose_of_use(code)) {
+                              return true;
+                          }
+                          const std::optional<std::string_view> hint =
+                              closest(code, consent::purpose_of_use_codes());
+                          v_.report(entry,
+                                    "unknown PurposeOfUse code " + quote(code) +
+                                        (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
+                                              : "; expected a code of the HL7 v3 "
+                                                "PurposeOfUse value set, e.g. TREAT"));
+                          return false;
+                      });
     }
 
     void auth(const Value &list, Client &client) {
@@ -1859,7 +1844,7 @@ class BundleParser {
         if (consent::is_purpose_of_use(code)) {
             return true;
         }
-        const std::optional<std::string_view> hint = closest(code, kPurposeOfUse);
+        const std::optional<std::string_view> hint = closest(code, consent::purpose_of_use_codes());
         v_.report(entry, "unknown PurposeOfUse code " + quote(code) +
                              (hint ? "; did you mean \"" + std::string(*hint) + "\"?"
                                    : "; expected a code of the HL7 v3 PurposeOfUse value set"));

@@ -589,8 +589,8 @@ bool read_object_list(Reader &r, std::vector<T> &out, size_t max, ReadOne &&read
 
 bool read_bundle(Reader &r, Bundle &bundle) {
     static constexpr std::array<std::string_view, 11> kKeys = {
-        "schema",  "version",    "description", "clients",    "routes",
-        "issuers", "rate_plans", "upstreams",   "throttling", "redaction", "consent"};
+        "schema",     "version",   "description", "clients",   "routes", "issuers",
+        "rate_plans", "upstreams", "throttling",  "redaction", "consent"};
     return read_fields(r, kKeys, 0b000011011, [&](size_t field) {
         switch (field) {
             case 0:

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ehrgate/audit.hpp"
+#include "ehrgate/consent.hpp"
 #include "module.hpp"
 
 namespace ehrgate::ngx {
@@ -127,6 +128,22 @@ audit::Record build_record(ngx_http_request_t *r, RequestCtx *ctx, audit::Kind k
     if (ctx->check_patient.len > 0 && view(ctx->check_patient) != view(ctx->patient)) {
         rec.patient_ids.emplace_back(view(ctx->check_patient));
     }
+    if (rec.patient_ids.empty()) {
+        // A clinician's or a service's request names its patient in the URL (Patient/<id>,
+        // ?patient=, ?subject=), the same one consent was decided for: "who accessed this
+        // patient's record" must find it.
+        const SidecarClient *client = worker_client();
+        const policy::Snapshot *snapshot = client != nullptr ? client->snapshot() : nullptr;
+        const std::string_view uri = view(r->uri);
+        if (const policy::Route *route =
+                snapshot != nullptr ? snapshot->bundle.match_route(uri) : nullptr) {
+            std::string named = consent::named_patient(
+                view(r->method_name), uri.substr(route->prefix.size()), view(r->args));
+            if (!named.empty()) {
+                rec.patient_ids.push_back(std::move(named));
+            }
+        }
+    }
     rec.method.assign(view(r->method_name));
     rec.resource_type.assign(view(ctx->audit_resource_type));
     rec.interaction.assign(view(ctx->audit_interaction));
@@ -135,6 +152,16 @@ audit::Record build_record(ngx_http_request_t *r, RequestCtx *ctx, audit::Kind k
     const bool permitted = ctx->state == DecisionState::Decided && ctx->permit;
     rec.decision = permitted ? "permit" : ctx->status >= 500 ? "error" : "deny";
     rec.reason.assign(view(ctx->reason));
+    // Consent (docs/consent.md): what the decision rested on.
+    rec.purpose_of_use.assign(view(ctx->purpose_of_use));
+    rec.break_glass = ctx->break_glass;
+    for (std::string_view ids = view(ctx->consent_ids); !ids.empty();) {
+        const size_t comma = ids.find(',');
+        if (comma != 0) {
+            rec.consent_ids.emplace_back(ids.substr(0, comma));
+        }
+        ids = comma == std::string_view::npos ? std::string_view() : ids.substr(comma + 1);
+    }
     rec.client_address.assign(view(r->connection->addr_text));
     rec.cert_fingerprint.assign(view(ctx->cert_fingerprint));
     rec.jti_hash.assign(view(ctx->jti_hash));
@@ -145,6 +172,7 @@ audit::Record build_record(ngx_http_request_t *r, RequestCtx *ctx, audit::Kind k
                                                               (tp->msec - r->start_msec));
         rec.latency_us = static_cast<uint64_t>(ms < 0 ? 0 : ms) * 1000;
         rec.bytes = static_cast<uint64_t>(r->connection->sent);
+        rec.redaction_count = ctx->redaction_count;
         if (r->upstream != nullptr && r->upstream->peer.name != nullptr) {
             rec.upstream.assign(view(*r->upstream->peer.name));
         }

@@ -99,6 +99,9 @@ struct RequestCtx {
     // whole answer, empty meaning nothing to withhold. Otherwise the redaction filter applies
     // the bundle's default withheld labels.
     bool obligations_decided;
+    // Resources removed plus resources masked by the redaction filter, once the body is done;
+    // the outcome audit record carries it.
+    uint32_t redaction_count;
 };
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);

@@ -193,6 +193,8 @@ ngx_int_t send_held_headers(ngx_http_request_t *r, RequestCtx *ctx, Stream &stre
                 when.empty() ? stream.redactor.last_updated() : when);
     const redaction::Counters &counters = stream.redactor.counters();
     if (last) {
+        ctx->redaction_count =
+            static_cast<uint32_t>(counters.resources_removed + counters.resources_masked);
         // The whole body is decided: the count goes in the header.
         push_header(r, &r->headers_out.headers, "X-Ehrgate-Redacted",
                     std::to_string(counters.resources_removed + counters.resources_masked));
@@ -417,6 +419,8 @@ ngx_int_t body_filter(ngx_http_request_t *r, ngx_chain_t *in) noexcept {
         }
         if (last_buf) {
             const redaction::Counters &counters = stream->redactor.counters();
+            ctx->redaction_count =
+                static_cast<uint32_t>(counters.resources_removed + counters.resources_masked);
             if (r->expect_trailers) {
                 push_header(r, &r->headers_out.trailers, "X-Ehrgate-Redacted",
                             std::to_string(counters.resources_removed + counters.resources_masked));

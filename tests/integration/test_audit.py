@@ -65,6 +65,30 @@ def test_permitted_read_has_access_and_outcome_records(make_stack):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_clinicians_access_is_found_by_the_patient_it_named(make_stack):
+    """A user-context token carries no patient: the record takes the one the URL names, with
+    the consent decision's purpose, and the outcome counts what redaction withheld."""
+    stack = make_stack()
+    headers = auth(stack)  # demo-clinician-app, purpose TREAT, no patient claim
+    read = get(stack, f"/fhir/Patient/{DEMO_PATIENT}", {**headers, "X-Request-ID": "audit-read"})
+    search_ = get(stack, f"/fhir/Condition?patient={DEMO_PATIENT}",
+                  {**headers, "X-Request-ID": "audit-search"})
+    assert read.status_code == 200 and search_.status_code == 200, (read.text, search_.text)
+    found = wait_for_records(
+        stack, lambda rs: {"audit-read", "audit-search"} <= {r["correlation_id"] for r in rs
+                                                               if r["kind"] == "outcome"},
+        "--patient", DEMO_PATIENT)
+    for correlation in ("audit-read", "audit-search"):
+        mine = [r for r in found if r["correlation_id"] == correlation]
+        assert {r["kind"] for r in mine} == {"access", "outcome"}, mine
+        for r in mine:
+            assert r["patient_ids"] == [DEMO_PATIENT]
+            assert r["purpose_of_use"] == "TREAT" and r["break_glass"] is False
+    # The sandbox patient's sensitive Conditions are withheld from treatment without consent.
+    (outcome,) = [r for r in found if r["correlation_id"] == "audit-search" and r["kind"] == "outcome"]
+    assert outcome["redaction_count"] >= 1, outcome
+
+
 def test_refused_requests_are_recorded(make_stack):
     stack = make_stack()
     no_token = get(stack, f"/fhir/Patient/{DEMO_PATIENT}", {"X-Request-ID": "audit-refused-1"})

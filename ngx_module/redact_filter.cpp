@@ -203,12 +203,18 @@ ngx_int_t send_held_headers(ngx_http_request_t *r, RequestCtx *ctx, Stream &stre
         // HTTP/1.1, HTTP/2).
         r->expect_trailers = 1;
     }
-    // The body is the redacted view for this caller and these obligations: no length, and no
-    // validator of the upstream's bytes (a 304 must not revive a view made under other rules).
+    // The body is the redacted view for this caller and these obligations: not the upstream's
+    // length, and no validator of the upstream's bytes (a 304 must not revive a view made under
+    // other rules).
     ngx_http_clear_content_length(r);
     ngx_http_clear_accept_ranges(r);
     ngx_http_clear_etag(r);
     ngx_http_clear_last_modified(r);
+    if (last) {
+        // The whole view is known (a single resource, a small Bundle): its own length, so the
+        // response needs no chunked framing and leaves in one write.
+        r->headers_out.content_length_n = static_cast<off_t>(stream.out.size());
+    }
     return g_next_header_filter(r);
 }
 
@@ -234,7 +240,7 @@ bool append_output(ngx_http_request_t *r, RequestCtx *ctx, std::string_view data
         b->last = b->pos + n;
         b->memory = 1;
         b->temporary = 0;
-        b->recycled = 1;
+        b->recycled = 0;
         b->flush = 0;
         b->last_buf = 0;
         b->tag = reinterpret_cast<ngx_buf_tag_t>(&ngx_http_ehrgate_module);
@@ -398,6 +404,11 @@ ngx_int_t body_filter(ngx_http_request_t *r, ngx_chain_t *in) noexcept {
         for (ngx_chain_t *cl = in; cl != nullptr; cl = cl->next) {
             last_buf = last_buf || cl->buf->last_buf;
         }
+        // The document usually closes before the upstream's last buffer arrives (the event
+        // pipe sends that on its own, later): end the view now, so that its last bytes and its
+        // end leave together. Whatever the upstream still sends is swallowed (kDone); after a
+        // complete document only whitespace may follow, and none of it is ours to release.
+        last_buf = last_buf || stream->redactor.complete();
         if (last_buf && stream->redactor.finish(stream->out) != redaction::Status::Ok) {
             return fail_stream(r, ctx, *stream);
         }

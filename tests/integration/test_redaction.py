@@ -111,10 +111,12 @@ def test_provenance_headers(shared_stack):
         assert response.headers["X-Ehrgate-Source"] == "sandbox-ehr"
         assert response.headers["X-Ehrgate-Source-Time"]
         assert response.headers["X-Ehrgate-Policy-Version"]
-        assert "Content-Length" not in response.headers
         assert "ETag" not in response.headers and "Last-Modified" not in response.headers
-    # Decided before the headers went (a single resource; here also the small Bundle, which
-    # arrived in one piece): the count is a header.
+        # Decided before the headers went (a single resource; here also the small Bundle,
+        # which arrived in one piece): the view's own length, never the upstream's.
+        assert int(response.headers["Content-Length"]) == len(response.content)
+        assert "Transfer-Encoding" not in response.headers
+    # ... and the count is a header.
     assert single.headers["X-Ehrgate-Redacted"] == "1"
     assert search.headers["X-Ehrgate-Redacted"] == "0"
 

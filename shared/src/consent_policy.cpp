@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 
 #include "ehrgate/consent.hpp"
 #include "ehrgate/msgpack.hpp"
@@ -50,34 +51,10 @@ bool read_access(msgpack::Reader &r, DefaultAccess &out) {
     return true;
 }
 
-// Reads a map of known keys; unknown keys are skipped, a repeated key refused.
+// A map of known keys, none required: unknown keys are skipped, a repeated key refused.
 template <size_t N, typename OnField>
 bool read_map(msgpack::Reader &r, const std::array<std::string_view, N> &keys, OnField &&on_field) {
-    const std::optional<uint32_t> count = r.read_map();
-    if (!count) {
-        return false;
-    }
-    uint32_t seen = 0;
-    for (uint32_t i = 0; i < *count; ++i) {
-        const std::optional<std::string_view> key = r.read_str();
-        if (!key) {
-            return false;
-        }
-        const auto known = std::find(keys.begin(), keys.end(), *key);
-        if (known == keys.end()) {
-            if (!r.skip()) {
-                return false;
-            }
-            continue;
-        }
-        const uint32_t bit = uint32_t{1} << (known - keys.begin());
-        if ((seen & bit) != 0 || !on_field(static_cast<size_t>(known - keys.begin())) || !r.ok()) {
-            r.fail();
-            return false;
-        }
-        seen |= bit;
-    }
-    return r.ok();
+    return msgpack::read_fields(r, keys, 0, std::forward<OnField>(on_field));
 }
 
 bool sorted_unique(const std::vector<std::string> &v) {

@@ -262,42 +262,7 @@ std::string encode_canonical_bundle(const Bundle &bundle) {
 // these only stop a corrupt body from growing a list without bound.
 constexpr uint32_t kMaxNames = 1024;
 
-// Reads a map, calling on_field(index, reader) for each key listed in `keys` and skipping the
-// rest. `required` is a bit mask over `keys` of the fields that must be present.
-template <size_t N, typename OnField>
-bool read_fields(Reader &r, const std::array<std::string_view, N> &keys, uint32_t required,
-                 OnField &&on_field) {
-    static_assert(N <= 32);
-    const std::optional<uint32_t> count = r.read_map();
-    if (!count) {
-        return false;
-    }
-    uint32_t seen = 0;
-    for (uint32_t i = 0; i < *count; ++i) {
-        const std::optional<std::string_view> key = r.read_str();
-        if (!key) {
-            return false;
-        }
-        const auto known = std::find(keys.begin(), keys.end(), *key);
-        if (known == keys.end()) {
-            if (!r.skip()) {
-                return false;
-            }
-            continue;
-        }
-        const uint32_t bit = uint32_t{1} << (known - keys.begin());
-        if ((seen & bit) != 0 || !on_field(static_cast<size_t>(known - keys.begin())) || !r.ok()) {
-            r.fail();
-            return false;
-        }
-        seen |= bit;
-    }
-    if ((seen & required) != required) {
-        r.fail();
-        return false;
-    }
-    return r.ok();
-}
+using msgpack::read_fields;
 
 bool read_string(Reader &r, std::string &out) {
     const std::optional<std::string_view> value = r.read_str();

@@ -7,6 +7,8 @@
 // reference implementation for cross-checking.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -81,5 +83,44 @@ class Reader {
     size_t pos_ = 0;
     bool failed_ = false;
 };
+
+// Reads a map with string keys, calling on_field(index) for each key listed in `keys` (the
+// reader is then at its value) and skipping the others, so newer peers can add fields. A known
+// key given twice fails the reader (which of the two counts would be a guess), as does a field
+// of `required` (a bit mask over `keys`) that is missing.
+template <size_t N, typename OnField>
+bool read_fields(Reader &r, const std::array<std::string_view, N> &keys, uint32_t required,
+                 OnField &&on_field) {
+    static_assert(N <= 32);
+    const std::optional<uint32_t> count = r.read_map();
+    if (!count) {
+        return false;
+    }
+    uint32_t seen = 0;
+    for (uint32_t i = 0; i < *count; ++i) {
+        const std::optional<std::string_view> key = r.read_str();
+        if (!key) {
+            return false;
+        }
+        const auto known = std::find(keys.begin(), keys.end(), *key);
+        if (known == keys.end()) {
+            if (!r.skip()) {
+                return false;
+            }
+            continue;
+        }
+        const uint32_t bit = uint32_t{1} << (known - keys.begin());
+        if ((seen & bit) != 0 || !on_field(static_cast<size_t>(known - keys.begin())) || !r.ok()) {
+            r.fail();
+            return false;
+        }
+        seen |= bit;
+    }
+    if ((seen & required) != required) {
+        r.fail();
+        return false;
+    }
+    return r.ok();
+}
 
 }  // namespace ehrgate::msgpack

@@ -23,19 +23,7 @@ void put_list(msgpack::Writer &w, std::string_view key, const std::vector<std::s
 }
 
 bool read_list(msgpack::Reader &r, std::vector<std::string> &out) {
-    const std::optional<uint32_t> count = r.read_array();
-    if (!count || *count > kMaxEntries) {
-        r.fail();
-        return false;
-    }
-    for (uint32_t i = 0; i < *count; ++i) {
-        const std::optional<std::string_view> value = r.read_str();
-        if (!value) {
-            return false;
-        }
-        out.emplace_back(*value);
-    }
-    return true;
+    return msgpack::read_string_list(r, out, kMaxEntries);
 }
 
 bool read_access(msgpack::Reader &r, DefaultAccess &out) {

@@ -458,4 +458,20 @@ bool Reader::skip_at_depth(int depth) {
     return false;
 }
 
+bool read_string_list(Reader &r, std::vector<std::string> &out, uint32_t max) {
+    const std::optional<uint32_t> count = r.read_array();
+    if (!count || *count > max) {
+        r.fail();
+        return false;
+    }
+    for (uint32_t i = 0; i < *count; ++i) {
+        const std::optional<std::string_view> value = r.read_str();
+        if (!value) {
+            return false;
+        }
+        out.emplace_back(*value);
+    }
+    return true;
+}
+
 }  // namespace ehrgate::msgpack

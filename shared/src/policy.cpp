@@ -273,22 +273,7 @@ bool read_string(Reader &r, std::string &out) {
     return true;
 }
 
-bool read_string_list(Reader &r, std::vector<std::string> &out, uint32_t max) {
-    const std::optional<uint32_t> count = r.read_array();
-    if (!count || *count > max) {
-        r.fail();
-        return false;
-    }
-    // No reserve(count): the count is untrusted until the elements are actually there.
-    for (uint32_t i = 0; i < *count; ++i) {
-        const std::optional<std::string_view> value = r.read_str();
-        if (!value) {
-            return false;
-        }
-        out.emplace_back(*value);
-    }
-    return true;
-}
+using msgpack::read_string_list;
 
 // A list of distinct auth method names. Empty is refused: such a client could never
 // authenticate, and the parser never produces one.

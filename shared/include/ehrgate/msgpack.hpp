@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace ehrgate::msgpack {
 
@@ -83,6 +84,11 @@ class Reader {
     size_t pos_ = 0;
     bool failed_ = false;
 };
+
+// Reads an array of at most `max` strings, appending them to `out`. A longer array fails the
+// reader; nothing is reserved up front, since the count is untrusted until the elements are
+// actually there.
+bool read_string_list(Reader &r, std::vector<std::string> &out, uint32_t max);
 
 // Reads a map with string keys, calling on_field(index) for each key listed in `keys` (the
 // reader is then at its value) and skipping the others, so newer peers can add fields. A known

@@ -162,6 +162,19 @@ void record_consent(ngx_http_request_t *r, RequestCtx *ctx, const protocol::Deci
     }
 }
 
+void apply_decision(ngx_http_request_t *r, RequestCtx *ctx, const protocol::DecideReply &reply) {
+    ngx_pool_t *pool = r->pool;
+    ctx->state = DecisionState::Decided;
+    ctx->permit = reply.decision == protocol::Decision::Permit;
+    ctx->status = ctx->permit ? NGX_HTTP_OK : reply.http_status;
+    ctx->reason = pool_copy(pool, reply.reason);
+    ctx->message = pool_copy(pool, reply.message);
+    ctx->policy_version = pool_copy(pool, reply.policy_version);
+    ctx->audit_resource_type = pool_copy(pool, reply.resource_type);  // audit (issue 7)
+    ctx->audit_interaction = pool_copy(pool, reply.interaction);
+    record_consent(r, ctx, reply);
+}
+
 void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *frame) noexcept {
     auto *ctx = static_cast<RequestCtx *>(data);
     ngx_http_request_t *r = ctx->request;
@@ -178,16 +191,8 @@ void on_decision(void *data, CallOutcome outcome, const protocol::FrameView *fra
                            "The policy service could not decide this request");
         } else if (std::optional<protocol::DecideReply> reply =
                        protocol::decode_decide_reply(frame->body)) {
-            ngx_pool_t *pool = r->pool;
-            ctx->state = DecisionState::Decided;
-            ctx->permit = reply->decision == protocol::Decision::Permit;
-            ctx->status = ctx->permit ? NGX_HTTP_OK : reply->http_status;
-            ctx->reason = pool_copy(pool, reply->reason);
-            ctx->message = pool_copy(pool, reply->message);
-            ctx->policy_version = pool_copy(pool, reply->policy_version);
-            ctx->audit_resource_type = pool_copy(pool, reply->resource_type);  // audit (issue 7)
-            ctx->audit_interaction = pool_copy(pool, reply->interaction);
-            record_consent(r, ctx, *reply);
+            apply_decision(r, ctx, *reply);
+            remember_decision(ctx, *reply, frame->body);
             if (SidecarClient *client = worker_client()) {
                 client->saw_policy_serial(reply->policy_serial);
             }
@@ -230,6 +235,16 @@ void on_timeout(ngx_event_t *ev) noexcept {
     resume(r);
 }
 
+// The access phase once the request is decided (and again when it re-enters after waiting).
+ngx_int_t act_on_decision(ngx_http_request_t *r, RequestCtx *ctx) {
+    if (ctx->state == DecisionState::Decided && ctx->permit) {
+        // audit (issue 7): the access record is durable before anything is proxied.
+        const ngx_int_t rc = audit_before_release(r, ctx);
+        return rc == NGX_DECLINED ? NGX_OK : rc;
+    }
+    return send_outcome(r, ctx);
+}
+
 ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
     SidecarClient *client = worker_client();
     protocol::DecideRequest request;
@@ -252,6 +267,10 @@ ngx_int_t start_decision(ngx_http_request_t *r, RequestCtx *ctx) {
         ctx->break_glass_reason = find_header(r, "X-Break-Glass-Reason");
     }
     request.break_glass_reason.assign(view(ctx->break_glass_reason));
+    if (protocol::DecideReply cached; cached_decision(r, ctx, request, &cached)) {
+        apply_decision(r, ctx, cached);
+        return act_on_decision(r, ctx);
+    }
     const uint32_t id = client == nullptr
                             ? 0
                             : client->call(protocol::MessageType::DecideRequest,
@@ -348,14 +367,8 @@ ngx_int_t access_handler(ngx_http_request_t *r) noexcept {
             case DecisionState::Waiting:
                 return NGX_AGAIN;
             case DecisionState::Decided:
-                if (ctx->permit) {
-                    // audit (issue 7): the access record is durable before anything is proxied.
-                    const ngx_int_t rc = audit_before_release(r, ctx);
-                    return rc == NGX_DECLINED ? NGX_OK : rc;
-                }
-                return send_outcome(r, ctx);
             case DecisionState::Failed:
-                return send_outcome(r, ctx);
+                return act_on_decision(r, ctx);
         }
     } catch (const std::exception &e) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "ehrgate: access check failed: %s",

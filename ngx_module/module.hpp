@@ -20,6 +20,8 @@ struct MainConf {
     size_t token_cache_size;
     ngx_shm_zone_t *limit_zone;
     size_t limit_zone_size;
+    ngx_shm_zone_t *decision_cache;  // consent (issue 5): decision_cache.cpp
+    size_t decision_cache_size;
     ngx_msec_t timeout;
     ngx_uint_t max_pending;
     ngx_msec_t reconnect_max;
@@ -33,7 +35,8 @@ struct LocConf {
     // Where `ehrgate on` was written, for the "needs ehrgate_policyd" error.
     ngx_str_t enabled_file;
     ngx_uint_t enabled_line;
-    ngx_uint_t audit_mode;  // audit (issue 7): ehrgate_audit sync (default) | async
+    ngx_uint_t audit_mode;      // audit (issue 7): ehrgate_audit sync (default) | async
+    ngx_flag_t decision_cache;  // ehrgate_decision_cache on (default) | off
 };
 
 // audit (issue 7)
@@ -41,6 +44,8 @@ enum class AuditMode : ngx_uint_t { Sync = 1, Async = 2 };
 enum class AuditState : uint8_t { None, Waiting, Durable, Failed };
 
 enum class DecisionState : uint8_t { Idle, Waiting, Decided, Failed };
+// Where the request's decision came from: $ehrgate_decision_cache.
+enum class DecisionCacheUse : uint8_t { Bypass, Miss, Hit };
 
 // Lives in the request pool and is never destroyed explicitly: it must stay trivially
 // destructible. Strings point into the request pool.
@@ -99,6 +104,9 @@ struct RequestCtx {
     // whole answer, empty meaning nothing to withhold. Otherwise the redaction filter applies
     // the bundle's default withheld labels.
     bool obligations_decided;
+    // Decision cache (decision_cache.cpp): the request's key, set when it was looked up.
+    DecisionCacheUse decision_cache;
+    u_char decision_key[32];
     // Resources removed plus resources masked by the redaction filter, once the body is done;
     // the outcome audit record carries it.
     uint32_t redaction_count;
@@ -133,6 +141,17 @@ ngx_int_t apply_limits(ngx_http_request_t *r, RequestCtx *ctx);
 void release_limits(RequestCtx *ctx);
 std::string limiter_status_json();
 std::string token_cache_status_json();
+
+// Decision cache (decision_cache.cpp; consent, issue 5).
+bool add_decision_cache_zone(ngx_conf_t *cf, MainConf *mcf);
+void watch_consent_changes(SidecarClient &client, MainConf *mcf);
+// A current cached decision for `request` into *reply (true), or false: ask policyd, then pass
+// its reply to remember_decision(). Either way ctx->decision_cache says what happened.
+bool cached_decision(ngx_http_request_t *r, RequestCtx *ctx, const protocol::DecideRequest &request,
+                     protocol::DecideReply *reply);
+void remember_decision(RequestCtx *ctx, const protocol::DecideReply &reply,
+                       std::string_view reply_body);
+std::string decision_cache_status_json();
 
 // `ehrgate_status;` content handler (status.cpp).
 char *set_status_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;

@@ -76,6 +76,12 @@ ngx_command_t g_commands[] = {
     {ngx_string("ehrgate_limit_zone_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      ngx_conf_set_size_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, limit_zone_size),
      &g_zone_size_bounds},
+    {ngx_string("ehrgate_decision_cache_size"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_size_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, decision_cache_size),
+     &g_zone_size_bounds},
+    {ngx_string("ehrgate_decision_cache"),
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG,
+     ngx_conf_set_flag_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decision_cache), nullptr},
     {ngx_string("ehrgate_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status_handler, 0, 0,
      nullptr},
     // audit (issue 7)
@@ -102,6 +108,7 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     mcf->reconnect_max = NGX_CONF_UNSET_MSEC;
     mcf->token_cache_size = NGX_CONF_UNSET_SIZE;
     mcf->limit_zone_size = NGX_CONF_UNSET_SIZE;
+    mcf->decision_cache_size = NGX_CONF_UNSET_SIZE;
     mcf->audit_timeout = NGX_CONF_UNSET_MSEC;
     mcf->audit_queue = NGX_CONF_UNSET_UINT;
     return mcf;
@@ -111,7 +118,9 @@ char *init_main_conf(ngx_conf_t *cf, void *conf) noexcept {
     auto *mcf = static_cast<MainConf *>(conf);
     ngx_conf_init_size_value(mcf->token_cache_size, 4 * 1024 * 1024);
     ngx_conf_init_size_value(mcf->limit_zone_size, 8 * 1024 * 1024);
-    if (mcf->policyd != nullptr && (!add_token_cache_zone(cf, mcf) || !add_limit_zone(cf, mcf))) {
+    ngx_conf_init_size_value(mcf->decision_cache_size, 8 * 1024 * 1024);
+    if (mcf->policyd != nullptr && (!add_token_cache_zone(cf, mcf) || !add_limit_zone(cf, mcf) ||
+                                    !add_decision_cache_zone(cf, mcf))) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     ngx_conf_init_msec_value(mcf->timeout, 250);
@@ -129,6 +138,7 @@ void *create_loc_conf(ngx_conf_t *cf) noexcept {
     }
     lcf->enabled = NGX_CONF_UNSET;
     lcf->audit_mode = NGX_CONF_UNSET_UINT;
+    lcf->decision_cache = NGX_CONF_UNSET;
     return lcf;
 }
 
@@ -142,6 +152,7 @@ char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
     ngx_conf_merge_value(conf->enabled, prev->enabled, 0);
     ngx_conf_merge_uint_value(conf->audit_mode, prev->audit_mode,
                               static_cast<ngx_uint_t>(AuditMode::Sync));
+    ngx_conf_merge_value(conf->decision_cache, prev->decision_cache, 1);
     auto *mcf =
         static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_http_ehrgate_module));
     if (conf->enabled && mcf->policyd == nullptr) {
@@ -191,6 +202,7 @@ ngx_int_t init_process(ngx_cycle_t *cycle) noexcept {
         settings.reconnect_max = mcf->reconnect_max;
         g_client = std::make_unique<SidecarClient>(settings, cycle->log);
         watch_policy_changes(*g_client, mcf);
+        watch_consent_changes(*g_client, mcf);
         attach_limit_zone(mcf);
         audit_worker_start(mcf, cycle->log);  // audit (issue 7)
         g_client->start();

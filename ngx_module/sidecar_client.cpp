@@ -146,6 +146,7 @@ void SidecarClient::disconnect(const char *why) {
     ngx_close_connection(connection_);
     connection_ = nullptr;
     state_ = State::Disconnected;
+    heard_since_connect_ = false;
     output_.clear();
     output_sent_ = 0;
     decoder_ = std::make_unique<protocol::FrameDecoder>(settings_.max_frame);
@@ -278,6 +279,8 @@ void SidecarClient::read_available() {
         }
         decoder_->feed(std::string_view(reinterpret_cast<char *>(buffer), static_cast<size_t>(n)));
         consecutive_timeouts_ = 0;
+        last_heard_ = ngx_current_msec;
+        heard_since_connect_ = true;
         // Completions may disconnect (and replace the decoder); hold the one we are reading.
         protocol::FrameDecoder *decoder = decoder_.get();
         while (std::optional<protocol::FrameView> frame = decoder->next()) {
@@ -304,6 +307,17 @@ void SidecarClient::dispatch(const protocol::FrameView &frame) {
             apply_snapshot(frame.body);
         } else if (frame.header.type == protocol::MessageType::RevocationList) {
             apply_revocations(frame.body);
+        } else if (frame.header.type == protocol::MessageType::ConsentEpoch) {
+            const std::optional<protocol::ConsentEpoch> epoch =
+                protocol::decode_consent_epoch(frame.body);
+            if (!epoch) {
+                // Cached decisions could now be stale and nothing says which: start over.
+                disconnect("undecodable consent epoch");
+                return;
+            }
+            if (consent_epoch_callback_ != nullptr) {
+                consent_epoch_callback_(epoch->epoch);
+            }
         } else if (frame.header.type == protocol::MessageType::Error) {
             const std::optional<protocol::ErrorBody> error = protocol::decode_error(frame.body);
             ngx_log_error(NGX_LOG_ERR, log_, 0, "ehrgate: policyd reported: %s",

@@ -66,6 +66,15 @@ class SidecarClient {
     const auth::AuthPolicy *auth_policy() const { return auth_policy_.get(); }
     // Called with the new serial whenever a snapshot is applied (the token cache's generation).
     void on_policy_change(void (*callback)(uint64_t serial)) { policy_change_callback_ = callback; }
+    // Called with the epoch policyd pushes on every consent change (the decision cache's).
+    void on_consent_epoch(void (*callback)(uint64_t epoch)) { consent_epoch_callback_ = callback; }
+    // True when this connection is up and delivered something within `window`: only then would a
+    // consent change pushed by policyd have reached this worker, so only then may it answer from
+    // cached decisions. An idle worker falls back to asking (and so hears from policyd again).
+    bool heard_within(ngx_msec_t window) const {
+        return state_ == State::Connected && heard_since_connect_ &&
+               ngx_current_msec - last_heard_ <= window;
+    }
     const RevocationSet &revocations() const { return revocations_; }
     // True once this connection has delivered the revocation list: until then a worker cannot
     // know which tokens are revoked, so bearer authentication fails closed.
@@ -122,6 +131,11 @@ class SidecarClient {
     std::shared_ptr<const policy::Snapshot> snapshot_;
     std::shared_ptr<const auth::AuthPolicy> auth_policy_;
     void (*policy_change_callback_)(uint64_t serial) = nullptr;
+    void (*consent_epoch_callback_)(uint64_t epoch) = nullptr;
+    ngx_msec_t last_heard_ = 0;
+    // Pushes sent while the connection was down are lost: only what arrives on this connection
+    // counts.
+    bool heard_since_connect_ = false;
     bool snapshot_requested_ = false;
     RevocationSet revocations_;
     bool revocations_current_ = false;

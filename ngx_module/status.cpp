@@ -25,8 +25,9 @@ std::string status_json() {
     out += ",\"revocations_serial\":" +
            std::to_string(client != nullptr ? client->revocations().serial() : 0) +
            ",\"limiter\":" + limiter_status_json() +
-           ",\"token_cache\":" + token_cache_status_json() + ",\"audit\":" + audit_status_json() +
-           "}";
+           ",\"token_cache\":" + token_cache_status_json() +
+           ",\"decision_cache\":" + decision_cache_status_json() +
+           ",\"audit\":" + audit_status_json() + "}";
     return out;
 }
 

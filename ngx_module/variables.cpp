@@ -24,6 +24,7 @@ enum class Field : uintptr_t {
     Consent,
     Obligations,
     BreakGlass,
+    DecisionCache,
     DecisionId,
     ConsentToken,
 };
@@ -122,6 +123,17 @@ ngx_int_t get_variable(ngx_http_request_t *r, ngx_http_variable_value_t *v,
             case Field::DecisionId:
                 set_value(v, ctx->decision_id);
                 break;
+            case Field::DecisionCache: {
+                static ngx_str_t hit = ngx_string("hit");
+                static ngx_str_t miss = ngx_string("miss");
+                static ngx_str_t bypass = ngx_string("bypass");
+                if (ctx->state == DecisionState::Decided || ctx->state == DecisionState::Failed) {
+                    set_value(v, ctx->decision_cache == DecisionCacheUse::Hit    ? hit
+                                 : ctx->decision_cache == DecisionCacheUse::Miss ? miss
+                                                                                 : bypass);
+                }
+                break;
+            }
             case Field::ConsentToken:
                 set_value(v, ctx->consent_token);
                 break;
@@ -153,6 +165,7 @@ VariableSpec g_variables[] = {
     {ngx_string("ehrgate_consent"), Field::Consent},
     {ngx_string("ehrgate_obligations"), Field::Obligations},
     {ngx_string("ehrgate_break_glass"), Field::BreakGlass},
+    {ngx_string("ehrgate_decision_cache"), Field::DecisionCache},
     {ngx_string("ehrgate_decision_id"), Field::DecisionId},
     {ngx_string("ehrgate_consent_token"), Field::ConsentToken},
 };

@@ -102,6 +102,8 @@ bool consent_records(std::string_view text, std::vector<consent::Record> *out, s
 
 void Server::on_consent_change(const ConsentChange &change) {
     ++consent_changes_;
+    // Before anything else: from here on no worker may answer from a decision made before it.
+    push_consent_epoch();
     // The patient id stays out of the log; the history and the audit log have it.
     log::info("consent " + change.action + " " + change.id + " by " + change.actor);
     if (audit_ != nullptr) {

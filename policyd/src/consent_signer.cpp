@@ -128,8 +128,15 @@ std::string ConsentSigner::sign(const ConsentContext &c) const {
     json::append_string(claims, c.decision);
     put_list(claims, "obligations", c.obligations);
     put_list(claims, "consent_ids", c.consent_ids);
-    claims += ",\"correlation_id\":";
-    json::append_string(claims, c.correlation_id);
+    // What the decision covers, so a hop can check the request it received is one of them. A
+    // decision (and its token) is reused for identical requests while it is current, so the
+    // token names no single request: X-Request-ID carries each request's correlation id.
+    claims += ",\"patient\":";
+    json::append_string(claims, c.patient);
+    claims += ",\"resource_type\":";
+    json::append_string(claims, c.resource_type);
+    claims += ",\"interaction\":";
+    json::append_string(claims, c.interaction);
     claims += ",\"decision_id\":";
     json::append_string(claims, c.decision_id);
     claims += ",\"client_id\":";

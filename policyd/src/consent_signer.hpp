@@ -22,7 +22,9 @@ struct ConsentContext {
     std::string decision;  // "permit"
     std::vector<std::string> obligations;
     std::vector<std::string> consent_ids;
-    std::string correlation_id;
+    std::string patient;  // the patient decided for; empty: none named
+    std::string resource_type;
+    std::string interaction;
     std::string decision_id;
     std::string client_id;
     bool break_glass = false;

@@ -2,6 +2,7 @@
 
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <ctime>
 
@@ -56,6 +57,7 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
     };
     if (consents == nullptr) {
         refuse("consent-unavailable", "Consent cannot be checked; no decision was made");
+        reply.cache_ms = 0;
         return;
     }
     const policy::Client *client = snapshot.bundle.find_client(request.client_id);
@@ -80,8 +82,14 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
         input.client_purposes = client->purposes;
     }
     input.now = now;
-    consent::Decision decision =
-        consent::decide(policy, input, consents->for_patient(input.patient));
+    const std::span<const consent::Record> records = consents->for_patient(input.patient);
+    consent::Decision decision = consent::decide(policy, input, records);
+    // The same request gets the same answer until a consent changes (the epoch moves, and the
+    // workers drop every cached decision) or a period starts or ends: cache no longer than that.
+    if (const std::optional<int64_t> boundary = consent::next_period_boundary(records, now)) {
+        reply.cache_ms = static_cast<uint32_t>(
+            std::min<int64_t>(reply.cache_ms, std::max<int64_t>(0, *boundary - now - 1) * 1000));
+    }
     reply.purpose_of_use = decision.purpose;
     reply.consent_ids = std::move(decision.consent_ids);
     if (!decision.permit) {
@@ -90,14 +98,19 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
     }
     reply.obligations = std::move(decision.obligations);
     reply.break_glass = decision.break_glass;
+    if (reply.break_glass) {
+        reply.cache_ms = 0;  // every emergency access is decided, logged and alerted on its own
+    }
     if (signer != nullptr) {
         ConsentContext context;
         context.purpose_of_use = reply.purpose_of_use;
         context.decision = "permit";
         context.obligations = reply.obligations;
         context.consent_ids = reply.consent_ids;
-        context.correlation_id = request.correlation_id;
         context.decision_id = reply.decision_id;
+        context.patient = input.patient;
+        context.resource_type = reply.resource_type;
+        context.interaction = reply.interaction;
         context.client_id = request.client_id;
         context.break_glass = reply.break_glass;
         context.issued_at = now;
@@ -106,8 +119,13 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
         if (reply.consent_token.empty()) {
             refuse("consent-unavailable", "The consent context could not be signed");
             reply.http_status = 503;
+            reply.cache_ms = 0;
             return;
         }
+        // A cached decision forwards this token again: never past a second before its expiry,
+        // so the hop behind always has time to verify it.
+        reply.cache_ms = static_cast<uint32_t>(
+            std::min<int64_t>(reply.cache_ms, (context.expires_at - now - 1) * 1000));
     }
     if (decision.break_glass) {
         ++counters.break_glass;
@@ -121,7 +139,7 @@ void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideReque
 DispatchResult handle_data_frame(const PolicyState &state, const protocol::FrameView &frame,
                                  DataPeer &peer, DataCounters &counters, std::string &out,
                                  const Revocations *revocations, const ConsentStore *consents,
-                                 const ConsentSigner *signer) {
+                                 const ConsentSigner *signer, uint64_t consent_epoch) {
     const uint32_t id = frame.header.request_id;
     switch (frame.header.type) {
         case MessageType::DecideRequest: {
@@ -133,6 +151,10 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
                 return DispatchResult::Ok;  // framing is intact; only this message was bad
             }
             protocol::DecideReply reply = policy::evaluate(state.snapshot(), *request);
+            reply.consent_epoch = consent_epoch;
+            reply.cache_ms = reply.http_status < 500 && request->break_glass_reason.empty()
+                                 ? kDecisionCacheMs
+                                 : 0;
             apply_consent(state.snapshot(), *request, consents,
                           static_cast<int64_t>(std::time(nullptr)), counters, reply, signer);
             ++peer.decisions;

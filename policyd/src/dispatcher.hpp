@@ -39,12 +39,18 @@ DispatchResult handle_data_frame(const PolicyState &state, const protocol::Frame
                                  DataPeer &peer, DataCounters &counters, std::string &out,
                                  const Revocations *revocations = nullptr,
                                  const ConsentStore *consents = nullptr,
-                                 const ConsentSigner *signer = nullptr);
+                                 const ConsentSigner *signer = nullptr, uint64_t consent_epoch = 0);
+
+// How long a worker may reuse a decision for an identical request (DecideReply::cache_ms), at
+// most. Consent changes do not wait for it (they move the epoch); it bounds how long a decision
+// outlives the clock-driven parts: a token's or consent's period, the consent context's expiry.
+inline constexpr uint32_t kDecisionCacheMs = 4000;
 
 // Consent (issue 5): after the policy permitted `request`, decides it against the patient's
 // consents and the bundle's defaults, and fills the reply's consent fields (a refusal turns it
 // into a 403). `now` is unix seconds. With a signer, a permit carries the signed consent context
-// (consent_token); a signing failure refuses (503): the hops behind expect it.
+// (consent_token); a signing failure refuses (503): the hops behind expect it. Lowers
+// reply.cache_ms to what the decision allows (0 for break-glass and failures).
 void apply_consent(const policy::Snapshot &snapshot, const protocol::DecideRequest &request,
                    const ConsentStore *consents, int64_t now, DataCounters &counters,
                    protocol::DecideReply &reply, const ConsentSigner *signer = nullptr);

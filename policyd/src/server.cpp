@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -107,8 +108,8 @@ void Connection::process_frames() {
             continue;
         }
         if (handle_data_frame(server_.policy_, *frame, peer_, server_.counters_, out,
-                              &server_.revocations_, server_.consents_,
-                              server_.signer_) == DispatchResult::CloseConnection) {
+                              &server_.revocations_, server_.consents_, server_.signer_,
+                              server_.consent_epoch()) == DispatchResult::CloseConnection) {
             write(std::move(out));
             shutdown();
             return;
@@ -260,6 +261,10 @@ bool Server::listen_on(uv_pipe_t *listener, const std::string &path, unsigned mo
 
 bool Server::start() {
     started_at_ms_ = uv_now(loop_);
+    consent_epoch_base_ =
+        static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count());
     data_listening_ = listen_on(&data_listener_, options_.data_socket, options_.data_socket_mode,
                                 options_.data_socket_group, on_data_connection);
     if (!data_listening_) {
@@ -396,6 +401,17 @@ void Server::push_snapshot() {
     std::string frame;
     protocol::encode_frame(frame, MessageType::PolicySnapshot, protocol::kPushRequestId,
                            policy_.encoded());
+    for (Connection *connection : connections_) {
+        if (connection->kind() == Connection::Kind::Data) {
+            connection->write(frame);
+        }
+    }
+}
+
+void Server::push_consent_epoch() {
+    std::string frame;
+    protocol::encode_frame(frame, MessageType::ConsentEpoch, protocol::kPushRequestId,
+                           protocol::encode(protocol::ConsentEpoch{consent_epoch()}));
     for (Connection *connection : connections_) {
         if (connection->kind() == Connection::Kind::Data) {
             connection->write(frame);

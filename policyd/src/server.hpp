@@ -118,6 +118,12 @@ class Server {
     std::string status_json() const;
     void push_snapshot();
     void push_revocations();
+    // Decision cache (issue 5): moves forward with every consent change, and across restarts
+    // (it starts from the wall clock), so a worker never keeps a decision made before a change.
+    uint64_t consent_epoch() const {
+        return consent_epoch_base_ + (consents_ != nullptr ? consents_->epoch() : 0);
+    }
+    void push_consent_epoch();
     void revoke_token(const protocol::AdminRequest &request, protocol::AdminReply &reply);
     // audit (issue 7)
     void handle_audit_append(Connection &connection, const protocol::FrameView &frame,
@@ -153,6 +159,7 @@ class Server {
     ConsentStore *consents_ = nullptr;  // consent (issue 5)
     const ConsentSigner *signer_ = nullptr;
     uint64_t consent_changes_ = 0;
+    uint64_t consent_epoch_base_ = 0;  // wall clock µs at start
 };
 
 }  // namespace ehrgate::policyd

@@ -998,4 +998,30 @@ Decision decide(const ConsentPolicy &policy, const Request &request,
     return d;
 }
 
+namespace {
+
+void earliest_boundary(const Provision &provision, int64_t now, std::optional<int64_t> &earliest) {
+    if (provision.period) {
+        for (const std::optional<int64_t> &edge :
+             {provision.period->start, provision.period->end}) {
+            if (edge && *edge > now && (!earliest || *edge < *earliest)) {
+                earliest = *edge;
+            }
+        }
+    }
+    for (const Provision &nested : provision.provisions) {
+        earliest_boundary(nested, now, earliest);
+    }
+}
+
+}  // namespace
+
+std::optional<int64_t> next_period_boundary(std::span<const Record> records, int64_t now) {
+    std::optional<int64_t> earliest;
+    for (const Record &record : records) {
+        earliest_boundary(record.provision, now, earliest);
+    }
+    return earliest;
+}
+
 }  // namespace ehrgate::consent

@@ -101,6 +101,8 @@ const char *message_type_name(MessageType type) {
             return "pong";
         case MessageType::RevocationFetch:
             return "revocation-fetch";
+        case MessageType::ConsentEpoch:
+            return "ConsentEpoch";
         case MessageType::RevocationList:
             return "revocation-list";
         case MessageType::AdminRequest:
@@ -188,7 +190,7 @@ std::optional<FrameView> FrameDecoder::next() {
         error_ = FrameError::BadVersion;
         return std::nullopt;
     }
-    const bool known_type = *type <= static_cast<uint8_t>(MessageType::RevocationList) ||
+    const bool known_type = *type <= static_cast<uint8_t>(MessageType::ConsentEpoch) ||
                             *type == static_cast<uint8_t>(MessageType::AdminRequest) ||
                             *type == static_cast<uint8_t>(MessageType::AdminReply) ||
                             // audit (issue 7)
@@ -301,7 +303,8 @@ std::string encode(const DecideReply &msg) {
     const bool has_consent_ids = !msg.consent_ids.empty();
     w.map(9 + (has_obligations ? 1 : 0) + (has_consent_ids ? 1 : 0) +
           (msg.decision_id.empty() ? 0 : 1) + (msg.purpose_of_use.empty() ? 0 : 1) +
-          (msg.break_glass ? 1 : 0) + (msg.consent_token.empty() ? 0 : 1));
+          (msg.break_glass ? 1 : 0) + (msg.consent_token.empty() ? 0 : 1) +
+          (msg.consent_epoch == 0 ? 0 : 1) + (msg.cache_ms == 0 ? 0 : 1));
     w.key("decision");
     w.uint(static_cast<uint8_t>(msg.decision));
     w.key("http_status");
@@ -332,6 +335,14 @@ std::string encode(const DecideReply &msg) {
     }
     if (!msg.consent_token.empty()) {
         put(w, "consent_token", msg.consent_token);
+    }
+    if (msg.consent_epoch != 0) {
+        w.key("consent_epoch");
+        w.uint(msg.consent_epoch);
+    }
+    if (msg.cache_ms != 0) {
+        w.key("cache_ms");
+        w.uint(msg.cache_ms);
     }
     return out;
 }
@@ -376,6 +387,10 @@ std::optional<DecideReply> decode_decide_reply(std::string_view body) {
             return read_into(r, msg.purpose_of_use);
         if (key == "consent_token")
             return read_into(r, msg.consent_token);
+        if (key == "consent_epoch")
+            return read_into_uint(r, msg.consent_epoch);
+        if (key == "cache_ms")
+            return read_into_uint(r, msg.cache_ms);
         if (key == "break_glass") {
             const std::optional<bool> v = r.read_bool();
             if (!v) {
@@ -504,6 +519,31 @@ std::optional<RevocationList> decode_revocation_list(std::string_view body) {
         return false;
     });
     if (!ok) {
+        return std::nullopt;
+    }
+    return msg;
+}
+
+std::string encode(const ConsentEpoch &msg) {
+    std::string out;
+    Writer w(out);
+    w.map(1);
+    w.key("epoch");
+    w.uint(msg.epoch);
+    return out;
+}
+
+std::optional<ConsentEpoch> decode_consent_epoch(std::string_view body) {
+    ConsentEpoch msg;
+    bool has_epoch = false;
+    const bool ok = decode_map(body, [&](std::string_view key, Reader &r) {
+        if (key == "epoch") {
+            has_epoch = true;
+            return read_into_uint(r, msg.epoch);
+        }
+        return false;
+    });
+    if (!ok || !has_epoch) {
         return std::nullopt;
     }
     return msg;

@@ -8,11 +8,8 @@
 
 namespace ehrgate::cache {
 
-namespace {
-constexpr uint64_t kMagic = 0x65687267746b6331ULL;  // "ehrgtkc1"
-}  // namespace
-
-struct TokenCacheTable::Header {
+template <size_t SlotBytes, uint64_t Magic>
+struct DigestCacheTable<SlotBytes, Magic>::Header {
     uint64_t magic;
     uint64_t slot_bytes;
     uint64_t sets;
@@ -23,7 +20,8 @@ struct TokenCacheTable::Header {
     uint64_t reserved;
 };
 
-struct TokenCacheTable::Slot {
+template <size_t SlotBytes, uint64_t Magic>
+struct DigestCacheTable<SlotBytes, Magic>::Slot {
     TokenDigest digest;
     int64_t expires_at;  // 0: empty
     uint64_t generation;
@@ -33,10 +31,6 @@ struct TokenCacheTable::Slot {
     char payload[kMaxPayload];
 };
 
-static_assert(std::is_trivially_copyable_v<TokenCacheTable::Header>);
-static_assert(std::is_trivially_copyable_v<TokenCacheTable::Slot>);
-static_assert(sizeof(TokenCacheTable::Slot) <= TokenCacheTable::kSlotBytes);
-
 TokenDigest digest_token(std::string_view token) {
     TokenDigest digest{};
     unsigned int len = 0;
@@ -44,28 +38,33 @@ TokenDigest digest_token(std::string_view token) {
     return digest;
 }
 
-size_t TokenCacheTable::bytes_for(size_t min_entries) {
+template <size_t SlotBytes, uint64_t Magic>
+size_t DigestCacheTable<SlotBytes, Magic>::bytes_for(size_t min_entries) {
     const size_t sets = (min_entries + kWays - 1) / kWays;
     return sizeof(Header) + std::max<size_t>(sets, 1) * kWays * sizeof(Slot);
 }
 
-std::optional<TokenCacheTable> TokenCacheTable::attach(void *memory, size_t bytes) {
+template <size_t SlotBytes, uint64_t Magic>
+std::optional<DigestCacheTable<SlotBytes, Magic>> DigestCacheTable<SlotBytes, Magic>::attach(
+    void *memory, size_t bytes) {
     if (memory == nullptr || bytes < bytes_for(kWays)) {
         return std::nullopt;
     }
     auto *header = static_cast<Header *>(memory);
     auto *slots = reinterpret_cast<Slot *>(static_cast<char *>(memory) + sizeof(Header));
     const uint64_t sets = (bytes - sizeof(Header)) / (kWays * sizeof(Slot));
-    if (header->magic != kMagic || header->slot_bytes != sizeof(Slot) || header->sets != sets) {
+    if (header->magic != Magic || header->slot_bytes != sizeof(Slot) || header->sets != sets) {
         std::memset(memory, 0, sizeof(Header) + sets * kWays * sizeof(Slot));
-        header->magic = kMagic;
+        header->magic = Magic;
         header->slot_bytes = sizeof(Slot);
         header->sets = sets;
     }
-    return TokenCacheTable(header, slots);
+    return DigestCacheTable(header, slots);
 }
 
-bool TokenCacheTable::lookup(const TokenDigest &digest, int64_t now, std::string *payload) {
+template <size_t SlotBytes, uint64_t Magic>
+bool DigestCacheTable<SlotBytes, Magic>::lookup(const TokenDigest &digest, int64_t now,
+                                                std::string *payload) {
     uint64_t set;
     std::memcpy(&set, digest.data(), sizeof set);
     Slot *ways = slots_ + (set % header_->sets) * kWays;
@@ -83,8 +82,9 @@ bool TokenCacheTable::lookup(const TokenDigest &digest, int64_t now, std::string
     return false;
 }
 
-bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at,
-                             std::string_view payload, int64_t now) {
+template <size_t SlotBytes, uint64_t Magic>
+bool DigestCacheTable<SlotBytes, Magic>::insert(const TokenDigest &digest, int64_t expires_at,
+                                                std::string_view payload, int64_t now) {
     if (payload.size() > kMaxPayload || expires_at <= now) {
         return false;
     }
@@ -117,20 +117,34 @@ bool TokenCacheTable::insert(const TokenDigest &digest, int64_t expires_at,
     return true;
 }
 
-void TokenCacheTable::set_generation(uint64_t generation) {
+template <size_t SlotBytes, uint64_t Magic>
+void DigestCacheTable<SlotBytes, Magic>::set_generation(uint64_t generation) {
     header_->generation = generation;
 }
-uint64_t TokenCacheTable::generation() const {
+template <size_t SlotBytes, uint64_t Magic>
+uint64_t DigestCacheTable<SlotBytes, Magic>::generation() const {
     return header_->generation;
 }
-size_t TokenCacheTable::capacity() const {
+template <size_t SlotBytes, uint64_t Magic>
+size_t DigestCacheTable<SlotBytes, Magic>::capacity() const {
     return header_->sets * kWays;
 }
-uint64_t TokenCacheTable::hits() const {
+template <size_t SlotBytes, uint64_t Magic>
+uint64_t DigestCacheTable<SlotBytes, Magic>::hits() const {
     return header_->hits;
 }
-uint64_t TokenCacheTable::misses() const {
+template <size_t SlotBytes, uint64_t Magic>
+uint64_t DigestCacheTable<SlotBytes, Magic>::misses() const {
     return header_->misses;
 }
+
+template class DigestCacheTable<TokenCacheTable::kSlotBytes, kTokenCacheMagic>;
+template class DigestCacheTable<DecisionCacheTable::kSlotBytes, kDecisionCacheMagic>;
+
+static_assert(std::is_trivially_copyable_v<TokenCacheTable::Header>);
+static_assert(std::is_trivially_copyable_v<TokenCacheTable::Slot>);
+static_assert(sizeof(TokenCacheTable::Slot) <= TokenCacheTable::kSlotBytes);
+static_assert(std::is_trivially_copyable_v<DecisionCacheTable::Slot>);
+static_assert(sizeof(DecisionCacheTable::Slot) <= DecisionCacheTable::kSlotBytes);
 
 }  // namespace ehrgate::cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -230,6 +231,7 @@ def test_revocation_under_load_denies_within_one_second(stack, patients):
             with lock:
                 results.append((sent, status_code))
 
+    log_offset = (stack.run_dir / "access.log").stat().st_size
     threads = [threading.Thread(target=hammer) for _ in range(6)]
     for t in threads:
         t.start()
@@ -243,14 +245,22 @@ def test_revocation_under_load_denies_within_one_second(stack, patients):
 
     before = [code for sent, code in results if sent < revoked_at - 0.5]
     after_bound = [code for sent, code in results if sent >= revoked_at + 1.0]
-    after_return = [code for sent, code in results if sent >= revoked_at]
+    after_return = [code for sent, code in results if sent >= revoked_at + 0.05]
     assert before and all(code == 200 for code in before), set(before)
     assert len(after_bound) > 20, "the load did not continue after the bound"
     assert after_bound.count(200) == 0
-    # Every decision is made by policyd at request time, so in fact none is permitted once the
-    # revoke command has returned.
+    # policyd pushes the new consent epoch to every worker before the command returns, so in
+    # practice the cached permits die at once, not only by the bound.
     assert after_return.count(200) == 0
     assert set(after_return) == {403}
+    # The permits before the revocation came from the workers' decision cache: the revocation
+    # was tested against cached decisions, not only against policyd.
+    time.sleep(0.2)  # nginx writes a request's log line after its response
+    with open(stack.run_dir / "access.log") as log:
+        log.seek(log_offset)
+        sources = [log_field(line, "dcache") for line in log
+                   if "client=demo-patient-app" in line and " GET 200 " in line]
+    assert sources.count("hit") > 20, sources[:20]
 
 
 def test_expired_grant_no_longer_permits(stack, patients):
@@ -296,7 +306,8 @@ def test_forwarded_request_carries_a_verifiable_consent_context(stack):
     assert claims["purpose_of_use"] == "TREAT"
     assert claims["obligations"] == SENSITIVE.split(",")
     assert claims["consent_ids"] == []
-    assert claims["correlation_id"] == correlation
+    assert claims["patient"] == DEMO_PATIENT
+    assert claims["resource_type"] == "Condition" and claims["interaction"] == "search-type"
     assert claims["client_id"] == "demo-clinician-app"
     assert claims["break_glass"] is False
     assert 0 < claims["exp"] - claims["iat"] <= 5
@@ -506,3 +517,86 @@ def test_client_copies_are_emptied_even_where_the_location_forgets_to_replace_th
                             timeout=5)
     assert response.status_code == 200, response.text
     assert forwarded_consent_header(s, response.headers["X-Request-ID"]) in (None, "")
+
+
+# ---- The decision cache -----------------------------------------------------------------------
+
+def cached_location_stack(make_stack, cache: str):
+    """A stack with a second server whose /fhir/ writes its access record asynchronously (so a
+    stalled policyd does not already fail requests through audit-before-release) and logs where
+    each decision came from."""
+    port = free_port()
+    location = f"""
+    log_format dcache '$ehrgate_correlation_id $status $ehrgate_decision_cache';
+    server {{
+        listen 127.0.0.1:{port};
+        access_log dcache.log dcache;
+        location /fhir/ {{
+            ehrgate on;
+            ehrgate_audit async;
+            ehrgate_decision_cache {cache};
+            proxy_pass http://127.0.0.1:@EHR_PORT@;
+            proxy_set_header X-Request-ID $ehrgate_correlation_id;
+            proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;
+            proxy_set_header Accept-Encoding "";
+        }}
+    }}
+"""
+    s = make_stack(start=False)
+    s.extra_http = location.replace("@EHR_PORT@", str(s.ehr_port))
+    s.start()
+    return s, f"http://127.0.0.1:{port}/fhir/Patient/{DEMO_PATIENT}"
+
+
+def decision_sources(s, responses: list[requests.Response]) -> list[str]:
+    time.sleep(0.2)  # nginx writes a request's log line after its response
+    by_id = dict(line.split()[0::2] for line in (s.run_dir / "dcache.log").read_text().splitlines())
+    return [by_id[r.headers["X-Request-ID"]] for r in responses]
+
+
+def test_repeated_requests_reuse_the_decision_until_policyd_goes_quiet(make_stack):
+    s, url = cached_location_stack(make_stack, "on")
+    headers = clinician(s)
+    session = requests.Session()
+    responses = [session.get(url, headers=headers, timeout=5) for _ in range(5)]
+    assert [r.status_code for r in responses] == [200] * 5
+    assert decision_sources(s, responses) == ["miss"] + ["hit"] * 4
+    # The decision and its signed context are reused as they are.
+    tokens = {forwarded_consent_header(s, r.headers["X-Request-ID"]) for r in responses}
+    assert len(tokens) == 1 and verify_context(s, tokens.pop())["decision"] == "permit"
+    # A stalled policyd could not push a consent change: after a second without a word from it,
+    # no worker answers from the cache any more. The request waits for a decision and fails
+    # closed when none comes.
+    os.kill(s.policyd.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.1)
+        stalled = session.get(url, headers=headers, timeout=5)
+        assert stalled.status_code == 503, stalled.text
+        assert decision_sources(s, [stalled]) == ["miss"]
+    finally:
+        os.kill(s.policyd.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while session.get(url, headers=headers, timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "no recovery after policyd resumed"
+        time.sleep(0.1)
+
+
+def test_break_glass_is_decided_every_time(make_stack):
+    s, url = cached_location_stack(make_stack, "on")
+    session = requests.Session()
+    headers = clinician(s, "ETREAT") | {"X-Break-Glass-Reason": "unconscious patient"}
+    responses = [session.get(url, headers=headers, timeout=5) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200] * 3
+    assert decision_sources(s, responses) == ["bypass"] * 3
+    # Each one has its own decision (and so its own flagged audit record and alert).
+    tokens = [verify_context(s, forwarded_consent_header(s, r.headers["X-Request-ID"])) for r in responses]
+    assert len({claims["decision_id"] for claims in tokens}) == 3
+    assert all(claims["break_glass"] for claims in tokens)
+
+
+def test_the_cache_can_be_switched_off_per_location(make_stack):
+    s, url = cached_location_stack(make_stack, "off")
+    session = requests.Session()
+    responses = [session.get(url, headers=clinician(s), timeout=5) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200] * 3
+    assert decision_sources(s, responses) == ["bypass"] * 3

@@ -259,6 +259,66 @@ TEST_F(ConsentStoreTest, BreakGlassIsCounted) {
     EXPECT_EQ(counters.break_glass, 1u);
 }
 
+TEST_F(ConsentStoreTest, CacheLifetimeStopsBeforeAnyPeriodBoundaryAndNeverForBreakGlass) {
+    const policy::Snapshot snapshot = sandbox_snapshot();
+    DataCounters counters;
+    const auto decide = [&](const protocol::DecideRequest &req, int64_t now) {
+        protocol::DecideReply reply = policy::evaluate(snapshot, req);
+        reply.cache_ms = kDecisionCacheMs;
+        apply_consent(snapshot, req, consents_.get(), now, counters, reply);
+        return reply;
+    };
+    protocol::DecideRequest app = request("demo-patient-app", "/fhir/Observation", "PATRQT");
+    app.patient = "p1";
+    consent::Record c = grant("p1", "demo-patient-app");
+    c.provision.period = consent::Period{2000, 5000};
+    consent::Provision nested_deny;
+    nested_deny.type = consent::ProvisionType::Deny;
+    nested_deny.period = consent::Period{std::nullopt, 3000};
+    c.provision.provisions = {nested_deny};
+    add(c);
+    // Before the start: refused, and reused only until a second before the consent starts.
+    protocol::DecideReply reply = decide(app, 1000);
+    EXPECT_EQ(reply.decision, protocol::Decision::Deny);
+    EXPECT_EQ(reply.cache_ms, kDecisionCacheMs);  // the nearest boundary is 1000 s away
+    reply = decide(app, 1998);
+    EXPECT_EQ(reply.decision, protocol::Decision::Deny);
+    EXPECT_EQ(reply.cache_ms, 1000u);
+    // Inside, the nested deny's end is the next boundary.
+    reply = decide(app, 2997);
+    EXPECT_EQ(reply.cache_ms, 2000u);
+    // Past every boundary: the default.
+    reply = decide(app, 6000);
+    EXPECT_EQ(reply.decision, protocol::Decision::Deny);
+    EXPECT_EQ(reply.cache_ms, kDecisionCacheMs);
+    // Break-glass: never reused.
+    protocol::DecideRequest glass = request("demo-clinician-app", "/fhir/Patient/p1", "ETREAT");
+    glass.break_glass_reason = "cardiac arrest";
+    reply = decide(glass, 1000);
+    EXPECT_TRUE(reply.break_glass);
+    EXPECT_EQ(reply.cache_ms, 0u);
+    // No store: refused, and never reused.
+    protocol::DecideRequest treat = request("demo-clinician-app", "/fhir/Patient/p1", "TREAT");
+    reply = policy::evaluate(snapshot, treat);
+    reply.cache_ms = kDecisionCacheMs;
+    apply_consent(snapshot, treat, nullptr, 1000, counters, reply);
+    EXPECT_EQ(reply.cache_ms, 0u);
+}
+
+TEST_F(ConsentStoreTest, SignedDecisionsAreReusedOnlyWhileTheirContextIsValid) {
+    std::string error;
+    const std::unique_ptr<ConsentSigner> signer = ConsentSigner::load_or_create(dir_, &error);
+    ASSERT_NE(signer, nullptr) << error;
+    const policy::Snapshot snapshot = sandbox_snapshot();
+    DataCounters counters;
+    protocol::DecideRequest treat = request("demo-clinician-app", "/fhir/Patient/p1", "TREAT");
+    protocol::DecideReply reply = policy::evaluate(snapshot, treat);
+    reply.cache_ms = kDecisionCacheMs;
+    apply_consent(snapshot, treat, consents_.get(), 1000, counters, reply, signer.get());
+    ASSERT_FALSE(reply.consent_token.empty());
+    EXPECT_EQ(reply.cache_ms, static_cast<uint32_t>((ConsentSigner::kLifetimeSeconds - 1) * 1000));
+}
+
 TEST(ConsentNamedPatient, FromPathAndQuery) {
     EXPECT_EQ(consent::named_patient("GET", "Patient/p1", ""), "p1");
     EXPECT_EQ(consent::named_patient("GET", "Patient", "_id=p1"), "p1");

@@ -514,3 +514,28 @@ TEST(ConsentImport, ImportsTheR4Examples) {
 
 }  // namespace
 }  // namespace ehrgate::consent
+
+namespace ehrgate::consent {
+namespace {
+
+TEST(ConsentPeriods, NextBoundaryLooksIntoNestedProvisions) {
+    Record a;
+    a.provision.period = Period{100, 500};
+    Provision nested;
+    nested.period = Period{std::nullopt, 300};
+    Provision deeper;
+    deeper.period = Period{250, std::nullopt};
+    nested.provisions = {deeper};
+    a.provision.provisions = {nested};
+    Record open_ended;  // no period at all
+    const std::vector<Record> records = {open_ended, a};
+    EXPECT_EQ(next_period_boundary(records, 0), 100);
+    EXPECT_EQ(next_period_boundary(records, 100), 250);  // "after now": 100 itself is past
+    EXPECT_EQ(next_period_boundary(records, 260), 300);
+    EXPECT_EQ(next_period_boundary(records, 300), 500);
+    EXPECT_EQ(next_period_boundary(records, 500), std::nullopt);
+    EXPECT_EQ(next_period_boundary({}, 0), std::nullopt);
+}
+
+}  // namespace
+}  // namespace ehrgate::consent

@@ -164,11 +164,12 @@ TEST(ProtocolGolden, EncodeFrameAppends) {
 }
 
 TEST(ProtocolNames, EveryTypeAndErrorHasADistinctName) {
-    const MessageType types[] = {MessageType::Error,          MessageType::DecideRequest,
-                                 MessageType::DecideReply,    MessageType::PolicyFetch,
-                                 MessageType::PolicySnapshot, MessageType::PolicyAck,
-                                 MessageType::Ping,           MessageType::Pong,
-                                 MessageType::AdminRequest,   MessageType::AdminReply};
+    const MessageType types[] = {
+        MessageType::Error,          MessageType::DecideRequest,  MessageType::DecideReply,
+        MessageType::PolicyFetch,    MessageType::PolicySnapshot, MessageType::PolicyAck,
+        MessageType::Ping,           MessageType::Pong,           MessageType::RevocationFetch,
+        MessageType::RevocationList, MessageType::ConsentEpoch,   MessageType::AdminRequest,
+        MessageType::AdminReply,     MessageType::AuditAppend,    MessageType::AuditAck};
     std::set<std::string> names;
     for (const MessageType type : types) {
         names.insert(message_type_name(type));
@@ -560,6 +561,33 @@ TEST(ProtocolBodies, RoundTrips) {
         EXPECT_EQ(admin_reply->message, "done");
         EXPECT_EQ(admin_reply->json, R"({"serial":2})");
     }
+}
+
+TEST(ProtocolBodies, DecisionCacheFields) {
+    DecideReply reply = sample_reply();
+    const std::string without = encode(reply);
+    reply.consent_epoch = 1795980000123456ULL;
+    reply.cache_ms = 4000;
+    const std::optional<DecideReply> back = decode_decide_reply(encode(reply));
+    ASSERT_TRUE(back.has_value());
+    EXPECT_EQ(back->consent_epoch, 1795980000123456ULL);
+    EXPECT_EQ(back->cache_ms, 4000u);
+    // Unset, they stay out of the encoding (older goldens keep their bytes).
+    EXPECT_EQ(decode_decide_reply(without)->cache_ms, 0u);
+    EXPECT_EQ(without.find("cache_ms"), std::string::npos);
+
+    const std::optional<ConsentEpoch> epoch = decode_consent_epoch(encode(ConsentEpoch{42}));
+    ASSERT_TRUE(epoch.has_value());
+    EXPECT_EQ(epoch->epoch, 42u);
+    // An epoch push without its epoch is garbage, never "epoch 0".
+    EXPECT_FALSE(decode_consent_epoch(empty_body()).has_value());
+    std::string frame;
+    encode_frame(frame, MessageType::ConsentEpoch, kPushRequestId, encode(ConsentEpoch{42}));
+    FrameDecoder decoder;
+    decoder.feed(frame);
+    const std::optional<FrameView> view = decoder.next();
+    ASSERT_TRUE(view.has_value());
+    EXPECT_EQ(view->header.type, MessageType::ConsentEpoch);
 }
 
 TEST(ProtocolBodies, DecisionMustBeExplicitAndValid) {

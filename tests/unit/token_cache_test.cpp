@@ -90,3 +90,36 @@ TEST_F(TokenCacheTest, ReattachKeepsEntriesAndForeignMemoryIsFormatted) {
 
 }  // namespace
 }  // namespace ehrgate::cache
+
+namespace ehrgate::cache {
+namespace {
+
+// The decision cache is the same table with larger slots and its own magic: a zone formatted
+// for one is never adopted by the other.
+TEST(DecisionCacheTable, HoldsADecisionAndRefusesTheOtherGeometry) {
+    std::vector<std::max_align_t> memory(
+        DecisionCacheTable::bytes_for(16) / sizeof(std::max_align_t) + 1);
+    const size_t bytes = memory.size() * sizeof(std::max_align_t);
+    std::optional<DecisionCacheTable> table = DecisionCacheTable::attach(memory.data(), bytes);
+    ASSERT_TRUE(table);
+    const TokenDigest key = digest_token("GET /fhir/Patient/1 demo-clinician-app TREAT");
+    const std::string reply(1500, 'r');  // a reply with its signed consent context
+    table->set_generation(7);            // consent epoch
+    ASSERT_TRUE(table->insert(key, 5000, reply, 1000));
+    std::string out;
+    ASSERT_TRUE(table->lookup(key, 4999, &out));
+    EXPECT_EQ(out, reply);
+    // A consent change (new epoch) kills it for every reader at once.
+    table->set_generation(8);
+    EXPECT_FALSE(table->lookup(key, 2000, &out));
+    // Re-attaching keeps the content; attaching as a token cache reformats the block.
+    ASSERT_TRUE(table->insert(key, 5000, reply, 1000));
+    ASSERT_TRUE(DecisionCacheTable::attach(memory.data(), bytes)->lookup(key, 2000, &out));
+    std::optional<TokenCacheTable> other = TokenCacheTable::attach(memory.data(), bytes);
+    ASSERT_TRUE(other);
+    EXPECT_FALSE(other->lookup(key, 2000, &out));
+    EXPECT_FALSE(DecisionCacheTable::attach(memory.data(), bytes)->lookup(key, 2000, &out));
+}
+
+}  // namespace
+}  // namespace ehrgate::cache

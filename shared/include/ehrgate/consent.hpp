@@ -152,4 +152,10 @@ std::string named_patient(std::string_view method, std::string_view relative_pat
 Decision decide(const ConsentPolicy &policy, const Request &request,
                 std::span<const Record> records);
 
+// The first instant after `now` at which one of the records' periods (of the consent or of any
+// nested provision) starts or ends: until then, decide() over these records gives the same
+// answer for the same request. nullopt when no period boundary lies ahead. A decision cache
+// must not keep a decision past it.
+std::optional<int64_t> next_period_boundary(std::span<const Record> records, int64_t now);
+
 }  // namespace ehrgate::consent

@@ -39,6 +39,7 @@ enum class MessageType : uint8_t {
     Pong = 7,
     RevocationFetch = 8,  // worker -> policyd: send me the revocation list
     RevocationList = 9,   // policyd -> worker: reply to RevocationFetch, or pushed with id 0
+    ConsentEpoch = 10,    // policyd -> worker, pushed with id 0: consent changed, forget decisions
     AdminRequest = 16,    // ehrgatectl -> policyd, admin socket only
     AdminReply = 17,
     // audit (issue 7): 20-25 reserved
@@ -133,6 +134,16 @@ struct DecideReply {
     bool break_glass{false};
     // Compact JWS of the consent context, forwarded as X-Ehrgate-Consent (docs/consent.md).
     std::string consent_token{};
+    // Decision cache (issue 5). The consent epoch the decision was made in (every consent change
+    // moves it forward), and how long the worker may reuse the decision for an identical request
+    // while the epoch holds; 0: never (break-glass, failures). Written only when set.
+    uint64_t consent_epoch{0};
+    uint32_t cache_ms{0};
+};
+
+// Pushed to every worker on a consent change (and sent once after connecting).
+struct ConsentEpoch {
+    uint64_t epoch = 0;
 };
 
 struct ErrorBody {
@@ -197,6 +208,7 @@ std::string encode(const DecideReply &msg);
 std::string encode(const ErrorBody &msg);
 std::string encode(const PolicyAck &msg);
 std::string encode(const RevocationList &msg);
+std::string encode(const ConsentEpoch &msg);
 std::string encode(const AdminRequest &msg);
 std::string encode(const AdminReply &msg);
 
@@ -205,6 +217,7 @@ std::optional<DecideReply> decode_decide_reply(std::string_view body);
 std::optional<ErrorBody> decode_error(std::string_view body);
 std::optional<PolicyAck> decode_policy_ack(std::string_view body);
 std::optional<RevocationList> decode_revocation_list(std::string_view body);
+std::optional<ConsentEpoch> decode_consent_epoch(std::string_view body);
 std::optional<AdminRequest> decode_admin_request(std::string_view body);
 std::optional<AdminReply> decode_admin_reply(std::string_view body);
 

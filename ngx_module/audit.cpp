@@ -8,7 +8,6 @@
 // in-memory outbox that never blocks: it is flushed in batches while policyd is reachable,
 // kept while it is not, and redelivered after a lost ack (policyd deduplicates by record id).
 // When the outbox is full, new records are dropped and counted (see docs/audit.md).
-#include <openssl/rand.h>
 
 #include <chrono>
 #include <deque>
@@ -100,7 +99,7 @@ void ensure_traceparent(ngx_http_request_t *r, RequestCtx *ctx) {
     }
     // A generated correlation id is 32 hex digits: reuse it as the trace id so the two agree.
     u_char random[24];
-    if (RAND_bytes(random, sizeof random) != 1) {
+    if (!random_bytes(random, sizeof random)) {
         return;
     }
     char hex[2 * sizeof random + 1];
@@ -490,7 +489,7 @@ ngx_int_t install_audit_log_handler(ngx_conf_t *cf) noexcept {
 void audit_worker_start(MainConf *mcf, ngx_log_t *log) {
     u_char random[8];
     char hex[2 * sizeof random];
-    if (RAND_bytes(random, sizeof random) != 1) {
+    if (!random_bytes(random, sizeof random)) {
         throw std::runtime_error("no randomness for audit record ids");
     }
     ngx_hex_dump(reinterpret_cast<u_char *>(hex), random, sizeof random);

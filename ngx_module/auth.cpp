@@ -218,7 +218,10 @@ ngx_int_t authenticate(ngx_http_request_t *r, RequestCtx *ctx) {
     ctx->patient = pool_copy(r->pool, identity.patient);
     // audit (issue 7): the token is recorded by the hash of its jti, never the jti itself.
     if (!identity.jti.empty()) {
-        ctx->jti_hash = pool_copy(r->pool, audit::hex(audit::sha256(identity.jti)));
+        const cache::TokenDigest jti_digest = cache::digest_token(identity.jti);  // SHA-256
+        ctx->jti_hash = pool_copy(
+            r->pool, audit::hex(std::string_view(reinterpret_cast<const char *>(jti_digest.data()),
+                                                 jti_digest.size())));
     }
     if (certificate) {
         ctx->cert_fingerprint = pool_copy(r->pool, certificate->sha256_hex);

@@ -114,6 +114,10 @@ struct RequestCtx {
 static_assert(std::is_trivially_destructible_v<RequestCtx>);
 static_assert(std::is_trivially_copyable_v<RequestCtx>);
 
+// Random bytes from OpenSSL's DRBG, drawn in blocks (ngx_http_ehrgate_module.cpp); false when the
+// DRBG fails.
+bool random_bytes(u_char *out, size_t n) noexcept;
+
 // The worker's client; nullptr in the master, in `nginx -t`, and when policyd is not configured.
 SidecarClient *worker_client();
 

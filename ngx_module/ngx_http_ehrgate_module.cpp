@@ -8,6 +8,31 @@
 
 namespace ehrgate::ngx {
 
+bool random_bytes(u_char *out, size_t n) noexcept {
+    // Each RAND_bytes call costs about a microsecond in OpenSSL 3 (DRBG locking, fork check),
+    // and a request needs two or three ids: draw from the DRBG in blocks and hand out slices.
+    // The bytes are the DRBG's all the same. A block never outlives the process that drew it
+    // (the master's would otherwise be shared by every forked worker).
+    static u_char block[4096];
+    static size_t used = sizeof block;
+    static ngx_pid_t owner = -1;
+    if (n > sizeof block) {
+        return RAND_bytes(out, static_cast<int>(n)) == 1;
+    }
+    if (owner != ngx_pid || sizeof block - used < n) {
+        if (RAND_bytes(block, sizeof block) != 1) {
+            return false;
+        }
+        owner = ngx_pid;
+        used = 0;
+    }
+    ngx_memcpy(out, block + used, n);
+    // Handed out once: never again from this buffer, and not left lying around in memory.
+    ngx_explicit_memzero(block + used, n);
+    used += n;
+    return true;
+}
+
 namespace {
 
 std::unique_ptr<SidecarClient> g_client;
@@ -261,7 +286,7 @@ ngx_str_t make_correlation_id(ngx_http_request_t *r) {
     }
     u_char random[16];
     ngx_str_t id{0, nullptr};
-    if (RAND_bytes(random, sizeof random) != 1) {
+    if (!random_bytes(random, sizeof random)) {
         return id;
     }
     id.data = static_cast<u_char *>(ngx_pnalloc(r->pool, 2 * sizeof random));

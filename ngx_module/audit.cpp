@@ -130,17 +130,22 @@ audit::Record build_record(ngx_http_request_t *r, RequestCtx *ctx, audit::Kind k
     if (rec.patient_ids.empty()) {
         // A clinician's or a service's request names its patient in the URL (Patient/<id>,
         // ?patient=, ?subject=), the same one consent was decided for: "who accessed this
-        // patient's record" must find it.
-        const SidecarClient *client = worker_client();
-        const policy::Snapshot *snapshot = client != nullptr ? client->snapshot() : nullptr;
-        const std::string_view uri = view(r->uri);
-        if (const policy::Route *route =
-                snapshot != nullptr ? snapshot->bundle.match_route(uri) : nullptr) {
-            std::string named = consent::named_patient(
-                view(r->method_name), uri.substr(route->prefix.size()), view(r->args));
-            if (!named.empty()) {
-                rec.patient_ids.push_back(std::move(named));
+        // patient's record" must find it. Worked out once for both of the request's records.
+        if (!ctx->url_patient_known) {
+            const SidecarClient *client = worker_client();
+            const policy::Snapshot *snapshot = client != nullptr ? client->snapshot() : nullptr;
+            const std::string_view uri = view(r->uri);
+            if (const policy::Route *route =
+                    snapshot != nullptr ? snapshot->bundle.match_route(uri) : nullptr) {
+                ctx->url_patient =
+                    pool_copy(r->pool, consent::named_patient(view(r->method_name),
+                                                              uri.substr(route->prefix.size()),
+                                                              view(r->args)));
             }
+            ctx->url_patient_known = true;
+        }
+        if (ctx->url_patient.len > 0) {
+            rec.patient_ids.emplace_back(view(ctx->url_patient));
         }
     }
     rec.method.assign(view(r->method_name));
@@ -217,7 +222,9 @@ class Outbox {
             }
             return;
         }
-        pending_.push_back(std::move(record));
+        // Kept encoded: the record's strings are freed now, and a flush (or a redelivery) only
+        // concatenates bytes.
+        pending_.push_back(audit::encode_record(record));
         arm(kFlushDelay);
     }
 
@@ -274,15 +281,14 @@ class Outbox {
             arm(kRetryDelay);
             return;
         }
-        protocol::AuditAppend append;
-        append.sync = false;
         while (!pending_.empty() && inflight_.size() < kMaxRecordsPerFlush) {
             inflight_.push_back(std::move(pending_.front()));
             pending_.pop_front();
         }
-        append.records = inflight_;  // copy: kept until the ack says durable
-        const uint32_t id = client->call(protocol::MessageType::AuditAppend,
-                                         protocol::encode(append), on_ack, this);
+        // inflight_ is kept until the ack says the records are durable.
+        const uint32_t id =
+            client->call(protocol::MessageType::AuditAppend,
+                         protocol::encode_audit_append(/*sync=*/false, inflight_), on_ack, this);
         if (id == 0) {
             requeue();
             arm(kRetryDelay);
@@ -320,8 +326,8 @@ class Outbox {
         }
     }
 
-    std::deque<audit::Record> pending_;
-    std::vector<audit::Record> inflight_;
+    std::deque<std::string> pending_;  // encoded records (audit::encode_record)
+    std::vector<std::string> inflight_;
     size_t max_;
     ngx_log_t *log_;
     ngx_event_t timer_{};

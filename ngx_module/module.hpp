@@ -78,9 +78,11 @@ struct RequestCtx {
     AuditState audit_state;
     uint32_t audit_call_id;  // 0 when no AuditAppend is pending
     ngx_event_t audit_timer;
-    ngx_str_t traceparent;          // incoming W3C traceparent when well-formed, else generated
-    ngx_str_t jti_hash;             // hex SHA-256 of the token's jti
-    ngx_str_t cert_fingerprint;     // hex SHA-256 of the mTLS client certificate
+    ngx_str_t traceparent;       // incoming W3C traceparent when well-formed, else generated
+    ngx_str_t jti_hash;          // hex SHA-256 of the token's jti
+    ngx_str_t cert_fingerprint;  // hex SHA-256 of the mTLS client certificate
+    ngx_str_t url_patient;       // the one patient the URL names (build_record), if any
+    bool url_patient_known;
     ngx_str_t audit_resource_type;  // from the decision
     ngx_str_t audit_interaction;
     // Response redaction (redact_filter.cpp): the engine is owned by a pool cleanup.

@@ -630,6 +630,24 @@ std::string encode(const AuditAppend &msg) {
     return out;
 }
 
+std::string encode_audit_append(bool sync, std::span<const std::string> encoded_records) {
+    size_t size = 32;
+    for (const std::string &record : encoded_records) {
+        size += record.size();
+    }
+    std::string out;
+    out.reserve(size);
+    Writer w(out);
+    w.map(2);
+    put(w, "mode", sync ? "sync" : "async");
+    w.key("records");
+    w.array(static_cast<uint32_t>(encoded_records.size()));
+    for (const std::string &record : encoded_records) {
+        out += record;
+    }
+    return out;
+}
+
 std::optional<AuditAppend> decode_audit_append(std::string_view body) {
     AuditAppend msg;
     bool have_records = false;

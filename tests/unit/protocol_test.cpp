@@ -590,6 +590,29 @@ TEST(ProtocolBodies, DecisionCacheFields) {
     EXPECT_EQ(view->header.type, MessageType::ConsentEpoch);
 }
 
+TEST(ProtocolBodies, PreEncodedAuditAppendIsTheSameBytes) {
+    AuditAppend append;
+    append.sync = false;
+    for (int i = 0; i < 3; ++i) {
+        audit::Record record;
+        record.kind = i == 0 ? audit::Kind::Access : audit::Kind::Outcome;
+        record.record_id = "w-" + std::to_string(i);
+        record.correlation_id = "corr";
+        record.client_id = "demo-clinician-app";
+        record.patient_ids = {"p1"};
+        record.http_status = 200;
+        append.records.push_back(record);
+    }
+    std::vector<std::string> encoded;
+    for (const audit::Record &record : append.records) {
+        encoded.push_back(audit::encode_record(record));
+    }
+    EXPECT_EQ(encode_audit_append(false, encoded), encode(append));
+    append.sync = true;
+    append.records.clear();
+    EXPECT_EQ(encode_audit_append(true, {}), encode(append));
+}
+
 TEST(ProtocolBodies, DecisionMustBeExplicitAndValid) {
     auto reply_with = [](const std::function<void(msgpack::Writer &)> &decision, uint64_t status) {
         std::string body;

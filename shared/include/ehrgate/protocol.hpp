@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -199,6 +200,8 @@ struct AuditAck {
     std::string message;
 };
 std::string encode(const AuditAppend &msg);
+// The same bytes as encode(AuditAppend) for records already encoded with audit::encode_record.
+std::string encode_audit_append(bool sync, std::span<const std::string> encoded_records);
 std::string encode(const AuditAck &msg);
 std::optional<AuditAppend> decode_audit_append(std::string_view body);
 std::optional<AuditAck> decode_audit_ack(std::string_view body);

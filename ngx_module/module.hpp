@@ -161,6 +161,7 @@ std::string decision_cache_status_json();
 
 // `ehrgate_status;` content handler (status.cpp).
 char *set_status_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
+char *set_consent_jwks_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
 
 // Response redaction, which includes the response compartment check (redact_filter.cpp).
 ngx_int_t install_redact_filter() noexcept;

@@ -107,6 +107,8 @@ ngx_command_t g_commands[] = {
     {ngx_string("ehrgate_decision_cache"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_FLAG,
      ngx_conf_set_flag_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, decision_cache), nullptr},
+    {ngx_string("ehrgate_consent_jwks"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+     set_consent_jwks_handler, 0, 0, nullptr},
     {ngx_string("ehrgate_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status_handler, 0, 0,
      nullptr},
     // audit (issue 7)

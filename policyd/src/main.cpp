@@ -249,6 +249,7 @@ int main(int argc, char **argv) {
         log::error("consent signing key: " + signer_error);
         return 1;
     }
+    policy.set_consent_jwks(signer->jwks());
 
     uv_loop_t loop;
     uv_loop_init(&loop);

@@ -150,6 +150,7 @@ ReloadOutcome PolicyState::reload() {
         return outcome;
     }
 
+    next->consent_jwks = consent_jwks_;
     encoded_ = policy::encode_snapshot(*next);
     current_ = std::move(next);
     activated_at_unix_ = now;
@@ -157,6 +158,16 @@ ReloadOutcome PolicyState::reload() {
     outcome.message = "policy version " + current_->bundle.version + " active (serial " +
                       std::to_string(current_->serial) + ")";
     return outcome;
+}
+
+void PolicyState::set_consent_jwks(std::string jwks) {
+    consent_jwks_ = std::move(jwks);
+    if (current_ != nullptr) {
+        auto next = std::make_shared<policy::Snapshot>(*current_);
+        next->consent_jwks = consent_jwks_;
+        encoded_ = policy::encode_snapshot(*next);
+        current_ = std::move(next);
+    }
 }
 
 }  // namespace ehrgate::policyd

@@ -36,6 +36,8 @@ class PolicyState {
     const std::string &encoded() const { return encoded_; }
     const std::string &source_path() const { return source_path_; }
     int64_t activated_at_unix() const { return activated_at_unix_; }
+    // The consent-signing key's JWKS travels in every snapshot from now on (workers publish it).
+    void set_consent_jwks(std::string jwks);
 
   private:
     Store &store_;
@@ -43,6 +45,7 @@ class PolicyState {
     std::shared_ptr<const policy::Snapshot> current_;
     std::string encoded_;
     int64_t activated_at_unix_ = 0;
+    std::string consent_jwks_;
 };
 
 }  // namespace ehrgate::policyd

@@ -847,20 +847,24 @@ std::string encode_snapshot(const Snapshot &snapshot) {
     canonical.canonicalize();
     std::string out;
     Writer w(out);
-    w.map(3);
+    w.map(snapshot.consent_jwks.empty() ? 3 : 4);
     w.key("serial");
     w.uint(snapshot.serial);
     put_str(w, "digest", snapshot.digest_hex);
     w.key("bundle");
     encode_bundle(w, canonical);
+    if (!snapshot.consent_jwks.empty()) {
+        put_str(w, "consent_jwks", snapshot.consent_jwks);
+    }
     return out;
 }
 
 std::optional<Snapshot> decode_snapshot(std::string_view body) {
-    static constexpr std::array<std::string_view, 3> kKeys = {"serial", "digest", "bundle"};
+    static constexpr std::array<std::string_view, 4> kKeys = {"serial", "digest", "bundle",
+                                                              "consent_jwks"};
     Snapshot snapshot;
     Reader r(body);
-    const bool ok = read_fields(r, kKeys, 0b111, [&](size_t field) {
+    const bool ok = read_fields(r, kKeys, 0b0111, [&](size_t field) {
         switch (field) {
             case 0: {
                 const std::optional<uint64_t> serial = r.read_uint();
@@ -869,6 +873,8 @@ std::optional<Snapshot> decode_snapshot(std::string_view body) {
             }
             case 1:
                 return read_string(r, snapshot.digest_hex);
+            case 3:
+                return read_string(r, snapshot.consent_jwks);
             default:
                 return read_bundle(r, snapshot.bundle);
         }

@@ -320,6 +320,23 @@ def test_forwarded_request_carries_a_verifiable_consent_context(stack):
         verify_context(stack, f"{head}.{forged_body}.{signature}")
 
 
+def test_the_gateway_publishes_the_consent_jwks(stack):
+    response = requests.get(f"{stack.base_url}/.well-known/ehrgate-consent-jwks.json", timeout=5)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == "application/jwk-set+json"
+    assert "max-age" in response.headers["Cache-Control"]
+    published = response.json()
+    assert published == json.loads(ctl_ok(stack, "consent", "jwks"))
+    (key,) = published["keys"]
+    assert key["kty"] == "EC" and key["crv"] == "P-256" and key["alg"] == "ES256" and "d" not in key
+    # A hop behind the gateway verifies the forwarded context with what it fetched.
+    forwarded = get(stack, f"Patient/{DEMO_PATIENT}", clinician(stack))
+    token = forwarded_consent_header(stack, forwarded.headers["X-Request-ID"])
+    claims = jwt.decode(token, jwt.PyJWK.from_dict(key).key, algorithms=["ES256"],
+                        options={"require": ["exp", "iat"]})
+    assert claims["decision"] == "permit"
+
+
 def test_consent_context_names_the_consents_and_break_glass(stack, patients):
     patient = patients[9]
     consent_id = ctl_ok(stack, "consent", "grant", "--patient", patient, "--client", "demo-patient-app",

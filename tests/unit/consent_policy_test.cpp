@@ -87,6 +87,13 @@ TEST(ConsentPolicy, SnapshotRoundTrip) {
     ASSERT_TRUE(plain.bundle);
     EXPECT_EQ(encode_snapshot({1, "", *plain.bundle}).find("consent"), std::string::npos);
     EXPECT_NE(bundle_digest(*plain.bundle), bundle_digest(*r.bundle));
+    // policyd's consent-signing JWKS rides along; it is not part of the bundle's digest.
+    snapshot.consent_jwks = R"({"keys":[{"kty":"EC","kid":"k1"}]})";
+    const std::optional<Snapshot> with_keys = decode_snapshot(encode_snapshot(snapshot));
+    ASSERT_TRUE(with_keys);
+    EXPECT_EQ(with_keys->consent_jwks, snapshot.consent_jwks);
+    EXPECT_EQ(*with_keys, snapshot);
+    EXPECT_EQ(bundle_digest(with_keys->bundle), bundle_digest(*r.bundle));
 }
 
 TEST(ConsentPolicy, SnapshotDecoderRefusesAPermissiveFallback) {

@@ -239,6 +239,9 @@ struct Snapshot {
     uint64_t serial = 0;
     std::string digest_hex;
     Bundle bundle;
+    // The JWKS of policyd's consent-signing key (docs/consent.md), which workers publish with
+    // `ehrgate_consent_jwks;`. policyd's own, not part of the bundle nor of its digest.
+    std::string consent_jwks{};
 
     bool operator==(const Snapshot &) const = default;
 };

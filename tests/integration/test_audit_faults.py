@@ -99,3 +99,86 @@ def test_storage_full_under_load_releases_nothing_unrecorded(make_stack):
     status = json.loads(stack.ctl("status").stdout.splitlines()[0])
     assert status["audit"]["storage_errors"]["map_full"] >= 1
     assert verify(stack).returncode == 0
+
+
+# ---- One request, held for its access record --------------------------------------------------
+
+def ehr_saw(stack, correlation_id: str) -> bool:
+    recent = requests.get(stack.ehr_url + "/__sandbox/stats", timeout=5).json()["recent"]
+    return any(entry["headers"].get("x-request-id") == correlation_id for entry in recent)
+
+
+def warm_then_stop_policyd(stack, headers: dict) -> None:
+    """Decides a request once (the worker caches the decision), then stops policyd: the next
+    identical request is decided from the cache and waits only for its access record."""
+    session = requests.Session()
+    for _ in range(2):
+        assert session.get(f"{stack.base_url}/fhir/Patient/{DEMO_PATIENT}", headers=headers,
+                           timeout=5).status_code == 200
+    stack.policyd.send_signal(signal.SIGSTOP)
+
+
+def outcome_code(response: requests.Response) -> str:
+    return response.json()["issue"][0]["details"]["coding"][0]["code"]
+
+
+def test_an_unacknowledged_access_record_times_out_and_nothing_is_released(make_stack):
+    s = make_stack(start=False)
+    s.extra_http = "ehrgate_audit_timeout 400ms;\n"
+    s.start()
+    headers = {"Authorization": "Bearer " + s.mint(patient=DEMO_PATIENT)}
+    warm_then_stop_policyd(s, headers)
+    try:
+        started = time.monotonic()
+        response = requests.get(f"{s.base_url}/fhir/Patient/{DEMO_PATIENT}",
+                                headers=headers | {"X-Request-ID": "held-timeout-1"}, timeout=10)
+        waited = time.monotonic() - started
+    finally:
+        s.policyd.send_signal(signal.SIGCONT)
+    assert response.status_code == 503, response.text
+    assert outcome_code(response) == "audit-timeout"
+    assert 0.3 <= waited < 2.0, waited
+    assert not ehr_saw(s, "held-timeout-1"), "the EHR was asked although nothing was recorded"
+    # The refusal itself is recorded once policyd is back (outcome record, from the outbox).
+    deadline = time.monotonic() + 10
+    while not [r for r in search(s, "--correlation-id", "held-timeout-1") if r["kind"] == "outcome"]:
+        assert time.monotonic() < deadline, "the refusal was never recorded"
+        time.sleep(0.2)
+    assert verify(s).returncode == 0
+
+
+def test_policyd_lost_while_a_request_waits_for_its_record(make_stack):
+    s = make_stack(start=False)
+    s.extra_http = "ehrgate_audit_timeout 5s;\n"
+    s.start()
+    headers = {"Authorization": "Bearer " + s.mint(patient=DEMO_PATIENT)}
+    warm_then_stop_policyd(s, headers)
+    result: dict = {}
+
+    def held_request() -> None:
+        started = time.monotonic()
+        result["response"] = requests.get(f"{s.base_url}/fhir/Patient/{DEMO_PATIENT}",
+                                          headers=headers | {"X-Request-ID": "held-drop-1"},
+                                          timeout=10)
+        result["waited"] = time.monotonic() - started
+
+    thread = threading.Thread(target=held_request)
+    thread.start()
+    time.sleep(0.5)  # decided from the cache; its access record sits unacknowledged
+    s.policyd.send_signal(signal.SIGKILL)
+    s.policyd.wait(timeout=10)
+    thread.join(timeout=10)
+    response = result["response"]
+    # The connection drop answers it at once (not after the 5 s timeout), and nothing left.
+    assert response.status_code == 503, response.text
+    assert outcome_code(response) == "audit-unavailable"
+    assert result["waited"] < 3.0, result["waited"]
+    assert not ehr_saw(s, "held-drop-1")
+    # A restarted policyd serves again without touching nginx, and the log still verifies.
+    s.start_policyd()
+    deadline = time.monotonic() + 10
+    while requests.get(f"{s.base_url}/fhir/Patient/{DEMO_PATIENT}", headers=headers,
+                       timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "no recovery after policyd restarted"
+        time.sleep(0.1)
+    assert verify(s).returncode == 0

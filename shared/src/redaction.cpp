@@ -4,6 +4,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <memory>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -30,6 +31,47 @@ struct Node {
     uint8_t flags;  // edits for re-emission (below); in what would be padding
 };
 static_assert(sizeof(Node) == 20);
+
+// The token tape: an array of nodes whose growth stays off the tokenizer's path.
+class Tape {
+  public:
+    Tape() = default;
+    Tape(const Tape &) = delete;
+    Tape &operator=(const Tape &) = delete;
+
+    size_t size() const { return size_; }
+    size_t capacity() const { return capacity_; }
+    Node &operator[](size_t i) { return nodes_[i]; }
+    const Node &operator[](size_t i) const { return nodes_[i]; }
+    void clear() { size_ = 0; }
+    void truncate(size_t n) { size_ = std::min(size_, n); }
+    void reserve(size_t n) {
+        if (n > capacity_) {
+            grow(n);
+        }
+    }
+    void push_back(const Node &node) {
+        if (size_ == capacity_) [[unlikely]] {
+            grow(size_ + 1);
+        }
+        nodes_[size_++] = node;
+    }
+
+  private:
+    [[gnu::noinline]] void grow(size_t at_least) {
+        const size_t capacity = std::max({at_least, 2 * capacity_, size_t{16}});
+        auto nodes = std::make_unique_for_overwrite<Node[]>(capacity);
+        if (size_ > 0) {
+            std::memcpy(nodes.get(), nodes_.get(), size_ * sizeof(Node));
+        }
+        nodes_ = std::move(nodes);
+        capacity_ = capacity;
+    }
+
+    std::unique_ptr<Node[]> nodes_;
+    size_t size_ = 0;
+    size_t capacity_ = 0;
+};
 
 constexpr uint32_t kNoNode = UINT32_MAX;
 
@@ -237,8 +279,7 @@ std::string_view parse_error(Parse result) {
 // chunk is recorded where it sits in the unit it belongs to. `max_nodes` bounds the tape's size.
 class Tokenizer {
   public:
-    Tokenizer(const char *data, size_t size, std::vector<Node> &tape, size_t max_nodes,
-              uint32_t bias = 0)
+    Tokenizer(const char *data, size_t size, Tape &tape, size_t max_nodes, uint32_t bias = 0)
         : data_(data), size_(size), tape_(tape), max_nodes_(max_nodes), bias_(bias) {}
 
     // The value starting exactly at pos, inside `depth` open containers, the innermost `parent`.
@@ -314,10 +355,26 @@ class Tokenizer {
         }
     }
 
-    // A string at pos (a member key or a value).
+    // A string at pos (a member key or a value). Most are short and plain: one scan, one node.
     bool string(size_t &pos, uint32_t parent) {
-        const size_t start = pos++;
+        const size_t start = pos;
+        pos = skip_plain(data_, pos + 1, size_);
         bool escaped = false;
+        if (pos >= size_ || data_[pos] != '"') [[unlikely]] {
+            if (!string_rest(pos, escaped)) {
+                return false;
+            }
+        }
+        ++pos;
+        return push(start, pos, parent, Kind::String, escaped);
+    }
+
+    bool too_large() const { return too_large_; }
+
+  private:
+    // From a byte that ends a plain run (an escape, a control or non-ASCII byte, or the end) up
+    // to the closing quote, left at pos.
+    [[gnu::noinline]] bool string_rest(size_t &pos, bool &escaped) {
         for (;;) {
             pos = skip_plain(data_, pos, size_);
             if (pos >= size_) {
@@ -325,7 +382,7 @@ class Tokenizer {
             }
             const auto c = static_cast<unsigned char>(data_[pos]);
             if (c == '"') {
-                break;
+                return true;
             }
             if (c == '\\') {
                 escaped = true;
@@ -360,13 +417,8 @@ class Tokenizer {
             }
             pos += len;
         }
-        ++pos;
-        return push(start, pos, parent, Kind::String, escaped);
     }
 
-    bool too_large() const { return too_large_; }
-
-  private:
     Parse failure() const { return too_large_ ? Parse::TooLarge : Parse::Malformed; }
 
     bool push(size_t start, size_t end, uint32_t parent, Kind kind, bool escaped) {
@@ -472,7 +524,7 @@ class Tokenizer {
 
     const char *data_;
     size_t size_;
-    std::vector<Node> &tape_;
+    Tape &tape_;
     size_t max_nodes_;
     uint32_t bias_;
     bool too_large_ = false;
@@ -536,7 +588,7 @@ struct Redactor::Impl {
 
     // The unit being judged: its text, its token tape (with the edit flags) and scratch space.
     std::string_view text;
-    std::vector<Node> tape;
+    Tape tape;
     std::string scratch;
     std::string scratch2;
     std::vector<uint32_t> found;  // element lists of apply_masks and in_compartment
@@ -1145,6 +1197,10 @@ struct Redactor::Impl {
                 if (data[pos] != '"') {
                     return fail("malformed-json");
                 }
+                if (!streaming && read_held_member(data, size, pos)) {
+                    state = kAfterMember;
+                    return complete_held_member(std::string_view(key.data(), key_size));
+                }
                 ++pos;
                 key_size = 0;
                 escape = false;
@@ -1401,13 +1457,81 @@ struct Redactor::Impl {
             if (held.size() + tape.size() * sizeof(Node) <= max_bytes()) {
                 pos = end;
                 state = kAfterMember;
-                return complete_held_member();
+                return complete_held_member(std::string_view(key.data(), key_size));
             }
             held.resize(value_offset);
         }
-        tape.resize(key_node + 1);
+        tape.truncate(key_node + 1);
         begin_gathering(data, pos, held);
         state = kValue;
+        return true;
+    }
+
+    // A member before the entries that the chunk holds whole, from its key's opening quote at
+    // pos: tokenized in place and appended to `held` exactly as the byte-by-byte states would
+    // (key, ':', value). False, with nothing changed, leaves it to them: a member cut by the
+    // chunk's end, the `entry` that starts streaming, or anything they must judge (faults,
+    // limits).
+    bool read_held_member(const char *data, size_t size, size_t &pos) {
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        const size_t mark = tape.size();
+        const size_t key_offset = held.size() + (any_member ? 1 : 0);
+        size_t p = pos;
+        {
+            Tokenizer keys(data, limit, tape, node_limit(held.size()),
+                           static_cast<uint32_t>(key_offset) - static_cast<uint32_t>(pos));
+            if (!keys.string(p, 0)) {
+                tape.truncate(mark);
+                return false;
+            }
+        }
+        const size_t key_end = p;
+        const std::string_view name(data + pos + 1, key_end - pos - 2);
+        if (name.size() > key.size() || (name == "entry" && bundle)) {
+            tape.truncate(mark);
+            return false;
+        }
+        while (p < limit && is_ws(data[p])) {
+            ++p;
+        }
+        if (p >= limit || data[p] != ':') {
+            tape.truncate(mark);
+            return false;
+        }
+        ++p;
+        while (p < limit && is_ws(data[p])) {
+            ++p;
+        }
+        if (p >= limit) {
+            tape.truncate(mark);
+            return false;
+        }
+        const size_t value_start = p;
+        const size_t offset = key_offset + (key_end - pos) + 1;
+        const char c = data[value_start];
+        const bool delimited = c == '{' || c == '[' || c == '"';
+        Tokenizer values(data, limit, tape, node_limit(held.size()),
+                         static_cast<uint32_t>(offset) - static_cast<uint32_t>(value_start));
+        if (values.value(p, 0, 1) != Parse::Ok ||
+            !(delimited || (p < limit && !scalar_char(data[p]))) ||
+            offset + (p - value_start) + tape.size() * sizeof(Node) > max_bytes()) {
+            tape.truncate(mark);
+            return false;
+        }
+        if (any_member) {
+            held.push_back(',');
+        }
+        if (value_start == key_end + 1) {
+            held.append(data + pos, p - pos);  // compact: `"key":value` as it is
+        } else {
+            held.append(data + pos, key_end - pos).push_back(':');
+            held.append(data + value_start, p - value_start);
+        }
+        std::memcpy(key.data(), name.data(), name.size());
+        key_size = name.size();
+        key_node = static_cast<uint32_t>(mark);
+        value_offset = offset;
+        pos = p;
         return true;
     }
 
@@ -1422,15 +1546,14 @@ struct Redactor::Impl {
         if (end != held.size()) {
             return fail("malformed-json");
         }
-        return complete_held_member();
+        return complete_held_member(std::string_view(key.data(), key_size));
     }
 
     // Still holding: the member was validated as it completed, so a fault is found where it is;
     // the type decides whether the entries will stream.
-    bool complete_held_member() {
+    bool complete_held_member(std::string_view name) {
         text = held;
         const uint32_t value_node = key_node + 1;
-        const std::string_view name(key.data(), key_size);
         if (name == "resourceType") {
             bundle =
                 tape[value_node].kind == Kind::String && value(value_node, scratch) == "Bundle";

@@ -29,6 +29,7 @@ struct Node {
     Kind kind;
     bool escaped;   // a string containing a backslash escape
     uint8_t flags;  // edits for re-emission (below); in what would be padding
+    uint8_t keys;   // objects: which keys the label walk reads it has (below); padding too
 };
 static_assert(sizeof(Node) == 20);
 
@@ -74,6 +75,11 @@ class Tape {
 };
 
 constexpr uint32_t kNoNode = UINT32_MAX;
+
+// Node::keys, noted as an object's keys are read, so that the label walk visits only the objects
+// with a key it reads (`code`, `system`, `extension`), or with an escaped key (which could spell
+// one of them).
+enum : uint8_t { kHasCode = 1, kHasSystem = 2, kHasExtension = 4, kHasEscapedKey = 8 };
 
 // Node edit flags.
 enum : uint8_t {
@@ -369,6 +375,28 @@ class Tokenizer {
         return push(start, pos, parent, Kind::String, escaped);
     }
 
+    // A member key of `object` at pos: a string, noted in the object's `keys`.
+    bool key_string(size_t &pos, uint32_t object) {
+        const size_t start = pos;
+        if (!string(pos, object)) {
+            return false;
+        }
+        const char *name = data_ + start + 1;
+        const size_t length = pos - start - 2;
+        uint8_t note = 0;
+        if (tape_[tape_.size() - 1].escaped) {
+            note = kHasEscapedKey;
+        } else if (length == 4 && std::memcmp(name, "code", 4) == 0) {
+            note = kHasCode;
+        } else if (length == 6 && std::memcmp(name, "system", 6) == 0) {
+            note = kHasSystem;
+        } else if (length == 9 && std::memcmp(name, "extension", 9) == 0) {
+            note = kHasExtension;
+        }
+        tape_[object].keys |= note;
+        return true;
+    }
+
     bool too_large() const { return too_large_; }
 
   private:
@@ -429,7 +457,7 @@ class Tokenizer {
         const auto index = static_cast<uint32_t>(tape_.size());
         tape_.push_back(Node{static_cast<uint32_t>(start) + bias_,
                              static_cast<uint32_t>(end) + bias_, index + 1, parent, kind, escaped,
-                             0});
+                             0, 0});
         return true;
     }
 
@@ -447,7 +475,7 @@ class Tokenizer {
 
     // A member key, then the colon; leaves pos at the value.
     bool key(size_t &pos, uint32_t object) {
-        if (pos >= size_ || data_[pos] != '"' || !string(pos, object)) {
+        if (pos >= size_ || data_[pos] != '"' || !key_string(pos, object)) {
             return false;
         }
         skip_ws(pos);
@@ -571,6 +599,43 @@ void make_room(std::string &out, size_t more) {
 
 // Room for the REDACTED markers a re-emitted unit may gain.
 constexpr size_t kEditSlack = 2 * kRedactedCoding.size() + 32;
+// The most one marker adds: `,"meta":{"security":[` + the Coding + `]}`.
+constexpr size_t kMarkerBytes = kRedactedCoding.size() + 32;
+
+// Appends to a string through a cursor: re-emission writes many small pieces, and a
+// push_back or append call per piece costs more than the bytes. The string is sized for what
+// is expected up front and grows if that was short; it ends at what was written.
+class Writer {
+  public:
+    Writer(std::string &out, size_t expected) : out_(out), size_(out.size()) {
+        out_.resize(size_ + expected);
+    }
+    ~Writer() { out_.resize(size_); }
+    Writer(const Writer &) = delete;
+    Writer &operator=(const Writer &) = delete;
+
+    void put(char c) {
+        if (size_ == out_.size()) [[unlikely]] {
+            grow(1);
+        }
+        out_[size_++] = c;
+    }
+    void put(std::string_view s) {
+        if (out_.size() - size_ < s.size()) [[unlikely]] {
+            grow(s.size());
+        }
+        std::memcpy(out_.data() + size_, s.data(), s.size());
+        size_ += s.size();
+    }
+
+  private:
+    [[gnu::noinline]] void grow(size_t more) {
+        out_.resize(std::max(2 * out_.size(), size_ + more));
+    }
+
+    std::string &out_;
+    size_t size_;
+};
 
 // A released Bundle head's buffer is kept up to this size (the next response may use it).
 constexpr size_t kKeptHeadBytes = 16 * 1024;
@@ -593,6 +658,7 @@ struct Redactor::Impl {
     std::string scratch2;
     std::vector<uint32_t> found;  // element lists of apply_masks and in_compartment
     std::string_view error;       // set when evaluation meets something it must refuse
+    size_t markers = 0;           // REDACTED markers the unit gains
 
     // Streaming. `held` is "{" + the members before `entry`, comma-separated, tokenized member
     // by member onto the tape as they complete (node 0 is the top-level object); `unit` gathers
@@ -626,6 +692,7 @@ struct Redactor::Impl {
             tape.reserve(128);  // a small resource's tape, without a chain of reallocations
         }
         error = {};
+        markers = 0;
         held.clear();
         unit.clear();
         last_updated.clear();
@@ -661,9 +728,20 @@ struct Redactor::Impl {
 
     size_t max_bytes() const { return config->max_held_bytes; }
 
+    void begin_unit(std::string_view unit_text) {
+        text = unit_text;
+        error = {};
+        markers = 0;
+    }
+
     // The tape's size limit while `text_bytes` of text are held: text and tape share the cap.
     size_t node_limit(size_t text_bytes) const {
         return text_bytes >= max_bytes() ? 0 : (max_bytes() - text_bytes) / sizeof(Node);
+    }
+
+    // Node i's text.
+    std::string_view span(uint32_t i) const {
+        return {text.data() + tape[i].start, tape[i].end - tape[i].start};
     }
 
     // The raw text between a string node's quotes.
@@ -860,9 +938,10 @@ struct Redactor::Impl {
     // Label, inference and inline-label walk over the resource's subtree. Returns true when a
     // withheld label applies to the whole resource.
     bool sensitive(uint32_t resource) {
-        for (uint32_t i = resource; i < tape[resource].next; ++i) {
-            if (tape[i].kind != Kind::Object) {
-                continue;
+        const uint32_t end = tape[resource].next;
+        for (uint32_t i = resource; i < end; ++i) {
+            if (tape[i].kind != Kind::Object || tape[i].keys == 0) {
+                continue;  // none of the keys read below
             }
             uint32_t system = kNoNode, code = kNoNode, extension = kNoNode;
             for (uint32_t k = i + 1; k < tape[i].next; k = tape[k + 1].next) {
@@ -989,11 +1068,13 @@ struct Redactor::Impl {
                 error = "malformed-resource";
             }
             mark(resource, kAddMeta);
+            ++markers;
             return;
         }
         const uint32_t security = member(meta, "security");
         if (security == kNoNode) {
             mark(meta, kAddSecurity);
+            ++markers;
             return;
         }
         if (tape[security].kind != Kind::Array) {
@@ -1008,6 +1089,7 @@ struct Redactor::Impl {
             }
         }
         mark(security, kAppendRedacted);
+        ++markers;
     }
 
     enum class Verdict : uint8_t { Keep, DropLabel, DropCompartment };
@@ -1086,15 +1168,26 @@ struct Redactor::Impl {
         return resource == kNoNode || evaluate(resource) == Verdict::Keep;
     }
 
-    // Writes node i with its edits.
+    // Appends node i with its edits.
     void emit(uint32_t i, std::string &out) const {
         const Node &n = tape[i];
-        if ((tape[i].flags & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
+        if ((n.flags & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
             out.append(text.data() + n.start, n.end - n.start);
             return;
         }
+        // Removals only shorten what they touch; the markers are all a unit can gain.
+        Writer writer(out, n.end - n.start + markers * kMarkerBytes);
+        emit(i, writer);
+    }
+
+    void emit(uint32_t i, Writer &out) const {
+        const Node &n = tape[i];
+        if ((n.flags & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
+            out.put(span(i));
+            return;
+        }
         if (n.kind == Kind::Object) {
-            out.push_back('{');
+            out.put('{');
             bool first = true;
             for (uint32_t k = i + 1; k < n.next; k = tape[k + 1].next) {
                 const uint32_t v = k + 1;
@@ -1102,45 +1195,47 @@ struct Redactor::Impl {
                     continue;
                 }
                 if (!first) {
-                    out.push_back(',');
+                    out.put(',');
                 }
                 first = false;
-                out.append(text.data() + tape[k].start, tape[k].end - tape[k].start);
-                out.push_back(':');
+                out.put(span(k));
+                out.put(':');
                 emit(v, out);
             }
-            if (tape[i].flags & kAddSecurity) {
-                out.append(first ? "" : ",").append("\"security\":[").append(kRedactedCoding);
-                out.push_back(']');
+            if (n.flags & kAddSecurity) {
+                out.put(first ? "\"security\":[" : ",\"security\":[");
+                out.put(kRedactedCoding);
+                out.put(']');
                 first = false;
             }
-            if (tape[i].flags & kAddMeta) {
-                out.append(first ? "" : ",").append("\"meta\":{\"security\":[");
-                out.append(kRedactedCoding).append("]}");
+            if (n.flags & kAddMeta) {
+                out.put(first ? "\"meta\":{\"security\":[" : ",\"meta\":{\"security\":[");
+                out.put(kRedactedCoding);
+                out.put("]}");
             }
-            out.push_back('}');
+            out.put('}');
             return;
         }
         // Array.
-        out.push_back('[');
+        out.put('[');
         bool first = true;
         for (uint32_t e = i + 1; e < n.next; e = tape[e].next) {
             if (tape[e].flags & kRemoved) {
                 continue;
             }
             if (!first) {
-                out.push_back(',');
+                out.put(',');
             }
             first = false;
             emit(e, out);
         }
-        if (tape[i].flags & kAppendRedacted) {
+        if (n.flags & kAppendRedacted) {
             if (!first) {
-                out.push_back(',');
+                out.put(',');
             }
-            out.append(kRedactedCoding);
+            out.put(kRedactedCoding);
         }
-        out.push_back(']');
+        out.put(']');
     }
 
     // FHIR forbids empty arrays: an array emptied by removals goes with its member.
@@ -1183,7 +1278,7 @@ struct Redactor::Impl {
                 ++pos;
                 held.assign("{");
                 tape.clear();
-                tape.push_back(Node{0, 0, 0, kNoNode, Kind::Object, false, 0});
+                tape.push_back(Node{0, 0, 0, kNoNode, Kind::Object, false, 0, 0});
                 state = kMemberStart;
                 return true;
             case kMemberStart:
@@ -1439,7 +1534,7 @@ struct Redactor::Impl {
         {
             Tokenizer tokenizer(held.data(), held.size(), tape, node_limit(held.size()));
             size_t p = key_offset;
-            if (!tokenizer.string(p, 0)) {
+            if (!tokenizer.key_string(p, 0)) {
                 return fail(tokenizer.too_large() ? "too-large" : "malformed-json");
             }
         }
@@ -1480,7 +1575,7 @@ struct Redactor::Impl {
         {
             Tokenizer keys(data, limit, tape, node_limit(held.size()),
                            static_cast<uint32_t>(key_offset) - static_cast<uint32_t>(pos));
-            if (!keys.string(p, 0)) {
+            if (!keys.key_string(p, 0)) {
                 tape.truncate(mark);
                 return false;
             }
@@ -1570,8 +1665,7 @@ struct Redactor::Impl {
     void close_root() {
         tape[0].end = static_cast<uint32_t>(held.size());
         tape[0].next = static_cast<uint32_t>(tape.size());
-        text = held;
-        error = {};
+        begin_unit(held);
     }
 
     // A member after the entries is complete in `unit` ("{" + member): judged alone.
@@ -1588,8 +1682,7 @@ struct Redactor::Impl {
         if (end != unit.size()) {
             return fail("malformed-json");
         }
-        text = unit;
-        error = {};
+        begin_unit(unit);
         const std::string_view name(key.data(), key_size);
         if (name == "total") {
             return true;
@@ -1642,7 +1735,7 @@ struct Redactor::Impl {
         size_t end = pos;
         if (tokenizer.value(end, kNoNode, 0) == Parse::Ok &&
             (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
-            text = std::string_view(data + pos, end - pos);
+            begin_unit(std::string_view(data + pos, end - pos));
             pos = end;
             state = kAfterEntry;
             return judge_entry(out);
@@ -1664,12 +1757,11 @@ struct Redactor::Impl {
         if (end != unit.size()) {
             return fail("malformed-json");
         }
-        text = unit;
+        begin_unit(unit);
         return judge_entry(out);
     }
 
     bool judge_entry(std::string &out) {
-        error = {};
         const bool keep = keep_entry(0);
         if (!error.empty()) {
             return fail(error);

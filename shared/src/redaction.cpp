@@ -1275,6 +1275,10 @@ struct Redactor::Impl {
                 if (data[pos] != '{') {
                     return fail("malformed-json");
                 }
+                if (whole_document_likely(data, size, pos) &&
+                    read_whole_document(data, size, pos)) {
+                    return finish_document(out);
+                }
                 ++pos;
                 held.assign("{");
                 tape.clear();
@@ -1630,6 +1634,65 @@ struct Redactor::Impl {
         return true;
     }
 
+    // Whether the chunk likely holds, from pos, a whole compact document that does not stream:
+    // it ends with '}', has no blank after the '{' and does not start as a Bundle. Only a
+    // guess, to spare the attempt where it would likely be wasted.
+    static bool whole_document_likely(const char *data, size_t size, size_t pos) {
+        size_t last = size;
+        while (last > pos && is_ws(data[last - 1])) {
+            --last;
+        }
+        constexpr std::string_view kBundleStart = R"({"resourceType":"Bundle")";
+        return last - pos >= 2 && data[last - 1] == '}' && data[pos + 1] == '"' &&
+               std::string_view(data + pos, last - pos).substr(0, kBundleStart.size()) !=
+                   kBundleStart;
+    }
+
+    // A document the chunk holds whole, from its '{' at pos, read in place: one tokenization,
+    // judged and released without a copy. It must come out exactly as member by member (held
+    // text and tape alike), so it is taken only when the held text would be these very bytes
+    // (nothing between the top-level tokens) and the document would not stream; false, with
+    // nothing changed, leaves it to the member states, which also judge every fault and limit.
+    bool read_whole_document(const char *data, size_t size, size_t &pos) {
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        tape.clear();
+        Tokenizer tokenizer(data, limit, tape, node_limit(0), 0 - static_cast<uint32_t>(pos));
+        size_t end = pos;
+        if (tokenizer.value(end, kNoNode, 0) != Parse::Ok || tape[0].kind != Kind::Object ||
+            (end - pos - 1) + tape.size() * sizeof(Node) > max_bytes()) {
+            tape.clear();
+            return false;
+        }
+        begin_unit(std::string_view(data + pos, end - pos));
+        bool is_bundle = false;
+        uint32_t next_start = 1;  // where the next key must start: right after '{' or ','
+        for (uint32_t k = 1; k < tape[0].next; k = tape[k + 1].next) {
+            const uint32_t v = k + 1;
+            const std::string_view name = raw(k);
+            if (tape[k].start != next_start || tape[v].start != tape[k].end + 1 ||
+                name.size() > key.size() || (name == "entry" && is_bundle)) {
+                tape.clear();
+                last_updated.clear();
+                return false;
+            }
+            next_start = tape[v].end + 1;
+            if (name == "resourceType") {
+                is_bundle = tape[v].kind == Kind::String && value(v, scratch) == "Bundle";
+            } else if (name == "meta") {
+                last_updated.assign(string_member(v, "lastUpdated", scratch));
+                error = {};
+            }
+        }
+        // The '}' right after the last member (or the '{').
+        if (tape[0].end != (tape[0].next > 1 ? next_start : 2)) {
+            tape.clear();
+            last_updated.clear();
+            return false;
+        }
+        pos = end;
+        return true;
+    }
+
     // A held member's value is complete in `held` from value_offset: tokenized now.
     bool complete_gathered_member() {
         Tokenizer tokenizer(held.data(), held.size(), tape, node_limit(held.size()));
@@ -1778,15 +1841,19 @@ struct Redactor::Impl {
         return true;
     }
 
+    // The top-level object is complete: in `held`, or read whole in place (text set).
     bool finish_document(std::string &out) {
+        const bool in_place = state == kDocStart;
         state = kDocEnd;
         if (streaming) {
             out.push_back('}');
             return true;
         }
         // A single resource (or a Bundle without entries, or one whose type came late): held whole.
-        held.push_back('}');
-        close_root();
+        if (!in_place) {
+            held.push_back('}');
+            close_root();
+        }
         const Verdict verdict = evaluate(0);
         if (!error.empty()) {
             return fail(error);
@@ -1797,7 +1864,7 @@ struct Redactor::Impl {
         if (verdict == Verdict::DropCompartment) {
             return withhold("outside-patient-compartment");
         }
-        make_room(out, held.size() + kEditSlack);
+        make_room(out, text.size() + kEditSlack);
         emit(0, out);
         return true;
     }

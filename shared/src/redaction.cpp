@@ -280,6 +280,28 @@ std::string_view parse_error(Parse result) {
     }
 }
 
+// What the tokenizer expects next (after blanks). With the open containers it is all the state
+// there is between two tokens, so a tokenization can stop at a token and resume there.
+enum class Due : uint8_t {
+    Value,
+    KeyOrClose,    // after '{'
+    ValueOrClose,  // after '['
+    Key,           // after ',' in an object
+    Colon,
+    Separator,  // after a value: ',' or the container's end (or the end of the value read)
+};
+
+struct Progress {
+    std::array<uint32_t, kMaxDepth> open;  // the open containers' nodes, innermost last
+    uint32_t top = 0;
+    Due due = Due::Value;
+
+    void reset() {
+        top = 0;
+        due = Due::Value;
+    }
+};
+
 // A strict tokenizer of one JSON value, appending to a flat tape (no per-token allocation).
 // Positions are recorded as `pos + bias` (modulo 2^32), so that a value read in place from a
 // chunk is recorded where it sits in the unit it belongs to. `max_nodes` bounds the tape's size.
@@ -291,72 +313,99 @@ class Tokenizer {
     // The value starting exactly at pos, inside `depth` open containers, the innermost `parent`.
     // On Ok, pos is just past it. Anything else leaves partial nodes behind.
     Parse value(size_t &pos, uint32_t parent, size_t depth) {
-        std::array<uint32_t, kMaxDepth> open;  // this value's open containers
-        size_t top = 0;
+        Progress progress;
+        return run(pos, progress, parent, depth);
+    }
+
+    // Tokenizes from `progress` at pos until the value it is in ends (Ok, pos just past it). A
+    // failure, whether a fault or the end of the data, leaves pos at the start of the token that
+    // failed and `progress` as it was there, with the nodes before that token on the tape: with
+    // more data, the tokenization resumes there as if it had never stopped.
+    Parse run(size_t &pos, Progress &progress, uint32_t parent, size_t depth) {
         for (;;) {
-            // A value is due at pos.
+            if (progress.due == Due::Separator && progress.top == 0) {
+                return Parse::Ok;
+            }
+            skip_ws(pos);
             if (pos >= size_) {
                 return Parse::Malformed;
             }
+            const size_t token = pos;
             const char c = data_[pos];
-            const uint32_t container = top == 0 ? parent : open[top - 1];
-            if (c == '{' || c == '[') {
-                if (depth + top >= kMaxDepth) {
-                    return Parse::TooDeep;
-                }
-                const auto index = static_cast<uint32_t>(tape_.size());
-                if (!push(pos, 0, container, c == '{' ? Kind::Object : Kind::Array, false)) {
-                    return Parse::TooLarge;
-                }
-                open[top++] = index;
-                ++pos;
-                skip_ws(pos);
-                if (pos < size_ && data_[pos] == (c == '{' ? '}' : ']')) {
-                    close(open[--top], pos);
-                } else if (c == '{') {
-                    if (!key(pos, index)) {
+            const uint32_t container = progress.top == 0 ? parent : progress.open[progress.top - 1];
+            switch (progress.due) {
+                case Due::KeyOrClose:
+                    if (c == '}') {
+                        close(container, pos);
+                        --progress.top;
+                        progress.due = Due::Separator;
+                        continue;
+                    }
+                    [[fallthrough]];
+                case Due::Key:
+                    if (c != '"' || !key_string(pos, container)) {
+                        pos = token;
                         return failure();
                     }
+                    if (pos < size_ && data_[pos] == ':') {
+                        ++pos;  // the usual `"key":`, without another round
+                        progress.due = Due::Value;
+                    } else {
+                        progress.due = Due::Colon;
+                    }
                     continue;
-                } else {
-                    continue;
-                }
-            } else if (c == '"') {
-                if (!string(pos, container)) {
-                    return failure();
-                }
-            } else if (c == '-' || is_digit(c)) {
-                if (!number(pos, container)) {
-                    return failure();
-                }
-            } else if (!literal(pos, container)) {
-                return failure();
-            }
-            // After a value: close containers until another value is due.
-            for (;;) {
-                if (top == 0) {
-                    return Parse::Ok;
-                }
-                skip_ws(pos);
-                if (pos >= size_) {
-                    return Parse::Malformed;
-                }
-                const uint32_t current = open[top - 1];
-                const bool object = tape_[current].kind == Kind::Object;
-                const char d = data_[pos];
-                if (d == ',') {
+                case Due::Colon:
+                    if (c != ':') {
+                        return Parse::Malformed;
+                    }
                     ++pos;
-                    skip_ws(pos);
-                    if (object && !key(pos, current)) {
+                    progress.due = Due::Value;
+                    continue;
+                case Due::ValueOrClose:
+                    if (c == ']') {
+                        close(container, pos);
+                        --progress.top;
+                        progress.due = Due::Separator;
+                        continue;
+                    }
+                    [[fallthrough]];
+                case Due::Value:
+                    if (c == '{' || c == '[') {
+                        if (depth + progress.top >= kMaxDepth) {
+                            return Parse::TooDeep;
+                        }
+                        const auto index = static_cast<uint32_t>(tape_.size());
+                        if (!push(pos, 0, container, c == '{' ? Kind::Object : Kind::Array,
+                                  false)) {
+                            return Parse::TooLarge;
+                        }
+                        progress.open[progress.top++] = index;
+                        progress.due = c == '{' ? Due::KeyOrClose : Due::ValueOrClose;
+                        ++pos;
+                        continue;
+                    }
+                    if (c == '"'                    ? !string(pos, container)
+                        : (c == '-' || is_digit(c)) ? !number(pos, container, progress.top > 0)
+                                                    : !literal(pos, container)) {
+                        pos = token;
                         return failure();
                     }
-                    break;
+                    progress.due = Due::Separator;
+                    continue;
+                case Due::Separator: {
+                    const bool object = tape_[container].kind == Kind::Object;
+                    if (c == ',') {
+                        ++pos;
+                        progress.due = object ? Due::Key : Due::Value;
+                        continue;
+                    }
+                    if (c != (object ? '}' : ']')) {
+                        return Parse::Malformed;
+                    }
+                    close(container, pos);
+                    --progress.top;
+                    continue;
                 }
-                if (d != (object ? '}' : ']')) {
-                    return Parse::Malformed;
-                }
-                close(current, pos);
-                --top;
             }
         }
     }
@@ -473,21 +522,9 @@ class Tokenizer {
         tape_[index].next = static_cast<uint32_t>(tape_.size());
     }
 
-    // A member key, then the colon; leaves pos at the value.
-    bool key(size_t &pos, uint32_t object) {
-        if (pos >= size_ || data_[pos] != '"' || !key_string(pos, object)) {
-            return false;
-        }
-        skip_ws(pos);
-        if (pos >= size_ || data_[pos] != ':') {
-            return false;
-        }
-        ++pos;
-        skip_ws(pos);
-        return true;
-    }
-
-    bool number(size_t &pos, uint32_t parent) {
+    // Inside a container (`delimited`), a number running to the end of the data may go on: not
+    // a token yet, so the tokenization stops before it.
+    bool number(size_t &pos, uint32_t parent, bool delimited) {
         const size_t start = pos;
         auto digit = [&](size_t p) { return p < size_ && is_digit(data_[p]); };
         if (data_[pos] == '-') {
@@ -523,6 +560,9 @@ class Tokenizer {
             while (digit(pos)) {
                 ++pos;
             }
+        }
+        if (delimited && pos == size_) {
+            return false;
         }
         return push(start, pos, parent, Kind::Number, false);
     }
@@ -669,7 +709,9 @@ struct Redactor::Impl {
     std::array<char, kMaxKeyBytes> key{};  // the current top-level key, raw (between the quotes)
     size_t key_size = 0;
     size_t value_offset = 0;  // where the current member's value starts in `held`
-    uint32_t key_node = 0;    // the current held member's key node
+    Progress progress;        // an entry's tokenization, stopped at `resume_at` in `unit`
+    size_t resume_at = 0;
+    uint32_t key_node = 0;  // the current held member's key node
     uint8_t state = kDocStart;
     bool expect_more = false;  // after a ',' another member/element must follow
     bool bundle = false;       // resourceType "Bundle" seen among the held members
@@ -1791,29 +1833,48 @@ struct Redactor::Impl {
     }
 
     // An entry starts at pos: tokenized in place when the chunk holds all of it, else gathered.
+    // An entry cut by the chunk's end keeps what was tokenized of it: its bytes up to the token
+    // that stopped the tokenizer are in `unit`, and the tokenization resumes there once the rest
+    // is gathered. A fault also just stops it: gathered and resumed, the same token fails again.
     bool start_entry(const char *data, size_t size, size_t &pos, std::string &out) {
         tape.clear();
+        progress.reset();
         const size_t limit = pos + std::min(size - pos, max_bytes());
         Tokenizer tokenizer(data, limit, tape, node_limit(0), 0 - static_cast<uint32_t>(pos));
         size_t end = pos;
-        if (tokenizer.value(end, kNoNode, 0) == Parse::Ok &&
-            (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
+        const Parse result = tokenizer.run(end, progress, kNoNode, 0);
+        if (result == Parse::Ok && (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
             begin_unit(std::string_view(data + pos, end - pos));
             pos = end;
             state = kAfterEntry;
             return judge_entry(out);
         }
-        unit.clear();
-        begin_gathering(data, pos, unit);
+        if (result == Parse::Ok) {
+            // Over the cap: gathered from the start, for the gathering path to judge.
+            tape.clear();
+            progress.reset();
+            end = pos;
+        }
+        unit.assign(data + pos, end - pos);
+        resume_at = end - pos;
+        // Scanning resumes at a token boundary inside the open containers.
+        depth = progress.top;
+        in_string = false;
+        escape = false;
+        value_kind = kContainer;
+        pos = end;
         state = kEntryValue;
         return true;
     }
 
     bool complete_gathered_entry(std::string &out) {
-        tape.clear();
-        Tokenizer tokenizer(unit.data(), unit.size(), tape, node_limit(unit.size()));
-        size_t end = 0;
-        const Parse result = tokenizer.value(end, kNoNode, 0);
+        const size_t limit = node_limit(unit.size());
+        if (tape.size() > limit) {
+            return fail("too-large");  // tokenized from the start, it would stop at the limit
+        }
+        Tokenizer tokenizer(unit.data(), unit.size(), tape, limit);
+        size_t end = resume_at;
+        const Parse result = tokenizer.run(end, progress, kNoNode, 0);
         if (result != Parse::Ok) {
             return fail(parse_error(result));
         }

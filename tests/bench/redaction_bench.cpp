@@ -5,7 +5,11 @@
 // fixture patient, whose SSN identifier the mask removes) through a new Redactor per response,
 // as the module does for every proxied response: its fixed cost per response in ns.
 //
-//   ehrgate-redaction-bench [--seconds S] [--json] [--only 1mb|50mb|small] [--no-reference]
+//   ehrgate-redaction-bench [--seconds S] [--json] [--only 1mb|50mb|small] [--chunk BYTES]
+//                           [--no-reference]
+//
+// --chunk sets the Bundles' chunk size (16 KiB by default; nginx's default proxy buffers are 4
+// KiB).
 //
 // --json prints the Bundle cases as bench.py reads them; the small case joins the JSON output only
 // when asked for alone (--only small --json), so that the Bundle rows keep their shape.
@@ -111,7 +115,7 @@ struct Result {
 };
 
 Result run_redaction(const std::string &body, const ehrgate::redaction::Config &config,
-                     double seconds) {
+                     size_t chunk, double seconds) {
     Result result;
     size_t bytes = 0;
     const double start = cpu_seconds();
@@ -121,9 +125,9 @@ Result run_redaction(const std::string &body, const ehrgate::redaction::Config &
         ehrgate::redaction::Request request;
         request.withheld = kWithheld;
         ehrgate::redaction::Redactor redactor(config, std::move(request));
-        for (size_t pos = 0; pos < body.size(); pos += 16384) {
+        for (size_t pos = 0; pos < body.size(); pos += chunk) {
             out.clear();
-            if (redactor.feed(std::string_view(body).substr(pos, 16384), out) !=
+            if (redactor.feed(std::string_view(body).substr(pos, chunk), out) !=
                 ehrgate::redaction::Status::Ok) {
                 std::fprintf(stderr, "redaction failed: %s\n",
                              std::string(redactor.reason()).c_str());
@@ -209,6 +213,7 @@ double run_rapidjson(std::string_view body, double seconds) {
 
 int main(int argc, char **argv) {
     double seconds = 2;
+    size_t chunk = 16384;
     bool json = false;
     std::string only;
     bool reference_too = true;
@@ -219,15 +224,18 @@ int main(int argc, char **argv) {
             json = true;
         } else if (std::strcmp(argv[i], "--no-reference") == 0) {
             reference_too = false;  // for profiling the engine alone
+        } else if (std::strcmp(argv[i], "--chunk") == 0 && i + 1 < argc &&
+                   std::atoi(argv[i + 1]) > 0) {
+            chunk = static_cast<size_t>(std::atoi(argv[++i]));
         } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc &&
                    (std::strcmp(argv[i + 1], "1mb") == 0 || std::strcmp(argv[i + 1], "50mb") == 0 ||
                     std::strcmp(argv[i + 1], "small") == 0)) {
             only = argv[++i];
         } else {
-            std::fprintf(
-                stderr,
-                "usage: %s [--seconds S] [--json] [--only 1mb|50mb|small] [--no-reference]\n",
-                argv[0]);
+            std::fprintf(stderr,
+                         "usage: %s [--seconds S] [--json] [--only 1mb|50mb|small] [--chunk BYTES] "
+                         "[--no-reference]\n",
+                         argv[0]);
             return 2;
         }
     }
@@ -243,7 +251,7 @@ int main(int argc, char **argv) {
             continue;
         }
         const std::string body = make_bundle(size);
-        const Result redaction = run_redaction(body, config, seconds);
+        const Result redaction = run_redaction(body, config, chunk, seconds);
         const double reference = reference_too ? run_rapidjson(body, seconds) : 0;
         if (json) {
             std::printf(

@@ -1338,9 +1338,8 @@ struct Redactor::Impl {
                 if (data[pos] != '"') {
                     return fail("malformed-json");
                 }
-                if (!streaming && read_held_member(data, size, pos)) {
-                    state = kAfterMember;
-                    return complete_held_member(std::string_view(key.data(), key_size));
+                if (bool result = false; !streaming && read_held_key(data, size, pos, result)) {
+                    return result;
                 }
                 ++pos;
                 key_size = 0;
@@ -1425,7 +1424,8 @@ struct Redactor::Impl {
                 }
                 const bool to_held = state == kValue && !streaming;
                 (to_held ? held : unit).append(data + start, pos - start);
-                const size_t tape_bytes = to_held ? tape.size() * sizeof(Node) : 0;
+                // The tape as it was before the value (its tokenized part counts once complete).
+                const size_t tape_bytes = to_held ? (key_node + 1) * sizeof(Node) : 0;
                 if (held.size() + unit.size() + tape_bytes > max_bytes()) {
                     return fail("too-large");
                 }
@@ -1584,36 +1584,59 @@ struct Redactor::Impl {
                 return fail(tokenizer.too_large() ? "too-large" : "malformed-json");
             }
         }
+        return read_held_value(data, size, pos);
+    }
+
+    // The value of a held member, whose key is in `held` and on the tape, starts at pos: it is
+    // tokenized in place, and what the chunk does not hold is gathered into `held` and
+    // tokenized from where the tokenizer stopped once complete (complete_gathered_member).
+    bool read_held_value(const char *data, size_t size, size_t &pos) {
         const char c = data[pos];
         const bool delimited = c == '{' || c == '[' || c == '"';
         // A value longer than the cap allows is decided by the gathering path.
         const size_t limit = pos + std::min(size - pos, max_bytes());
+        progress.reset();
         Tokenizer tokenizer(data, limit, tape, node_limit(held.size()),
                             static_cast<uint32_t>(value_offset) - static_cast<uint32_t>(pos));
         size_t end = pos;
-        // A number or literal ends where its scalar characters end, as when gathered.
-        if (tokenizer.value(end, 0, 1) == Parse::Ok &&
-            (delimited || (end < limit && !scalar_char(data[end])))) {
-            held.append(data + pos, end - pos);
-            if (held.size() + tape.size() * sizeof(Node) <= max_bytes()) {
+        if (tokenizer.run(end, progress, 0, 1) == Parse::Ok) {
+            // A number or literal ends where its scalar characters end, as when gathered.
+            if ((delimited || (end < limit && !scalar_char(data[end]))) &&
+                held.size() + (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
+                held.append(data + pos, end - pos);
                 pos = end;
                 state = kAfterMember;
                 return complete_held_member(std::string_view(key.data(), key_size));
             }
-            held.resize(value_offset);
+            // A scalar the chunk's end may cut, or a member over the cap: gathered from its
+            // start, for the gathering path to judge.
+            tape.truncate(key_node + 1);
+            progress.reset();
+            end = pos;
         }
-        tape.truncate(key_node + 1);
-        begin_gathering(data, pos, held);
+        held.append(data + pos, end - pos);
+        resume_at = held.size();
+        pos = end;
+        if (progress.top == 0) {
+            begin_gathering(data, pos, held);  // nothing of it read yet
+        } else {
+            // Scanning resumes at a token boundary inside the open containers.
+            depth = progress.top;
+            in_string = false;
+            escape = false;
+            value_kind = kContainer;
+        }
         state = kValue;
         return true;
     }
 
-    // A member before the entries that the chunk holds whole, from its key's opening quote at
-    // pos: tokenized in place and appended to `held` exactly as the byte-by-byte states would
-    // (key, ':', value). False, with nothing changed, leaves it to them: a member cut by the
-    // chunk's end, the `entry` that starts streaming, or anything they must judge (faults,
-    // limits).
-    bool read_held_member(const char *data, size_t size, size_t &pos) {
+    // kMemberStart before the entries, at a key's opening quote: when the chunk holds the key,
+    // its colon and the value's first byte, the key is tokenized in place and joins `held` as
+    // the byte-by-byte states would put it there (`"key":`), and the value follows
+    // (read_held_value); `result` is then the step's. False, with nothing changed, leaves the
+    // member to those states: a key cut by the chunk's end, a fault or limit they must judge,
+    // or the `entry` that starts streaming.
+    bool read_held_key(const char *data, size_t size, size_t &pos, bool &result) {
         const size_t limit = pos + std::min(size - pos, max_bytes());
         const size_t mark = tape.size();
         const size_t key_offset = held.size() + (any_member ? 1 : 0);
@@ -1647,32 +1670,16 @@ struct Redactor::Impl {
             tape.truncate(mark);
             return false;
         }
-        const size_t value_start = p;
-        const size_t offset = key_offset + (key_end - pos) + 1;
-        const char c = data[value_start];
-        const bool delimited = c == '{' || c == '[' || c == '"';
-        Tokenizer values(data, limit, tape, node_limit(held.size()),
-                         static_cast<uint32_t>(offset) - static_cast<uint32_t>(value_start));
-        if (values.value(p, 0, 1) != Parse::Ok ||
-            !(delimited || (p < limit && !scalar_char(data[p]))) ||
-            offset + (p - value_start) + tape.size() * sizeof(Node) > max_bytes()) {
-            tape.truncate(mark);
-            return false;
-        }
         if (any_member) {
             held.push_back(',');
         }
-        if (value_start == key_end + 1) {
-            held.append(data + pos, p - pos);  // compact: `"key":value` as it is
-        } else {
-            held.append(data + pos, key_end - pos).push_back(':');
-            held.append(data + value_start, p - value_start);
-        }
+        held.append(data + pos, key_end - pos).push_back(':');
         std::memcpy(key.data(), name.data(), name.size());
         key_size = name.size();
         key_node = static_cast<uint32_t>(mark);
-        value_offset = offset;
+        value_offset = held.size();
         pos = p;
+        result = read_held_value(data, size, pos);
         return true;
     }
 
@@ -1737,9 +1744,13 @@ struct Redactor::Impl {
 
     // A held member's value is complete in `held` from value_offset: tokenized now.
     bool complete_gathered_member() {
-        Tokenizer tokenizer(held.data(), held.size(), tape, node_limit(held.size()));
-        size_t end = value_offset;
-        const Parse result = tokenizer.value(end, 0, 1);
+        const size_t limit = node_limit(held.size());
+        if (tape.size() > limit) {
+            return fail("too-large");  // tokenized from the start, it would stop at the limit
+        }
+        Tokenizer tokenizer(held.data(), held.size(), tape, limit);
+        size_t end = resume_at;
+        const Parse result = tokenizer.run(end, progress, 0, 1);
         if (result != Parse::Ok) {
             return fail(parse_error(result));
         }

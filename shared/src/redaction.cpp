@@ -291,8 +291,13 @@ enum class Due : uint8_t {
     Separator,  // after a value: ',' or the container's end (or the end of the value read)
 };
 
+// Progress::open holds a container's node index, and whether it is an object.
+constexpr uint32_t kOpenObject = 1U << 31;
+constexpr uint32_t kOpenIndex = kOpenObject - 1;
+static_assert(kMaxHeldBytesLimit / sizeof(Node) < kOpenObject);
+
 struct Progress {
-    std::array<uint32_t, kMaxDepth> open;  // the open containers' nodes, innermost last
+    std::array<uint32_t, kMaxDepth> open;  // the open containers (above), innermost last
     uint32_t top = 0;
     Due due = Due::Value;
 
@@ -309,6 +314,8 @@ class Tokenizer {
   public:
     Tokenizer(const char *data, size_t size, Tape &tape, size_t max_nodes, uint32_t bias = 0)
         : data_(data), size_(size), tape_(tape), max_nodes_(max_nodes), bias_(bias) {}
+    Tokenizer(const Tokenizer &) = delete;
+    Tokenizer &operator=(const Tokenizer &) = delete;
 
     // The value starting exactly at pos, inside `depth` open containers, the innermost `parent`.
     // On Ok, pos is just past it. Anything else leaves partial nodes behind.
@@ -321,93 +328,120 @@ class Tokenizer {
     // failure, whether a fault or the end of the data, leaves pos at the start of the token that
     // failed and `progress` as it was there, with the nodes before that token on the tape: with
     // more data, the tokenization resumes there as if it had never stopped.
-    Parse run(size_t &pos, Progress &progress, uint32_t parent, size_t depth) {
-        for (;;) {
-            if (progress.due == Due::Separator && progress.top == 0) {
-                return Parse::Ok;
+    Parse run(size_t &position, Progress &progress, uint32_t parent, size_t depth) {
+        // The state in locals: stores to the tape could alias it in memory.
+        const char *const data = data_;
+        const size_t size = size_;
+        size_t pos = position;
+        uint32_t *const open = progress.open.data();
+        uint32_t top = progress.top;
+        Due due = progress.due;
+        uint32_t container = top == 0 ? parent : open[top - 1] & kOpenIndex;
+        bool in_object = top > 0 && (open[top - 1] & kOpenObject) != 0;
+        // Closes the innermost container with the byte at pos.
+        auto close_container = [&] {
+            ++pos;
+            tape_[container].end = static_cast<uint32_t>(pos + bias_);
+            tape_[container].next = static_cast<uint32_t>(tape_.size());
+            --top;
+            if (top > 0) {
+                container = open[top - 1] & kOpenIndex;
+                in_object = (open[top - 1] & kOpenObject) != 0;
+            } else {
+                container = parent;
             }
-            skip_ws(pos);
-            if (pos >= size_) {
-                return Parse::Malformed;
+            due = Due::Separator;
+        };
+        Parse result = Parse::Ok;
+        for (;;) {
+            if (due == Due::Separator && top == 0) {
+                break;
+            }
+            while (pos < size && is_ws(data[pos])) {
+                ++pos;
+            }
+            if (pos >= size) {
+                result = Parse::Malformed;
+                break;
             }
             const size_t token = pos;
-            const char c = data_[pos];
-            const uint32_t container = progress.top == 0 ? parent : progress.open[progress.top - 1];
-            switch (progress.due) {
-                case Due::KeyOrClose:
-                    if (c == '}') {
-                        close(container, pos);
-                        --progress.top;
-                        progress.due = Due::Separator;
-                        continue;
+            const char c = data[pos];
+            if (due == Due::Value || due == Due::ValueOrClose) {
+                if (c == '{' || c == '[') {
+                    if (depth + top >= kMaxDepth) {
+                        result = Parse::TooDeep;
+                        break;
                     }
-                    [[fallthrough]];
-                case Due::Key:
-                    if (c != '"' || !key_string(pos, container)) {
-                        pos = token;
-                        return failure();
+                    const auto index = static_cast<uint32_t>(tape_.size());
+                    const bool object = c == '{';
+                    if (!push(pos, 0, container, object ? Kind::Object : Kind::Array, false)) {
+                        result = Parse::TooLarge;
+                        break;
                     }
-                    if (pos < size_ && data_[pos] == ':') {
-                        ++pos;  // the usual `"key":`, without another round
-                        progress.due = Due::Value;
-                    } else {
-                        progress.due = Due::Colon;
-                    }
-                    continue;
-                case Due::Colon:
-                    if (c != ':') {
-                        return Parse::Malformed;
-                    }
+                    open[top++] = index | (object ? kOpenObject : 0);
+                    container = index;
+                    in_object = object;
+                    due = object ? Due::KeyOrClose : Due::ValueOrClose;
                     ++pos;
-                    progress.due = Due::Value;
-                    continue;
-                case Due::ValueOrClose:
-                    if (c == ']') {
-                        close(container, pos);
-                        --progress.top;
-                        progress.due = Due::Separator;
-                        continue;
-                    }
-                    [[fallthrough]];
-                case Due::Value:
-                    if (c == '{' || c == '[') {
-                        if (depth + progress.top >= kMaxDepth) {
-                            return Parse::TooDeep;
-                        }
-                        const auto index = static_cast<uint32_t>(tape_.size());
-                        if (!push(pos, 0, container, c == '{' ? Kind::Object : Kind::Array,
-                                  false)) {
-                            return Parse::TooLarge;
-                        }
-                        progress.open[progress.top++] = index;
-                        progress.due = c == '{' ? Due::KeyOrClose : Due::ValueOrClose;
-                        ++pos;
-                        continue;
-                    }
-                    if (c == '"'                    ? !string(pos, container)
-                        : (c == '-' || is_digit(c)) ? !number(pos, container, progress.top > 0)
-                                                    : !literal(pos, container)) {
-                        pos = token;
-                        return failure();
-                    }
-                    progress.due = Due::Separator;
-                    continue;
-                case Due::Separator: {
-                    const bool object = tape_[container].kind == Kind::Object;
-                    if (c == ',') {
-                        ++pos;
-                        progress.due = object ? Due::Key : Due::Value;
-                        continue;
-                    }
-                    if (c != (object ? '}' : ']')) {
-                        return Parse::Malformed;
-                    }
-                    close(container, pos);
-                    --progress.top;
                     continue;
                 }
+                if (c == ']' && due == Due::ValueOrClose) {
+                    close_container();
+                    continue;
+                }
+                if (c == '"'                    ? !string(pos, container)
+                    : (c == '-' || is_digit(c)) ? !number(pos, container, top > 0)
+                                                : !literal(pos, container)) {
+                    pos = token;
+                    result = failure();
+                    break;
+                }
+                due = Due::Separator;
+                continue;
+            }
+            if (due == Due::Separator) {
+                if (c == ',') {
+                    ++pos;
+                    due = in_object ? Due::Key : Due::Value;
+                    continue;
+                }
+                if (c != (in_object ? '}' : ']')) {
+                    result = Parse::Malformed;
+                    break;
+                }
+                close_container();
+                continue;
+            }
+            if (due == Due::Colon) {
+                if (c != ':') {
+                    result = Parse::Malformed;
+                    break;
+                }
+                ++pos;
+                due = Due::Value;
+                continue;
+            }
+            // Key or KeyOrClose.
+            if (c == '}' && due == Due::KeyOrClose) {
+                close_container();
+                continue;
+            }
+            if (c != '"' || !key_string(pos, container)) {
+                pos = token;
+                result = failure();
+                break;
+            }
+            if (pos < size && data[pos] == ':') {
+                ++pos;  // the usual `"key":`, without another round
+                due = Due::Value;
+            } else {
+                due = Due::Colon;
             }
         }
+        position = pos;
+        progress.top = top;
+        progress.due = due;
+        return result;
     }
 
     // A string at pos (a member key or a value). Most are short and plain: one scan, one node.
@@ -504,8 +538,8 @@ class Tokenizer {
             return false;
         }
         const auto index = static_cast<uint32_t>(tape_.size());
-        tape_.push_back(Node{static_cast<uint32_t>(start) + bias_,
-                             static_cast<uint32_t>(end) + bias_, index + 1, parent, kind, escaped,
+        tape_.push_back(Node{static_cast<uint32_t>(start + bias_),
+                             static_cast<uint32_t>(end + bias_), index + 1, parent, kind, escaped,
                              0, 0});
         return true;
     }
@@ -514,12 +548,6 @@ class Tokenizer {
         while (pos < size_ && is_ws(data_[pos])) {
             ++pos;
         }
-    }
-
-    void close(uint32_t index, size_t &pos) {
-        ++pos;
-        tape_[index].end = static_cast<uint32_t>(pos) + bias_;
-        tape_[index].next = static_cast<uint32_t>(tape_.size());
     }
 
     // Inside a container (`delimited`), a number running to the end of the data may go on: not
@@ -594,7 +622,7 @@ class Tokenizer {
     size_t size_;
     Tape &tape_;
     size_t max_nodes_;
-    uint32_t bias_;
+    size_t bias_;  // not a uint32_t, which stores to the tape could alias
     bool too_large_ = false;
 };
 

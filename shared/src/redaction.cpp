@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #if defined(__SSE2__)
@@ -48,19 +49,22 @@ class Tape {
     void truncate(size_t n) { size_ = std::min(size_, n); }
     void reserve(size_t n) {
         if (n > capacity_) {
-            grow(n);
+            grow(n, n);
         }
     }
-    void push_back(const Node &node) {
+    // Growth doubles, but not past `most` nodes (a tape's limit), so that the capacity stays
+    // within the engine's memory bound.
+    void push_back(const Node &node, size_t most = SIZE_MAX) {
         if (size_ == capacity_) [[unlikely]] {
-            grow(size_ + 1);
+            grow(size_ + 1, most);
         }
         nodes_[size_++] = node;
     }
 
   private:
-    [[gnu::noinline]] void grow(size_t at_least) {
-        const size_t capacity = std::max({at_least, 2 * capacity_, size_t{16}});
+    [[gnu::noinline]] void grow(size_t at_least, size_t most = SIZE_MAX) {
+        const size_t capacity =
+            std::max(at_least, std::min(std::max(2 * capacity_, size_t{16}), most));
         auto nodes = std::make_unique_for_overwrite<Node[]>(capacity);
         if (size_ > 0) {
             std::memcpy(nodes.get(), nodes_.get(), size_ * sizeof(Node));
@@ -538,9 +542,10 @@ class Tokenizer {
             return false;
         }
         const auto index = static_cast<uint32_t>(tape_.size());
-        tape_.push_back(Node{static_cast<uint32_t>(start + bias_),
-                             static_cast<uint32_t>(end + bias_), index + 1, parent, kind, escaped,
-                             0, 0});
+        tape_.push_back(
+            Node{static_cast<uint32_t>(start + bias_), static_cast<uint32_t>(end + bias_),
+                 index + 1, parent, kind, escaped, 0, 0},
+            max_nodes_);
         return true;
     }
 
@@ -813,6 +818,10 @@ struct Redactor::Impl {
     std::string_view span(uint32_t i) const {
         return {text.data() + tape[i].start, tape[i].end - tape[i].start};
     }
+
+    // The same while the text is still the caller's: the text may have to be gathered after all,
+    // and the tape must leave it room.
+    size_t in_place_node_limit(size_t held_bytes) const { return node_limit(held_bytes) / 2; }
 
     // The raw text between a string node's quotes.
     std::string_view raw(uint32_t i) const {
@@ -1440,21 +1449,25 @@ struct Redactor::Impl {
             }
             case kValue:
             case kEntryValue: {
+                const bool to_held = state == kValue && !streaming;
+                // The tape as it was before the value (its tokenized part counts once complete).
+                const size_t tape_bytes = to_held ? (key_node + 1) * sizeof(Node) : 0;
+                const size_t held_bytes = held.size() + unit.size() + tape_bytes;
+                // Gathered up to one byte past the cap, however large the chunk.
+                const size_t window =
+                    pos + std::min(size - pos, max_bytes() - std::min(held_bytes, max_bytes()) + 1);
                 const size_t start = pos;
                 bool complete = false;
                 if (value_kind == kScalar) {
-                    while (pos < size && scalar_char(data[pos])) {
+                    while (pos < window && scalar_char(data[pos])) {
                         ++pos;
                     }
-                    complete = pos < size;
+                    complete = pos < window;
                 } else {
-                    complete = scan_value(data, size, pos);
+                    complete = scan_value(data, window, pos);
                 }
-                const bool to_held = state == kValue && !streaming;
                 (to_held ? held : unit).append(data + start, pos - start);
-                // The tape as it was before the value (its tokenized part counts once complete).
-                const size_t tape_bytes = to_held ? (key_node + 1) * sizeof(Node) : 0;
-                if (held.size() + unit.size() + tape_bytes > max_bytes()) {
+                if (held_bytes + (pos - start) > max_bytes()) {
                     return fail("too-large");
                 }
                 if (!complete) {
@@ -1624,7 +1637,7 @@ struct Redactor::Impl {
         // A value longer than the cap allows is decided by the gathering path.
         const size_t limit = pos + std::min(size - pos, max_bytes());
         progress.reset();
-        Tokenizer tokenizer(data, limit, tape, node_limit(held.size()),
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(held.size()),
                             static_cast<uint32_t>(value_offset) - static_cast<uint32_t>(pos));
         size_t end = pos;
         if (tokenizer.run(end, progress, 0, 1) == Parse::Ok) {
@@ -1670,7 +1683,7 @@ struct Redactor::Impl {
         const size_t key_offset = held.size() + (any_member ? 1 : 0);
         size_t p = pos;
         {
-            Tokenizer keys(data, limit, tape, node_limit(held.size()),
+            Tokenizer keys(data, limit, tape, in_place_node_limit(held.size()),
                            static_cast<uint32_t>(key_offset) - static_cast<uint32_t>(pos));
             if (!keys.key_string(p, 0)) {
                 tape.truncate(mark);
@@ -1733,7 +1746,8 @@ struct Redactor::Impl {
     bool read_whole_document(const char *data, size_t size, size_t &pos) {
         const size_t limit = pos + std::min(size - pos, max_bytes());
         tape.clear();
-        Tokenizer tokenizer(data, limit, tape, node_limit(0), 0 - static_cast<uint32_t>(pos));
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(0),
+                            0 - static_cast<uint32_t>(pos));
         size_t end = pos;
         if (tokenizer.value(end, kNoNode, 0) != Parse::Ok || tape[0].kind != Kind::Object ||
             (end - pos - 1) + tape.size() * sizeof(Node) > max_bytes()) {
@@ -1879,7 +1893,8 @@ struct Redactor::Impl {
         tape.clear();
         progress.reset();
         const size_t limit = pos + std::min(size - pos, max_bytes());
-        Tokenizer tokenizer(data, limit, tape, node_limit(0), 0 - static_cast<uint32_t>(pos));
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(0),
+                            0 - static_cast<uint32_t>(pos));
         size_t end = pos;
         const Parse result = tokenizer.run(end, progress, kNoNode, 0);
         if (result == Parse::Ok && (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {

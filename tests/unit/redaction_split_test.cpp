@@ -330,6 +330,40 @@ TEST(RedactionSplits, TheCapIsDecidedAlikeForEverySplit) {
     }
 }
 
+// Under the default cap, whatever the shape near or over it, and whether it comes in small
+// chunks or in one large one, the engine's buffers stay under 1 MiB.
+TEST(RedactionSplits, MemoryStaysUnderOneMebibyteWhateverTheShape) {
+    const Config config;  // default cap
+    size_t worst = 0;
+    for (size_t n = 4000; n <= 400000; n = n * 3 / 2) {
+        std::string strings = "[";
+        for (size_t i = 0; i < n / 4; ++i) {
+            strings += i ? ",\"abcdefghij\"" : "\"abcdefghij\"";
+        }
+        strings += "]";
+        for (const std::string &value : {numbers(n), strings}) {
+            const std::string resource = R"({"resourceType":"Basic","v":)" + value + "}";
+            for (const std::string &body :
+                 {resource, R"({"resourceType":"Bundle","entry":[{"resource":)" + resource + "}]}",
+                  R"({"resourceType":"Bundle","entry":[],"v":)" + value + "}"}) {
+                for (const size_t piece : {size_t{4096}, size_t{16384}, body.size()}) {
+                    Redactor redactor(config, treating());
+                    std::string out;
+                    for (size_t pos = 0; pos < body.size() && redactor.status() == Status::Ok;
+                         pos += piece) {
+                        out.clear();
+                        redactor.feed(std::string_view(body).substr(pos, piece), out);
+                    }
+                    worst = std::max(worst, redactor.peak_memory());
+                    ASSERT_LT(redactor.peak_memory(), size_t{1} << 20)
+                        << body.size() << " bytes in pieces of " << piece;
+                }
+            }
+        }
+    }
+    EXPECT_GT(worst, config.max_held_bytes);  // the shapes did reach the cap
+}
+
 TEST(RedactionSplits, DepthAndKeyLimitsAreDecidedAlikeForEverySplit) {
     const Config config = sandbox_config();
     for (size_t depth = 124; depth <= 130; ++depth) {

@@ -549,12 +549,6 @@ class Tokenizer {
         return true;
     }
 
-    void skip_ws(size_t &pos) const {
-        while (pos < size_ && is_ws(data_[pos])) {
-            ++pos;
-        }
-    }
-
     // Inside a container (`delimited`), a number running to the end of the data may go on: not
     // a token yet, so the tokenization stops before it.
     bool number(size_t &pos, uint32_t parent, bool delimited) {
@@ -735,14 +729,17 @@ struct Redactor::Impl {
 
     // Streaming. `held` is "{" + the members before `entry`, comma-separated, tokenized member
     // by member onto the tape as they complete (node 0 is the top-level object); `unit` gathers
-    // an entry, or a member after the entries, that a chunk boundary cuts.
+    // an entry, or a member after the entries, that a chunk boundary cuts. What a chunk holds
+    // whole is tokenized where it is, and an unchanged entry or resource is released from there.
     std::string held;
     std::string unit;
     std::string last_updated;
     std::array<char, kMaxKeyBytes> key{};  // the current top-level key, raw (between the quotes)
     size_t key_size = 0;
     size_t value_offset = 0;  // where the current member's value starts in `held`
-    Progress progress;        // an entry's tokenization, stopped at `resume_at` in `unit`
+    // A gathered value's tokenization, stopped at `resume_at` (in `unit` for an entry, in `held`
+    // for a member) at the chunk's end, to resume there once the value is complete.
+    Progress progress;
     size_t resume_at = 0;
     uint32_t key_node = 0;  // the current held member's key node
     uint8_t state = kDocStart;
@@ -773,6 +770,8 @@ struct Redactor::Impl {
         last_updated.clear();
         key_size = 0;
         value_offset = 0;
+        progress.reset();
+        resume_at = 0;
         key_node = 0;
         state = kDocStart;
         expect_more = bundle = streaming = any_member = any_entry = false;
@@ -1385,7 +1384,9 @@ struct Redactor::Impl {
                 return true;
             case kKey: {
                 const size_t start = pos;
-                while (pos < size) {
+                // No further than one byte past the longest key allowed.
+                const size_t window = pos + std::min(size - pos, key.size() - key_size + 1);
+                while (pos < window) {
                     const char c = data[pos];
                     if (escape) {
                         escape = false;
@@ -1402,7 +1403,7 @@ struct Redactor::Impl {
                 }
                 std::memcpy(key.data() + key_size, data + start, n);
                 key_size += n;
-                if (pos < size) {
+                if (pos < window) {
                     ++pos;
                     state = kColon;
                 }

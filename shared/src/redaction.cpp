@@ -754,15 +754,17 @@ struct Redactor::Impl {
     bool escape = false;
     uint8_t value_kind = 0;
 
-    void start(const Config &c, const Request &r, Redactor &o) {
+    Impl() {
+        tape.reserve(128);  // a small resource's tape, without a chain of reallocations
+    }
+
+    // Does not throw (the constructor's allocations are done).
+    void start(const Config &c, const Request &r, Redactor &o) noexcept {
         config = &c;
         request = &r;
         owner = &o;
         text = {};
         tape.clear();
-        if (tape.capacity() == 0) {
-            tape.reserve(128);  // a small resource's tape, without a chain of reallocations
-        }
         error = {};
         markers = 0;
         held.clear();
@@ -1988,6 +1990,10 @@ struct Redactor::Impl {
 
 namespace {
 
+// Set once this thread's pool is destroyed (at thread exit), for a Redactor that outlives it.
+// Trivially destructible, so it can be read at any time.
+thread_local bool engine_pool_gone = false;
+
 // Engines of finished responses, kept for the next ones on the same thread: an nginx worker
 // redacts response after response, most of them small, and a kept engine's buffers spare each
 // of them its allocations. Bounded in count and in size, so what idles stays small.
@@ -1997,6 +2003,7 @@ class EnginePool {
     EnginePool(const EnginePool &) = delete;
     EnginePool &operator=(const EnginePool &) = delete;
     ~EnginePool() {
+        engine_pool_gone = true;
         for (size_t i = 0; i < count_; ++i) {
             delete engines_[i];
         }
@@ -2047,12 +2054,18 @@ std::vector<std::string> split_labels(std::string_view list) {
 }
 
 Redactor::Redactor(const Config &config, Request request)
-    : config_(config), request_(std::move(request)), impl_(engine_pool.take()) {
+    : config_(config),
+      request_(std::move(request)),
+      impl_(engine_pool_gone ? new Impl : engine_pool.take()) {
     impl_->start(config_, request_, *this);
 }
 
 Redactor::~Redactor() {
-    engine_pool.give(impl_);
+    if (engine_pool_gone) {
+        delete impl_;
+    } else {
+        engine_pool.give(impl_);
+    }
 }
 
 bool Redactor::complete() const {

@@ -4,9 +4,11 @@
 // depth limits, and across engines reused on one thread.
 #include <gtest/gtest.h>
 
+#include <memory>
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ehrgate/redaction.hpp"
@@ -443,6 +445,37 @@ TEST(RedactionSplits, EnginesAliveAtOnceAndReusedEnginesKeepApart) {
     EXPECT_LT(again.peak, size_t{64} * 1024);
     const Outcome streamed = run(config, compact_bundle(), {64});
     EXPECT_EQ(streamed, alone[1]);
+}
+
+// Each thread keeps its own engines; a Redactor that outlives its thread's kept engines (a
+// thread_local destroyed after them) still ends cleanly.
+TEST(RedactionSplits, EnginesOnOtherThreadsAndAtThreadExit) {
+    const Config config = sandbox_config();
+    const std::vector<std::string> bodies = {kPatient, compact_bundle(), pretty(compact_bundle())};
+    std::vector<Outcome> expected;
+    for (const std::string &body : bodies) {
+        expected.push_back(run(config, body, {333}));
+    }
+    std::vector<std::thread> threads;
+    std::vector<int> mismatches(4, 0);
+    for (size_t t = 0; t < mismatches.size(); ++t) {
+        threads.emplace_back([&, t] {
+            thread_local std::unique_ptr<Redactor> outliving;
+            outliving.reset();  // constructed before this thread's kept engines, destroyed after
+            for (int round = 0; round < 50; ++round) {
+                for (size_t i = 0; i < bodies.size(); ++i) {
+                    mismatches[t] += run(config, bodies[i], {333}) == expected[i] ? 0 : 1;
+                }
+            }
+            outliving = std::make_unique<Redactor>(config, treating());
+            std::string out;
+            outliving->feed(kPatient, out);
+        });
+    }
+    for (std::thread &thread : threads) {
+        thread.join();
+    }
+    EXPECT_EQ(mismatches, std::vector<int>(4, 0));
 }
 
 }  // namespace

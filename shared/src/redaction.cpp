@@ -3,7 +3,12 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstdint>
 #include <cstring>
+#include <memory>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "ehrgate/compartment.hpp"
 
@@ -12,6 +17,7 @@ namespace ehrgate::redaction {
 namespace {
 
 constexpr size_t kMaxDepth = 128;
+constexpr size_t kMaxKeyBytes = 256;  // a longer top-level key is refused
 
 enum class Kind : uint8_t { Object, Array, String, Number, True, False, Null };
 
@@ -22,12 +28,64 @@ struct Node {
     uint32_t next;    // index of the first node after this subtree
     uint32_t parent;  // index of the enclosing container, or UINT32_MAX for the root
     Kind kind;
-    bool escaped;  // a string containing a backslash escape
+    bool escaped;   // a string containing a backslash escape
+    uint8_t flags;  // edits for re-emission (below); in what would be padding
+    uint8_t keys;   // objects: which keys the label walk reads it has (below); padding too
+};
+static_assert(sizeof(Node) == 20);
+
+// The token tape: an array of nodes whose growth stays off the tokenizer's path.
+class Tape {
+  public:
+    Tape() = default;
+    Tape(const Tape &) = delete;
+    Tape &operator=(const Tape &) = delete;
+
+    size_t size() const { return size_; }
+    size_t capacity() const { return capacity_; }
+    Node &operator[](size_t i) { return nodes_[i]; }
+    const Node &operator[](size_t i) const { return nodes_[i]; }
+    void clear() { size_ = 0; }
+    void truncate(size_t n) { size_ = std::min(size_, n); }
+    void reserve(size_t n) {
+        if (n > capacity_) {
+            grow(n, n);
+        }
+    }
+    // Growth doubles, but not past `most` nodes (a tape's limit), so that the capacity stays
+    // within the engine's memory bound.
+    void push_back(const Node &node, size_t most = SIZE_MAX) {
+        if (size_ == capacity_) [[unlikely]] {
+            grow(size_ + 1, most);
+        }
+        nodes_[size_++] = node;
+    }
+
+  private:
+    [[gnu::noinline]] void grow(size_t at_least, size_t most = SIZE_MAX) {
+        const size_t capacity =
+            std::max(at_least, std::min(std::max(2 * capacity_, size_t{16}), most));
+        auto nodes = std::make_unique_for_overwrite<Node[]>(capacity);
+        if (size_ > 0) {
+            std::memcpy(nodes.get(), nodes_.get(), size_ * sizeof(Node));
+        }
+        nodes_ = std::move(nodes);
+        capacity_ = capacity;
+    }
+
+    std::unique_ptr<Node[]> nodes_;
+    size_t size_ = 0;
+    size_t capacity_ = 0;
 };
 
 constexpr uint32_t kNoNode = UINT32_MAX;
 
-// Per-node edit flags for re-emission.
+// Node::keys, noted as an object's keys are read, so that the label walk visits only the objects
+// with a key it reads (`code`, `system`, `extension`), or with an escaped key (which could spell
+// one of them).
+enum : uint8_t { kHasCode = 1, kHasSystem = 2, kHasExtension = 4, kHasEscapedKey = 8 };
+
+// Node edit flags.
 enum : uint8_t {
     kRemoved = 1,
     kDirty = 2,             // something inside changes
@@ -40,8 +98,8 @@ enum : uint8_t {
 constexpr std::string_view kRedactedCoding =
     R"({"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"REDACTED"})";
 
-// Eight bytes at a time (SWAR): the lowest flagged byte of each mask is exact, which is all the
-// scanners need.
+// Eight bytes at a time (SWAR) where SSE2 is missing or fewer than 16 bytes are left: the lowest
+// flagged byte of each mask is exact, which is all the scanners need.
 static_assert(std::endian::native == std::endian::little);
 constexpr uint64_t kOnes = 0x0101010101010101ULL;
 constexpr uint64_t kHigh = 0x8080808080808080ULL;
@@ -66,6 +124,19 @@ inline size_t first_flagged(uint64_t mask) {
 
 // Index of the first '"' or '\\' at or after pos, or size.
 inline size_t find_quote_or_backslash(const char *data, size_t pos, size_t size) {
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    const __m128i backslash = _mm_set1_epi8('\\');
+    while (pos + 16 <= size) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(data + pos));
+        const auto mask = static_cast<unsigned>(_mm_movemask_epi8(
+            _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash))));
+        if (mask != 0) {
+            return pos + static_cast<size_t>(std::countr_zero(mask));
+        }
+        pos += 16;
+    }
+#endif
     while (pos + 8 <= size) {
         const uint64_t v = load8(data + pos);
         const uint64_t m = bytes_equal(v, '"') | bytes_equal(v, '\\');
@@ -80,8 +151,53 @@ inline size_t find_quote_or_backslash(const char *data, size_t pos, size_t size)
     return pos;
 }
 
+// Index of the first byte at or after pos that ends a plain run inside a string ('"', '\\', a
+// control character or a non-ASCII byte), or size.
+inline size_t skip_plain(const char *data, size_t pos, size_t size) {
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    const __m128i backslash = _mm_set1_epi8('\\');
+    const __m128i space = _mm_set1_epi8(0x20);
+    while (pos + 16 <= size) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(data + pos));
+        // A signed comparison: bytes >= 0x80 are negative, so "below 0x20" flags them too.
+        const __m128i stop =
+            _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash)),
+                         _mm_cmplt_epi8(v, space));
+        const auto mask = static_cast<unsigned>(_mm_movemask_epi8(stop));
+        if (mask != 0) {
+            return pos + static_cast<size_t>(std::countr_zero(mask));
+        }
+        pos += 16;
+    }
+#endif
+    while (pos + 8 <= size) {
+        const uint64_t v = load8(data + pos);
+        const uint64_t m =
+            bytes_equal(v, '"') | bytes_equal(v, '\\') | bytes_below(v, 0x20) | (v & kHigh);
+        if (m != 0) {
+            return pos + first_flagged(m);
+        }
+        pos += 8;
+    }
+    while (pos < size) {
+        const auto c = static_cast<unsigned char>(data[pos]);
+        if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) {
+            break;
+        }
+        ++pos;
+    }
+    return pos;
+}
+
 inline bool is_ws(char c) {
-    return c == ' ' || c == '\n' || c == '\r' || c == '\t';
+    // Most bytes are above the blank: one comparison rejects them.
+    return static_cast<unsigned char>(c) <= ' ' &&
+           (c == ' ' || c == '\n' || c == '\r' || c == '\t');
+}
+
+inline bool is_digit(char c) {
+    return static_cast<unsigned char>(c - '0') < 10;
 }
 
 int hex_value(char c) {
@@ -97,9 +213,9 @@ int hex_value(char c) {
     return -1;
 }
 
-// Validates one UTF-8 sequence starting at s[i] (>= 0x80); returns its length or 0.
-size_t utf8_sequence(std::string_view s, size_t i) {
-    const auto b0 = static_cast<unsigned char>(s[i]);
+// Validates one UTF-8 sequence starting at data[i] (>= 0x80); returns its length or 0.
+size_t utf8_sequence(const char *data, size_t size, size_t i) {
+    const auto b0 = static_cast<unsigned char>(data[i]);
     size_t len;
     unsigned char lo = 0x80, hi = 0xBF;
     if (b0 >= 0xC2 && b0 <= 0xDF) {
@@ -121,15 +237,15 @@ size_t utf8_sequence(std::string_view s, size_t i) {
     } else {
         return 0;
     }
-    if (i + len > s.size()) {
+    if (i + len > size) {
         return 0;
     }
-    const auto b1 = static_cast<unsigned char>(s[i + 1]);
+    const auto b1 = static_cast<unsigned char>(data[i + 1]);
     if (b1 < lo || b1 > hi) {
         return 0;
     }
     for (size_t k = 2; k < len; ++k) {
-        const auto b = static_cast<unsigned char>(s[i + k]);
+        const auto b = static_cast<unsigned char>(data[i + k]);
         if (b < 0x80 || b > 0xBF) {
             return 0;
         }
@@ -155,208 +271,303 @@ void append_utf8(std::string &out, uint32_t cp) {
     }
 }
 
-// A strict tokenizer over one complete unit, producing a flat tape (no per-token allocation).
+enum class Parse : uint8_t { Ok, Malformed, TooLarge, TooDeep };
+
+std::string_view parse_error(Parse result) {
+    switch (result) {
+        case Parse::TooLarge:
+            return "too-large";
+        case Parse::TooDeep:
+            return "too-deep";
+        default:
+            return "malformed-json";
+    }
+}
+
+// What the tokenizer expects next (after blanks). With the open containers it is all the state
+// there is between two tokens, so a tokenization can stop at a token and resume there.
+enum class Due : uint8_t {
+    Value,
+    KeyOrClose,    // after '{'
+    ValueOrClose,  // after '['
+    Key,           // after ',' in an object
+    Colon,
+    Separator,  // after a value: ',' or the container's end (or the end of the value read)
+};
+
+// Progress::open holds a container's node index, and whether it is an object.
+constexpr uint32_t kOpenObject = 1U << 31;
+constexpr uint32_t kOpenIndex = kOpenObject - 1;
+static_assert(kMaxHeldBytesLimit / sizeof(Node) < kOpenObject);
+
+struct Progress {
+    std::array<uint32_t, kMaxDepth> open;  // the open containers (above), innermost last
+    uint32_t top = 0;
+    Due due = Due::Value;
+
+    void reset() {
+        top = 0;
+        due = Due::Value;
+    }
+};
+
+// A strict tokenizer of one JSON value, appending to a flat tape (no per-token allocation).
+// Positions are recorded as `pos + bias` (modulo 2^32), so that a value read in place from a
+// chunk is recorded where it sits in the unit it belongs to. `max_nodes` bounds the tape's size.
 class Tokenizer {
   public:
-    Tokenizer(std::string_view text, std::vector<Node> &tape, std::vector<uint32_t> &open,
-              size_t max_nodes)
-        : s_(text), tape_(tape), max_nodes_(max_nodes), open_(open) {}
+    Tokenizer(const char *data, size_t size, Tape &tape, size_t max_nodes, uint32_t bias = 0)
+        : data_(data), size_(size), tape_(tape), max_nodes_(max_nodes), bias_(bias) {}
+    Tokenizer(const Tokenizer &) = delete;
+    Tokenizer &operator=(const Tokenizer &) = delete;
 
-    // Returns an empty string on success, else an error code.
-    std::string_view run() {
-        tape_.clear();
-        std::vector<uint32_t> &open = open_;
-        open.clear();
-        size_t pos = 0;
-        skip_ws(pos);
-        bool need_value = true;
-        for (;;) {
-            if (need_value) {
-                if (pos >= s_.size()) {
-                    return "malformed-json";
-                }
-                const char c = s_[pos];
-                const uint32_t parent = open.empty() ? kNoNode : open.back();
-                if (tape_.size() >= max_nodes_) {
-                    return "too-large";
-                }
-                if (c == '{' || c == '[') {
-                    if (open.size() >= kMaxDepth) {
-                        return "too-deep";
-                    }
-                    const auto index = static_cast<uint32_t>(tape_.size());
-                    tape_.push_back(Node{static_cast<uint32_t>(pos), 0, 0, parent,
-                                         c == '{' ? Kind::Object : Kind::Array, false});
-                    open.push_back(index);
-                    ++pos;
-                    skip_ws(pos);
-                    if (pos < s_.size() && s_[pos] == (c == '{' ? '}' : ']')) {
-                        close(pos);
-                        need_value = false;
-                    } else if (c == '{') {
-                        if (!key(pos)) {
-                            return "malformed-json";
-                        }
-                    }
-                    continue;
-                }
-                if (c == '"') {
-                    if (!string(pos, parent)) {
-                        return "malformed-json";
-                    }
-                } else if (c == '-' || (c >= '0' && c <= '9')) {
-                    if (!number(pos, parent)) {
-                        return "malformed-json";
-                    }
-                } else if (!literal(pos, parent)) {
-                    return "malformed-json";
-                }
-                need_value = false;
-            }
-            skip_ws(pos);
-            if (open.empty()) {
-                return pos == s_.size() ? std::string_view() : "malformed-json";
-            }
-            if (pos >= s_.size()) {
-                return "malformed-json";
-            }
-            const Node &top = tape_[open.back()];
-            const char c = s_[pos];
-            if (c == ',') {
-                ++pos;
-                skip_ws(pos);
-                if (top.kind == Kind::Object && !key(pos)) {
-                    return "malformed-json";
-                }
-                need_value = true;
-            } else if (c == (top.kind == Kind::Object ? '}' : ']')) {
-                close(pos);
-            } else {
-                return "malformed-json";
-            }
-        }
+    // The value starting exactly at pos, inside `depth` open containers, the innermost `parent`.
+    // On Ok, pos is just past it. Anything else leaves partial nodes behind.
+    Parse value(size_t &pos, uint32_t parent, size_t depth) {
+        Progress progress;
+        return run(pos, progress, parent, depth);
     }
 
-  private:
-    void skip_ws(size_t &pos) const {
-        while (pos < s_.size() && is_ws(s_[pos])) {
+    // Tokenizes from `progress` at pos until the value it is in ends (Ok, pos just past it). A
+    // failure, whether a fault or the end of the data, leaves pos at the start of the token that
+    // failed and `progress` as it was there, with the nodes before that token on the tape: with
+    // more data, the tokenization resumes there as if it had never stopped.
+    Parse run(size_t &position, Progress &progress, uint32_t parent, size_t depth) {
+        // The state in locals: stores to the tape could alias it in memory.
+        const char *const data = data_;
+        const size_t size = size_;
+        size_t pos = position;
+        uint32_t *const open = progress.open.data();
+        uint32_t top = progress.top;
+        Due due = progress.due;
+        uint32_t container = top == 0 ? parent : open[top - 1] & kOpenIndex;
+        bool in_object = top > 0 && (open[top - 1] & kOpenObject) != 0;
+        // Closes the innermost container with the byte at pos.
+        auto close_container = [&] {
             ++pos;
-        }
-    }
-
-    void close(size_t &pos) {
-        const uint32_t index = open_.back();
-        open_.pop_back();
-        tape_[index].end = static_cast<uint32_t>(pos + 1);
-        tape_[index].next = static_cast<uint32_t>(tape_.size());
-        ++pos;
-    }
-
-    // A member key, then the colon; leaves pos at the value.
-    bool key(size_t &pos) {
-        if (pos >= s_.size() || s_[pos] != '"' || tape_.size() >= max_nodes_) {
-            return false;
-        }
-        if (!string(pos, open_.back())) {
-            return false;
-        }
-        skip_ws(pos);
-        if (pos >= s_.size() || s_[pos] != ':') {
-            return false;
-        }
-        ++pos;
-        skip_ws(pos);
-        return true;
-    }
-
-    bool string(size_t &pos, uint32_t parent) {
-        const size_t start = pos++;
-        bool escaped = false;
-        const char *data = s_.data();
-        const size_t size = s_.size();
-        for (;;) {
-            // Plain ASCII runs are the common case.
-            while (pos + 8 <= size) {
-                const uint64_t v = load8(data + pos);
-                const uint64_t m =
-                    bytes_equal(v, '"') | bytes_equal(v, '\\') | bytes_below(v, 0x20) | (v & kHigh);
-                if (m != 0) {
-                    pos += first_flagged(m);
-                    break;
-                }
-                pos += 8;
+            tape_[container].end = static_cast<uint32_t>(pos + bias_);
+            tape_[container].next = static_cast<uint32_t>(tape_.size());
+            --top;
+            if (top > 0) {
+                container = open[top - 1] & kOpenIndex;
+                in_object = (open[top - 1] & kOpenObject) != 0;
+            } else {
+                container = parent;
             }
-            while (pos < size) {
-                const auto c = static_cast<unsigned char>(data[pos]);
-                if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) {
-                    break;
-                }
+            due = Due::Separator;
+        };
+        Parse result = Parse::Ok;
+        for (;;) {
+            if (due == Due::Separator && top == 0) {
+                break;
+            }
+            while (pos < size && is_ws(data[pos])) {
                 ++pos;
             }
             if (pos >= size) {
-                return false;
-            }
-            const auto c = static_cast<unsigned char>(data[pos]);
-            if (c == '"') {
+                result = Parse::Malformed;
                 break;
             }
-            if (c < 0x20) {
-                return false;
-            }
-            if (c >= 0x80) {
-                const size_t len = utf8_sequence(s_, pos);
-                if (len == 0) {
-                    return false;
+            const size_t token = pos;
+            const char c = data[pos];
+            if (due == Due::Value || due == Due::ValueOrClose) {
+                if (c == '{' || c == '[') {
+                    if (depth + top >= kMaxDepth) {
+                        result = Parse::TooDeep;
+                        break;
+                    }
+                    const auto index = static_cast<uint32_t>(tape_.size());
+                    const bool object = c == '{';
+                    if (!push(pos, 0, container, object ? Kind::Object : Kind::Array, false)) {
+                        result = Parse::TooLarge;
+                        break;
+                    }
+                    open[top++] = index | (object ? kOpenObject : 0);
+                    container = index;
+                    in_object = object;
+                    due = object ? Due::KeyOrClose : Due::ValueOrClose;
+                    ++pos;
+                    continue;
                 }
-                pos += len;
+                if (c == ']' && due == Due::ValueOrClose) {
+                    close_container();
+                    continue;
+                }
+                if (c == '"'                    ? !string(pos, container)
+                    : (c == '-' || is_digit(c)) ? !number(pos, container, top > 0)
+                                                : !literal(pos, container)) {
+                    pos = token;
+                    result = failure();
+                    break;
+                }
+                due = Due::Separator;
                 continue;
             }
-            escaped = true;
-            if (pos + 1 >= size) {
-                return false;
+            if (due == Due::Separator) {
+                if (c == ',') {
+                    ++pos;
+                    due = in_object ? Due::Key : Due::Value;
+                    continue;
+                }
+                if (c != (in_object ? '}' : ']')) {
+                    result = Parse::Malformed;
+                    break;
+                }
+                close_container();
+                continue;
             }
-            const char e = data[pos + 1];
-            if (e == 'u') {
-                if (pos + 6 > size) {
-                    return false;
+            if (due == Due::Colon) {
+                if (c != ':') {
+                    result = Parse::Malformed;
+                    break;
                 }
-                for (size_t k = 2; k < 6; ++k) {
-                    if (hex_value(data[pos + k]) < 0) {
-                        return false;
-                    }
-                }
-                pos += 6;
-            } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' ||
-                       e == 'r' || e == 't') {
-                pos += 2;
+                ++pos;
+                due = Due::Value;
+                continue;
+            }
+            // Key or KeyOrClose.
+            if (c == '}' && due == Due::KeyOrClose) {
+                close_container();
+                continue;
+            }
+            if (c != '"' || !key_string(pos, container)) {
+                pos = token;
+                result = failure();
+                break;
+            }
+            if (pos < size && data[pos] == ':') {
+                ++pos;  // the usual `"key":`, without another round
+                due = Due::Value;
             } else {
+                due = Due::Colon;
+            }
+        }
+        position = pos;
+        progress.top = top;
+        progress.due = due;
+        return result;
+    }
+
+    // A string at pos (a member key or a value). Most are short and plain: one scan, one node.
+    bool string(size_t &pos, uint32_t parent) {
+        const size_t start = pos;
+        pos = skip_plain(data_, pos + 1, size_);
+        bool escaped = false;
+        if (pos >= size_ || data_[pos] != '"') [[unlikely]] {
+            if (!string_rest(pos, escaped)) {
                 return false;
             }
         }
         ++pos;
-        const auto index = static_cast<uint32_t>(tape_.size());
-        tape_.push_back(Node{static_cast<uint32_t>(start), static_cast<uint32_t>(pos), index + 1,
-                             parent, Kind::String, escaped});
+        return push(start, pos, parent, Kind::String, escaped);
+    }
+
+    // A member key of `object` at pos: a string, noted in the object's `keys`.
+    bool key_string(size_t &pos, uint32_t object) {
+        const size_t start = pos;
+        if (!string(pos, object)) {
+            return false;
+        }
+        const char *name = data_ + start + 1;
+        const size_t length = pos - start - 2;
+        uint8_t note = 0;
+        if (tape_[tape_.size() - 1].escaped) {
+            note = kHasEscapedKey;
+        } else if (length == 4 && std::memcmp(name, "code", 4) == 0) {
+            note = kHasCode;
+        } else if (length == 6 && std::memcmp(name, "system", 6) == 0) {
+            note = kHasSystem;
+        } else if (length == 9 && std::memcmp(name, "extension", 9) == 0) {
+            note = kHasExtension;
+        }
+        tape_[object].keys |= note;
         return true;
     }
 
-    bool number(size_t &pos, uint32_t parent) {
+    bool too_large() const { return too_large_; }
+
+  private:
+    // From a byte that ends a plain run (an escape, a control or non-ASCII byte, or the end) up
+    // to the closing quote, left at pos.
+    [[gnu::noinline]] bool string_rest(size_t &pos, bool &escaped) {
+        for (;;) {
+            pos = skip_plain(data_, pos, size_);
+            if (pos >= size_) {
+                return false;
+            }
+            const auto c = static_cast<unsigned char>(data_[pos]);
+            if (c == '"') {
+                return true;
+            }
+            if (c == '\\') {
+                escaped = true;
+                if (pos + 1 >= size_) {
+                    return false;
+                }
+                const char e = data_[pos + 1];
+                if (e == 'u') {
+                    if (pos + 6 > size_) {
+                        return false;
+                    }
+                    for (size_t k = 2; k < 6; ++k) {
+                        if (hex_value(data_[pos + k]) < 0) {
+                            return false;
+                        }
+                    }
+                    pos += 6;
+                } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' ||
+                           e == 'r' || e == 't') {
+                    pos += 2;
+                } else {
+                    return false;
+                }
+                continue;
+            }
+            if (c < 0x80) {
+                return false;  // a control character
+            }
+            const size_t len = utf8_sequence(data_, size_, pos);
+            if (len == 0) {
+                return false;
+            }
+            pos += len;
+        }
+    }
+
+    Parse failure() const { return too_large_ ? Parse::TooLarge : Parse::Malformed; }
+
+    bool push(size_t start, size_t end, uint32_t parent, Kind kind, bool escaped) {
+        if (tape_.size() >= max_nodes_) {
+            too_large_ = true;
+            return false;
+        }
+        const auto index = static_cast<uint32_t>(tape_.size());
+        tape_.push_back(
+            Node{static_cast<uint32_t>(start + bias_), static_cast<uint32_t>(end + bias_),
+                 index + 1, parent, kind, escaped, 0, 0},
+            max_nodes_);
+        return true;
+    }
+
+    // Inside a container (`delimited`), a number running to the end of the data may go on: not
+    // a token yet, so the tokenization stops before it.
+    bool number(size_t &pos, uint32_t parent, bool delimited) {
         const size_t start = pos;
-        auto digit = [&](size_t p) { return p < s_.size() && s_[p] >= '0' && s_[p] <= '9'; };
-        if (s_[pos] == '-') {
+        auto digit = [&](size_t p) { return p < size_ && is_digit(data_[p]); };
+        if (data_[pos] == '-') {
             ++pos;
         }
         if (!digit(pos)) {
             return false;
         }
-        if (s_[pos] == '0') {
+        if (data_[pos] == '0') {
             ++pos;
         } else {
             while (digit(pos)) {
                 ++pos;
             }
         }
-        if (pos < s_.size() && s_[pos] == '.') {
+        if (pos < size_ && data_[pos] == '.') {
             ++pos;
             if (!digit(pos)) {
                 return false;
@@ -365,9 +576,9 @@ class Tokenizer {
                 ++pos;
             }
         }
-        if (pos < s_.size() && (s_[pos] == 'e' || s_[pos] == 'E')) {
+        if (pos < size_ && (data_[pos] == 'e' || data_[pos] == 'E')) {
             ++pos;
-            if (pos < s_.size() && (s_[pos] == '+' || s_[pos] == '-')) {
+            if (pos < size_ && (data_[pos] == '+' || data_[pos] == '-')) {
                 ++pos;
             }
             if (!digit(pos)) {
@@ -377,14 +588,14 @@ class Tokenizer {
                 ++pos;
             }
         }
-        const auto index = static_cast<uint32_t>(tape_.size());
-        tape_.push_back(Node{static_cast<uint32_t>(start), static_cast<uint32_t>(pos), index + 1,
-                             parent, Kind::Number, false});
-        return true;
+        if (delimited && pos == size_) {
+            return false;
+        }
+        return push(start, pos, parent, Kind::Number, false);
     }
 
     bool literal(size_t &pos, uint32_t parent) {
-        const std::string_view rest = s_.substr(pos);
+        const std::string_view rest(data_ + pos, size_ - pos);
         Kind kind;
         size_t len;
         if (rest.starts_with("true")) {
@@ -399,55 +610,224 @@ class Tokenizer {
         } else {
             return false;
         }
-        const auto index = static_cast<uint32_t>(tape_.size());
-        tape_.push_back(Node{static_cast<uint32_t>(pos), static_cast<uint32_t>(pos + len),
-                             index + 1, parent, kind, false});
+        if (!push(pos, pos + len, parent, kind, false)) {
+            return false;
+        }
         pos += len;
         return true;
     }
 
-    std::string_view s_;
-    std::vector<Node> &tape_;
+    const char *data_;
+    size_t size_;
+    Tape &tape_;
     size_t max_nodes_;
-    std::vector<uint32_t> &open_;  // the open containers, reused across units
+    size_t bias_;  // not a uint32_t, which stores to the tape could alias
+    bool too_large_ = false;
 };
+
+enum State : uint8_t {
+    kDocStart,
+    kMemberStart,
+    kKey,
+    kColon,
+    kValueStart,
+    kValue,
+    kAfterMember,
+    kEntryStart,
+    kEntryValue,
+    kAfterEntry,
+    kDocEnd,
+};
+
+enum ValueKind : uint8_t { kContainer, kStringValue, kScalar };
+
+// 1: quote, 2: opening bracket, 3: closing bracket, 0: anything else.
+constexpr std::array<uint8_t, 256> kStructure = [] {
+    std::array<uint8_t, 256> table{};
+    table['"'] = 1;
+    table['{'] = 2;
+    table['['] = 2;
+    table['}'] = 3;
+    table[']'] = 3;
+    return table;
+}();
+
+inline bool scalar_char(char c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '+' ||
+           c == '-' || c == '.';
+}
+
+// Grows `out` so that `more` bytes fit without another reallocation, doubling at least.
+void make_room(std::string &out, size_t more) {
+    if (out.capacity() - out.size() < more) {
+        out.reserve(std::max(out.size() + more, 2 * out.capacity()));
+    }
+}
+
+// Room for the REDACTED markers a re-emitted unit may gain.
+constexpr size_t kEditSlack = 2 * kRedactedCoding.size() + 32;
+// The most one marker adds: `,"meta":{"security":[` + the Coding + `]}`.
+constexpr size_t kMarkerBytes = kRedactedCoding.size() + 32;
+
+// Appends to a string through a cursor: re-emission writes many small pieces, and a
+// push_back or append call per piece costs more than the bytes. The string is sized for what
+// is expected up front and grows if that was short; it ends at what was written.
+class Writer {
+  public:
+    Writer(std::string &out, size_t expected) : out_(out), size_(out.size()) {
+        out_.resize(size_ + expected);
+    }
+    ~Writer() { out_.resize(size_); }
+    Writer(const Writer &) = delete;
+    Writer &operator=(const Writer &) = delete;
+
+    void put(char c) {
+        if (size_ == out_.size()) [[unlikely]] {
+            grow(1);
+        }
+        out_[size_++] = c;
+    }
+    void put(std::string_view s) {
+        if (out_.size() - size_ < s.size()) [[unlikely]] {
+            grow(s.size());
+        }
+        std::memcpy(out_.data() + size_, s.data(), s.size());
+        size_ += s.size();
+    }
+
+  private:
+    [[gnu::noinline]] void grow(size_t more) {
+        out_.resize(std::max(2 * out_.size(), size_ + more));
+    }
+
+    std::string &out_;
+    size_t size_;
+};
+
+// A released Bundle head's buffer is kept up to this size (the next response may use it).
+constexpr size_t kKeptHeadBytes = 16 * 1024;
 
 }  // namespace
 
-// Evaluation and re-emission of one tokenized unit.
+// The engine's state: the streaming state machine, the unit being judged, its evaluation and
+// re-emission. Reused across responses on a thread (see EnginePool), so `start` resets all of
+// it but keeps the buffers' capacity.
 struct Redactor::Impl {
-    Impl(const Config &config, const Request &request) : config(config), request(request) {}
+    // Per response.
+    const Config *config = nullptr;
+    const Request *request = nullptr;
+    Redactor *owner = nullptr;
 
-    const Config &config;
-    const Request &request;
+    // The unit being judged: its text, its token tape (with the edit flags) and scratch space.
     std::string_view text;
-    std::vector<Node> tape;
-    std::vector<uint32_t> open;
-    std::vector<uint8_t> flags;
+    Tape tape;
     std::string scratch;
     std::string scratch2;
-    std::string_view error;  // set when evaluation meets something it must refuse
-    Counters *counters = nullptr;
+    std::vector<uint32_t> found;  // element lists of apply_masks and in_compartment
+    std::string_view error;       // set when evaluation meets something it must refuse
+    size_t markers = 0;           // REDACTED markers the unit gains
 
-    std::string_view tokenize(std::string_view unit, size_t max_nodes) {
-        text = unit;
+    // Streaming. `held` is "{" + the members before `entry`, comma-separated, tokenized member
+    // by member onto the tape as they complete (node 0 is the top-level object); `unit` gathers
+    // an entry, or a member after the entries, that a chunk boundary cuts. What a chunk holds
+    // whole is tokenized where it is, and an unchanged entry or resource is released from there.
+    std::string held;
+    std::string unit;
+    std::string last_updated;
+    std::array<char, kMaxKeyBytes> key{};  // the current top-level key, raw (between the quotes)
+    size_t key_size = 0;
+    size_t value_offset = 0;  // where the current member's value starts in `held`
+    // A gathered value's tokenization, stopped at `resume_at` (in `unit` for an entry, in `held`
+    // for a member) at the chunk's end, to resume there once the value is complete.
+    Progress progress;
+    size_t resume_at = 0;
+    uint32_t key_node = 0;  // the current held member's key node
+    uint8_t state = kDocStart;
+    bool expect_more = false;  // after a ',' another member/element must follow
+    bool bundle = false;       // resourceType "Bundle" seen among the held members
+    bool streaming = false;    // the Bundle's head has been released
+    bool any_member = false;
+    bool any_entry = false;
+    // Value scanner, for values that a chunk boundary cuts.
+    uint32_t depth = 0;
+    bool in_string = false;
+    bool escape = false;
+    uint8_t value_kind = 0;
+
+    Impl() {
+        tape.reserve(128);  // a small resource's tape, without a chain of reallocations
+    }
+
+    // Does not throw (the constructor's allocations are done).
+    void start(const Config &c, const Request &r, Redactor &o) noexcept {
+        config = &c;
+        request = &r;
+        owner = &o;
+        text = {};
+        tape.clear();
         error = {};
-        const std::string_view result = Tokenizer(unit, tape, open, max_nodes).run();
-        if (result.empty()) {
-            flags.assign(tape.size(), 0);
-        }
-        return result;
+        markers = 0;
+        held.clear();
+        unit.clear();
+        last_updated.clear();
+        key_size = 0;
+        value_offset = 0;
+        progress.reset();
+        resume_at = 0;
+        key_node = 0;
+        state = kDocStart;
+        expect_more = bundle = streaming = any_member = any_entry = false;
+        depth = 0;
+        in_string = escape = false;
+        value_kind = 0;
     }
 
     size_t memory() const {
-        return tape.capacity() * sizeof(Node) + flags.capacity() + scratch.capacity() +
-               scratch2.capacity();
+        return sizeof(*this) + tape.capacity() * sizeof(Node) + scratch.capacity() +
+               scratch2.capacity() + found.capacity() * sizeof(uint32_t) + held.capacity() +
+               unit.capacity() + last_updated.capacity();
     }
+
+    Counters &counters() { return owner->counters_; }
+
+    bool fail(std::string_view reason) {
+        owner->status_ = Status::Error;
+        owner->reason_ = reason;
+        return false;
+    }
+
+    bool withhold(std::string_view reason) {
+        owner->status_ = Status::Withheld;
+        owner->reason_ = reason;
+        return false;
+    }
+
+    size_t max_bytes() const { return config->max_held_bytes; }
+
+    void begin_unit(std::string_view unit_text) {
+        text = unit_text;
+        error = {};
+        markers = 0;
+    }
+
+    // The tape's size limit while `text_bytes` of text are held: text and tape share the cap.
+    size_t node_limit(size_t text_bytes) const {
+        return text_bytes >= max_bytes() ? 0 : (max_bytes() - text_bytes) / sizeof(Node);
+    }
+
+    // Node i's text.
+    std::string_view span(uint32_t i) const {
+        return {text.data() + tape[i].start, tape[i].end - tape[i].start};
+    }
+
+    // The same while the text is still the caller's: the text may have to be gathered after all,
+    // and the tape must leave it room.
+    size_t in_place_node_limit(size_t held_bytes) const { return node_limit(held_bytes) / 2; }
 
     // The raw text between a string node's quotes.
     std::string_view raw(uint32_t i) const {
         const Node &n = tape[i];
-        return text.substr(n.start + 1, n.end - n.start - 2);
+        return {text.data() + n.start + 1, n.end - n.start - 2};
     }
 
     // A string node's value, unescaped into `buffer` when it has escapes.
@@ -507,12 +887,11 @@ struct Redactor::Impl {
         return buffer;
     }
 
-    bool key_is(uint32_t key, std::string_view name) {
-        const Node &n = tape[key];
-        if (!n.escaped) {
-            return raw(key) == name;
+    bool key_is(uint32_t node, std::string_view name) {
+        if (!tape[node].escaped) {
+            return raw(node) == name;
         }
-        return value(key, scratch2) == name;
+        return value(node, scratch2) == name;
     }
 
     // The value node of member `name` of object `obj`; kNoNode if absent. Duplicate keys are a
@@ -521,17 +900,17 @@ struct Redactor::Impl {
         if (obj == kNoNode || tape[obj].kind != Kind::Object) {
             return kNoNode;
         }
-        uint32_t found = kNoNode;
+        uint32_t result = kNoNode;
         for (uint32_t k = obj + 1; k < tape[obj].next; k = tape[k + 1].next) {
             if (key_is(k, name)) {
-                if (found != kNoNode) {
+                if (result != kNoNode) {
                     error = "duplicate-key";
                     return kNoNode;
                 }
-                found = k + 1;
+                result = k + 1;
             }
         }
-        return found;
+        return result;
     }
 
     std::string_view string_member(uint32_t obj, std::string_view name, std::string &buffer) {
@@ -543,7 +922,7 @@ struct Redactor::Impl {
     }
 
     bool withheld(std::string_view code) const {
-        for (const std::string &label : request.withheld) {
+        for (const std::string &label : request->withheld) {
             if (label == code) {
                 return true;
             }
@@ -553,19 +932,19 @@ struct Redactor::Impl {
 
     // Marks node i and its ancestors up to (excluding) nothing as changed.
     void mark(uint32_t i, uint8_t flag) {
-        flags[i] |= flag;
+        tape[i].flags |= flag;
         for (uint32_t p = tape[i].parent; p != kNoNode; p = tape[p].parent) {
-            if (flags[p] & kDirty) {
+            if (tape[p].flags & kDirty) {
                 break;
             }
-            flags[p] |= kDirty;
+            tape[p].flags |= kDirty;
         }
     }
 
     void remove(uint32_t i) {
-        if ((flags[i] & kRemoved) == 0) {
+        if ((tape[i].flags & kRemoved) == 0) {
             mark(i, kRemoved);
-            ++counters->elements_removed;
+            ++counters().elements_removed;
         }
     }
 
@@ -598,7 +977,7 @@ struct Redactor::Impl {
     }
 
     bool patient_reference(std::string_view reference) const {
-        const std::string_view base = request.server_base;
+        const std::string_view base = request->server_base;
         if (!base.empty() && reference.starts_with(base) &&
             reference.substr(base.size()).starts_with("/")) {
             reference.remove_prefix(base.size() + 1);
@@ -614,21 +993,20 @@ struct Redactor::Impl {
             }
             reference = reference.substr(0, slash);
         }
-        return reference == request.patient_id;
+        return reference == request->patient_id;
     }
 
     bool in_compartment(uint32_t resource, std::string_view type) {
         if (type == "Patient") {
-            return string_member(resource, "id", scratch) == request.patient_id;
+            return string_member(resource, "id", scratch) == request->patient_id;
         }
         if (compartment::is_shared_reference_type(type)) {
             return true;
         }
-        std::vector<uint32_t> references;
         for (const std::string_view path : compartment::reference_paths(type)) {
-            references.clear();
-            collect(resource, path, references);
-            for (const uint32_t ref : references) {
+            found.clear();
+            collect(resource, path, found);
+            for (const uint32_t ref : found) {
                 if (patient_reference(string_member(ref, "reference", scratch))) {
                     return true;
                 }
@@ -640,17 +1018,29 @@ struct Redactor::Impl {
     // Label, inference and inline-label walk over the resource's subtree. Returns true when a
     // withheld label applies to the whole resource.
     bool sensitive(uint32_t resource) {
-        for (uint32_t i = resource; i < tape[resource].next; ++i) {
-            if (tape[i].kind != Kind::Object) {
-                continue;
+        const uint32_t end = tape[resource].next;
+        for (uint32_t i = resource; i < end; ++i) {
+            if (tape[i].kind != Kind::Object || tape[i].keys == 0) {
+                continue;  // none of the keys read below
             }
             uint32_t system = kNoNode, code = kNoNode, extension = kNoNode;
             for (uint32_t k = i + 1; k < tape[i].next; k = tape[k + 1].next) {
                 const std::string_view name = tape[k].escaped ? value(k, scratch2) : raw(k);
-                uint32_t *slot = name == "system"      ? &system
-                                 : name == "code"      ? &code
-                                 : name == "extension" ? &extension
-                                                       : nullptr;
+                uint32_t *slot = nullptr;
+                // By length first: most keys are none of the three.
+                switch (name.size()) {
+                    case 4:
+                        slot = name == "code" ? &code : nullptr;
+                        break;
+                    case 6:
+                        slot = name == "system" ? &system : nullptr;
+                        break;
+                    case 9:
+                        slot = name == "extension" ? &extension : nullptr;
+                        break;
+                    default:
+                        break;
+                }
                 if (slot != nullptr) {
                     if (*slot != kNoNode) {
                         error = "duplicate-key";
@@ -666,14 +1056,15 @@ struct Redactor::Impl {
                 // but a label is a label wherever the EHR put it.
                 const uint32_t parent = tape[i].parent;
                 if (parent != kNoNode && tape[parent].kind == Kind::Array) {
-                    const uint32_t key = key_of(parent);
-                    if (key != kNoNode && key_is(key, "security") && withheld(code_value)) {
+                    const uint32_t security_key = key_of(parent);
+                    if (security_key != kNoNode && key_is(security_key, "security") &&
+                        withheld(code_value)) {
                         return true;
                     }
                 }
                 if (system != kNoNode && tape[system].kind == Kind::String) {
                     const std::string_view system_value = value(system, scratch);
-                    for (const InferenceRule &rule : config.inference) {
+                    for (const InferenceRule &rule : config->inference) {
                         if (rule.system == system_value &&
                             (rule.prefix ? code_value.starts_with(rule.code)
                                          : code_value == rule.code) &&
@@ -711,12 +1102,13 @@ struct Redactor::Impl {
     // Removes an element; for a primitive's `_name` extension object, the value `name` too.
     void remove_element(uint32_t v) {
         remove(v);
-        const uint32_t key = key_of(v);
-        if (key == kNoNode) {
+        const uint32_t name_key = key_of(v);
+        if (name_key == kNoNode) {
             mark_empty_check(tape[v].parent);
             return;
         }
-        const std::string_view name = tape[key].escaped ? value(key, scratch2) : raw(key);
+        const std::string_view name =
+            tape[name_key].escaped ? value(name_key, scratch2) : raw(name_key);
         if (name.size() > 1 && name[0] == '_') {
             const std::string sibling(name.substr(1));
             const uint32_t other = member(tape[v].parent, sibling);
@@ -728,13 +1120,12 @@ struct Redactor::Impl {
 
     void mark_empty_check(uint32_t array) {
         if (array != kNoNode && tape[array].kind == Kind::Array) {
-            flags[array] |= kSkipIfEmptyArray;
+            tape[array].flags |= kSkipIfEmptyArray;
         }
     }
 
     void apply_masks(uint32_t resource, std::string_view type) {
-        std::vector<uint32_t> found;
-        for (const FieldMask &mask : config.masks) {
+        for (const FieldMask &mask : config->masks) {
             if (mask.resource_type != type) {
                 continue;
             }
@@ -757,11 +1148,13 @@ struct Redactor::Impl {
                 error = "malformed-resource";
             }
             mark(resource, kAddMeta);
+            ++markers;
             return;
         }
         const uint32_t security = member(meta, "security");
         if (security == kNoNode) {
             mark(meta, kAddSecurity);
+            ++markers;
             return;
         }
         if (tape[security].kind != Kind::Array) {
@@ -769,12 +1162,14 @@ struct Redactor::Impl {
             return;
         }
         for (uint32_t e = security + 1; e < tape[security].next; e = tape[e].next) {
-            if ((flags[e] & kRemoved) == 0 && string_member(e, "code", scratch) == kRedactedCode &&
+            if ((tape[e].flags & kRemoved) == 0 &&
+                string_member(e, "code", scratch) == kRedactedCode &&
                 string_member(e, "system", scratch2) == kObligationSystem) {
                 return;
             }
         }
         mark(security, kAppendRedacted);
+        ++markers;
     }
 
     enum class Verdict : uint8_t { Keep, DropLabel, DropCompartment };
@@ -794,18 +1189,18 @@ struct Redactor::Impl {
             return evaluate_bundle(resource);
         }
         // The compartment first: for a patient token it is the more fundamental refusal.
-        if (!request.patient_id.empty() && !in_compartment(resource, type)) {
+        if (!request->patient_id.empty() && !in_compartment(resource, type)) {
             return Verdict::DropCompartment;
         }
-        const uint64_t removed_before = counters->elements_removed;
+        const uint64_t removed_before = counters().elements_removed;
         if (sensitive(resource)) {
-            counters->elements_removed = removed_before;
+            counters().elements_removed = removed_before;
             return Verdict::DropLabel;
         }
         apply_masks(resource, type);
-        if (counters->elements_removed != removed_before) {
+        if (counters().elements_removed != removed_before) {
             add_redacted_marker(resource);
-            ++counters->resources_masked;
+            ++counters().resources_masked;
         }
         return Verdict::Keep;
     }
@@ -838,7 +1233,7 @@ struct Redactor::Impl {
             if (!keep_entry(e)) {
                 mark(e, kRemoved);
                 mark_empty_check(entries);
-                ++counters->resources_removed;
+                ++counters().resources_removed;
             }
         }
         return Verdict::Keep;
@@ -853,111 +1248,785 @@ struct Redactor::Impl {
         return resource == kNoNode || evaluate(resource) == Verdict::Keep;
     }
 
-    // Writes node i with its edits.
+    // Appends node i with its edits.
     void emit(uint32_t i, std::string &out) const {
         const Node &n = tape[i];
-        if ((flags[i] & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
+        if ((n.flags & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
             out.append(text.data() + n.start, n.end - n.start);
             return;
         }
+        // Removals only shorten what they touch; the markers are all a unit can gain.
+        Writer writer(out, n.end - n.start + markers * kMarkerBytes);
+        emit(i, writer);
+    }
+
+    void emit(uint32_t i, Writer &out) const {
+        const Node &n = tape[i];
+        if ((n.flags & ~kRemoved & ~kSkipIfEmptyArray) == 0) {
+            out.put(span(i));
+            return;
+        }
         if (n.kind == Kind::Object) {
-            out.push_back('{');
+            out.put('{');
             bool first = true;
             for (uint32_t k = i + 1; k < n.next; k = tape[k + 1].next) {
                 const uint32_t v = k + 1;
-                if ((flags[v] & kRemoved) || empty_after_edits(v)) {
+                if ((tape[v].flags & kRemoved) || empty_after_edits(v)) {
                     continue;
                 }
                 if (!first) {
-                    out.push_back(',');
+                    out.put(',');
                 }
                 first = false;
-                out.append(text.data() + tape[k].start, tape[k].end - tape[k].start);
-                out.push_back(':');
+                out.put(span(k));
+                out.put(':');
                 emit(v, out);
             }
-            if (flags[i] & kAddSecurity) {
-                out.append(first ? "" : ",").append("\"security\":[").append(kRedactedCoding);
-                out.push_back(']');
+            if (n.flags & kAddSecurity) {
+                out.put(first ? "\"security\":[" : ",\"security\":[");
+                out.put(kRedactedCoding);
+                out.put(']');
                 first = false;
             }
-            if (flags[i] & kAddMeta) {
-                out.append(first ? "" : ",").append("\"meta\":{\"security\":[");
-                out.append(kRedactedCoding).append("]}");
+            if (n.flags & kAddMeta) {
+                out.put(first ? "\"meta\":{\"security\":[" : ",\"meta\":{\"security\":[");
+                out.put(kRedactedCoding);
+                out.put("]}");
             }
-            out.push_back('}');
+            out.put('}');
             return;
         }
         // Array.
-        out.push_back('[');
+        out.put('[');
         bool first = true;
         for (uint32_t e = i + 1; e < n.next; e = tape[e].next) {
-            if (flags[e] & kRemoved) {
+            if (tape[e].flags & kRemoved) {
                 continue;
             }
             if (!first) {
-                out.push_back(',');
+                out.put(',');
             }
             first = false;
             emit(e, out);
         }
-        if (flags[i] & kAppendRedacted) {
+        if (n.flags & kAppendRedacted) {
             if (!first) {
-                out.push_back(',');
+                out.put(',');
             }
-            out.append(kRedactedCoding);
+            out.put(kRedactedCoding);
         }
-        out.push_back(']');
+        out.put(']');
     }
 
     // FHIR forbids empty arrays: an array emptied by removals goes with its member.
     bool empty_after_edits(uint32_t v) const {
-        if ((flags[v] & kSkipIfEmptyArray) == 0 || (flags[v] & kAppendRedacted)) {
+        if ((tape[v].flags & kSkipIfEmptyArray) == 0 || (tape[v].flags & kAppendRedacted)) {
             return false;
         }
         for (uint32_t e = v + 1; e < tape[v].next; e = tape[e].next) {
-            if ((flags[e] & kRemoved) == 0) {
+            if ((tape[e].flags & kRemoved) == 0) {
                 return false;
             }
         }
+        return true;
+    }
+
+    // ---- Streaming ---------------------------------------------------------------------------
+
+    void feed(std::string_view chunk, std::string &out) {
+        size_t pos = 0;
+        while (pos < chunk.size() && step(chunk.data(), chunk.size(), pos, out)) {
+        }
+    }
+
+    // Consumes as much of the chunk from pos as one state allows. False stops (status set).
+    bool step(const char *data, size_t size, size_t &pos, std::string &out) {
+        auto skip_ws = [&] {
+            while (pos < size && is_ws(data[pos])) {
+                ++pos;
+            }
+            return pos < size;
+        };
+        switch (state) {
+            case kDocStart:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] != '{') {
+                    return fail("malformed-json");
+                }
+                if (whole_document_likely(data, size, pos) &&
+                    read_whole_document(data, size, pos)) {
+                    return finish_document(out);
+                }
+                ++pos;
+                held.assign("{");
+                tape.clear();
+                tape.push_back(Node{0, 0, 0, kNoNode, Kind::Object, false, 0, 0});
+                state = kMemberStart;
+                return true;
+            case kMemberStart:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] == '}' && !expect_more) {
+                    ++pos;
+                    return finish_document(out);
+                }
+                if (data[pos] != '"') {
+                    return fail("malformed-json");
+                }
+                if (bool result = false; !streaming && read_held_key(data, size, pos, result)) {
+                    return result;
+                }
+                ++pos;
+                key_size = 0;
+                escape = false;
+                state = kKey;
+                return true;
+            case kKey: {
+                const size_t start = pos;
+                // No further than one byte past the longest key allowed.
+                const size_t window = pos + std::min(size - pos, key.size() - key_size + 1);
+                while (pos < window) {
+                    const char c = data[pos];
+                    if (escape) {
+                        escape = false;
+                    } else if (c == '\\') {
+                        escape = true;
+                    } else if (c == '"') {
+                        break;
+                    }
+                    ++pos;
+                }
+                const size_t n = pos - start;
+                if (key_size + n > key.size()) {
+                    return fail("malformed-json");
+                }
+                std::memcpy(key.data() + key_size, data + start, n);
+                key_size += n;
+                if (pos < window) {
+                    ++pos;
+                    state = kColon;
+                }
+                return true;
+            }
+            case kColon:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] != ':') {
+                    return fail("malformed-json");
+                }
+                ++pos;
+                state = kValueStart;
+                return true;
+            case kValueStart: {
+                if (!skip_ws()) {
+                    return true;
+                }
+                const std::string_view name(key.data(), key_size);
+                if (name == "entry" && bundle && !streaming) {
+                    if (data[pos] != '[') {
+                        return fail("malformed-bundle");
+                    }
+                    ++pos;
+                    if (!start_entries(out)) {
+                        return false;
+                    }
+                    state = kEntryStart;
+                    expect_more = false;
+                    return true;
+                }
+                if (streaming) {
+                    if (name == "entry") {
+                        return fail("duplicate-key");
+                    }
+                    // After the entries: held alone as a one-member object, to be judged alone.
+                    unit.assign("{\"").append(name).append("\":");
+                    begin_gathering(data, pos, unit);
+                    state = kValue;
+                    return true;
+                }
+                return start_held_value(data, size, pos);
+            }
+            case kValue:
+            case kEntryValue: {
+                const bool to_held = state == kValue && !streaming;
+                // The tape as it was before the value (its tokenized part counts once complete).
+                const size_t tape_bytes = to_held ? (key_node + 1) * sizeof(Node) : 0;
+                const size_t held_bytes = held.size() + unit.size() + tape_bytes;
+                // Gathered up to one byte past the cap, however large the chunk.
+                const size_t window =
+                    pos + std::min(size - pos, max_bytes() - std::min(held_bytes, max_bytes()) + 1);
+                const size_t start = pos;
+                bool complete = false;
+                if (value_kind == kScalar) {
+                    while (pos < window && scalar_char(data[pos])) {
+                        ++pos;
+                    }
+                    complete = pos < window;
+                } else {
+                    complete = scan_value(data, window, pos);
+                }
+                (to_held ? held : unit).append(data + start, pos - start);
+                if (held_bytes + (pos - start) > max_bytes()) {
+                    return fail("too-large");
+                }
+                if (!complete) {
+                    return true;
+                }
+                if (state == kValue) {
+                    state = kAfterMember;
+                    return streaming ? complete_late_member(out) : complete_gathered_member();
+                }
+                state = kAfterEntry;
+                return complete_gathered_entry(out);
+            }
+            case kAfterMember:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] == ',') {
+                    ++pos;
+                    expect_more = true;
+                    state = kMemberStart;
+                    return true;
+                }
+                if (data[pos] == '}') {
+                    ++pos;
+                    return finish_document(out);
+                }
+                return fail("malformed-json");
+            case kEntryStart:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] == ']' && !expect_more) {
+                    ++pos;
+                    state = kAfterMember;
+                    return true;
+                }
+                if (data[pos] != '{') {
+                    return fail("malformed-bundle");
+                }
+                return start_entry(data, size, pos, out);
+            case kAfterEntry:
+                if (!skip_ws()) {
+                    return true;
+                }
+                if (data[pos] == ',') {
+                    ++pos;
+                    expect_more = true;
+                    state = kEntryStart;
+                    return true;
+                }
+                if (data[pos] == ']') {
+                    ++pos;
+                    if (any_entry) {
+                        out.push_back(']');
+                    }
+                    expect_more = false;
+                    state = kAfterMember;
+                    return true;
+                }
+                return fail("malformed-json");
+            case kDocEnd:
+                if (!skip_ws()) {
+                    return true;
+                }
+                return fail("malformed-json");
+            default:
+                return fail("internal-error");
+        }
+    }
+
+    // Prepares to gather a value that starts at pos into `target`, across chunks.
+    void begin_gathering(const char *data, size_t &pos, std::string &target) {
+        const char c = data[pos];
+        depth = 0;
+        in_string = false;
+        escape = false;
+        if (c == '{' || c == '[') {
+            value_kind = kContainer;
+        } else if (c == '"') {
+            value_kind = kStringValue;
+            in_string = true;
+            target.push_back(c);
+            ++pos;
+        } else {
+            value_kind = kScalar;
+        }
+    }
+
+    // Finds the end of a gathered string or container value; state kept in locals so the loop
+    // does not reload members, written back at the end.
+    bool scan_value(const char *data, size_t size, size_t &pos) {
+        uint32_t level = depth;
+        bool inside = in_string;
+        bool escaped = escape;
+        const bool string_only = value_kind == kStringValue;
+        bool complete = false;
+        while (pos < size) {
+            if (inside) {
+                if (escaped) {
+                    escaped = false;
+                    ++pos;
+                    continue;
+                }
+                pos = find_quote_or_backslash(data, pos, size);
+                if (pos >= size) {
+                    break;
+                }
+                if (data[pos++] == '\\') {
+                    escaped = true;
+                    continue;
+                }
+                inside = false;
+                if (string_only) {
+                    complete = true;
+                    break;
+                }
+                continue;
+            }
+            const uint8_t kind = kStructure[static_cast<unsigned char>(data[pos++])];
+            if (kind == 0) {
+                continue;
+            }
+            if (kind == 1) {
+                inside = true;
+            } else if (kind == 2) {
+                ++level;
+            } else if (level == 0 || --level == 0) {
+                complete = true;
+                break;
+            }
+        }
+        depth = level;
+        in_string = inside;
+        escape = escaped;
+        return complete;
+    }
+
+    // A member before the entries: its key joins `held` and the tape; its value is tokenized in
+    // place when the chunk holds all of it, else gathered (and tokenized once complete). Both
+    // ways give the same text and tape, so every chunk split gives the same result.
+    bool start_held_value(const char *data, size_t size, size_t &pos) {
+        if (any_member) {
+            held.push_back(',');
+        }
+        const size_t key_offset = held.size();
+        held.push_back('"');
+        held.append(key.data(), key_size);
+        held.append("\":");
+        value_offset = held.size();
+        key_node = static_cast<uint32_t>(tape.size());
+        {
+            Tokenizer tokenizer(held.data(), held.size(), tape, node_limit(held.size()));
+            size_t p = key_offset;
+            if (!tokenizer.key_string(p, 0)) {
+                return fail(tokenizer.too_large() ? "too-large" : "malformed-json");
+            }
+        }
+        return read_held_value(data, size, pos);
+    }
+
+    // The value of a held member, whose key is in `held` and on the tape, starts at pos: it is
+    // tokenized in place, and what the chunk does not hold is gathered into `held` and
+    // tokenized from where the tokenizer stopped once complete (complete_gathered_member).
+    bool read_held_value(const char *data, size_t size, size_t &pos) {
+        const char c = data[pos];
+        const bool delimited = c == '{' || c == '[' || c == '"';
+        // A value longer than the cap allows is decided by the gathering path.
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        progress.reset();
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(held.size()),
+                            static_cast<uint32_t>(value_offset) - static_cast<uint32_t>(pos));
+        size_t end = pos;
+        if (tokenizer.run(end, progress, 0, 1) == Parse::Ok) {
+            // A number or literal ends where its scalar characters end, as when gathered.
+            if ((delimited || (end < limit && !scalar_char(data[end]))) &&
+                held.size() + (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
+                held.append(data + pos, end - pos);
+                pos = end;
+                state = kAfterMember;
+                return complete_held_member(std::string_view(key.data(), key_size));
+            }
+            // A scalar the chunk's end may cut, or a member over the cap: gathered from its
+            // start, for the gathering path to judge.
+            tape.truncate(key_node + 1);
+            progress.reset();
+            end = pos;
+        }
+        held.append(data + pos, end - pos);
+        resume_at = held.size();
+        pos = end;
+        if (progress.top == 0) {
+            begin_gathering(data, pos, held);  // nothing of it read yet
+        } else {
+            // Scanning resumes at a token boundary inside the open containers.
+            depth = progress.top;
+            in_string = false;
+            escape = false;
+            value_kind = kContainer;
+        }
+        state = kValue;
+        return true;
+    }
+
+    // kMemberStart before the entries, at a key's opening quote: when the chunk holds the key,
+    // its colon and the value's first byte, the key is tokenized in place and joins `held` as
+    // the byte-by-byte states would put it there (`"key":`), and the value follows
+    // (read_held_value); `result` is then the step's. False, with nothing changed, leaves the
+    // member to those states: a key cut by the chunk's end, a fault or limit they must judge,
+    // or the `entry` that starts streaming.
+    bool read_held_key(const char *data, size_t size, size_t &pos, bool &result) {
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        const size_t mark = tape.size();
+        const size_t key_offset = held.size() + (any_member ? 1 : 0);
+        size_t p = pos;
+        {
+            Tokenizer keys(data, limit, tape, in_place_node_limit(held.size()),
+                           static_cast<uint32_t>(key_offset) - static_cast<uint32_t>(pos));
+            if (!keys.key_string(p, 0)) {
+                tape.truncate(mark);
+                return false;
+            }
+        }
+        const size_t key_end = p;
+        const std::string_view name(data + pos + 1, key_end - pos - 2);
+        if (name.size() > key.size() || (name == "entry" && bundle)) {
+            tape.truncate(mark);
+            return false;
+        }
+        while (p < limit && is_ws(data[p])) {
+            ++p;
+        }
+        if (p >= limit || data[p] != ':') {
+            tape.truncate(mark);
+            return false;
+        }
+        ++p;
+        while (p < limit && is_ws(data[p])) {
+            ++p;
+        }
+        if (p >= limit) {
+            tape.truncate(mark);
+            return false;
+        }
+        if (any_member) {
+            held.push_back(',');
+        }
+        held.append(data + pos, key_end - pos).push_back(':');
+        std::memcpy(key.data(), name.data(), name.size());
+        key_size = name.size();
+        key_node = static_cast<uint32_t>(mark);
+        value_offset = held.size();
+        pos = p;
+        result = read_held_value(data, size, pos);
+        return true;
+    }
+
+    // Whether the chunk likely holds, from pos, a whole compact document that does not stream:
+    // it ends with '}', has no blank after the '{' and does not start as a Bundle. Only a
+    // guess, to spare the attempt where it would likely be wasted.
+    static bool whole_document_likely(const char *data, size_t size, size_t pos) {
+        size_t last = size;
+        while (last > pos && is_ws(data[last - 1])) {
+            --last;
+        }
+        constexpr std::string_view kBundleStart = R"({"resourceType":"Bundle")";
+        return last - pos >= 2 && data[last - 1] == '}' && data[pos + 1] == '"' &&
+               std::string_view(data + pos, last - pos).substr(0, kBundleStart.size()) !=
+                   kBundleStart;
+    }
+
+    // A document the chunk holds whole, from its '{' at pos, read in place: one tokenization,
+    // judged and released without a copy. It must come out exactly as member by member (held
+    // text and tape alike), so it is taken only when the held text would be these very bytes
+    // (nothing between the top-level tokens) and the document would not stream; false, with
+    // nothing changed, leaves it to the member states, which also judge every fault and limit.
+    bool read_whole_document(const char *data, size_t size, size_t &pos) {
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        tape.clear();
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(0),
+                            0 - static_cast<uint32_t>(pos));
+        size_t end = pos;
+        if (tokenizer.value(end, kNoNode, 0) != Parse::Ok || tape[0].kind != Kind::Object ||
+            (end - pos - 1) + tape.size() * sizeof(Node) > max_bytes()) {
+            tape.clear();
+            return false;
+        }
+        begin_unit(std::string_view(data + pos, end - pos));
+        bool is_bundle = false;
+        uint32_t next_start = 1;  // where the next key must start: right after '{' or ','
+        for (uint32_t k = 1; k < tape[0].next; k = tape[k + 1].next) {
+            const uint32_t v = k + 1;
+            const std::string_view name = raw(k);
+            if (tape[k].start != next_start || tape[v].start != tape[k].end + 1 ||
+                name.size() > key.size() || (name == "entry" && is_bundle)) {
+                tape.clear();
+                last_updated.clear();
+                return false;
+            }
+            next_start = tape[v].end + 1;
+            if (name == "resourceType") {
+                is_bundle = tape[v].kind == Kind::String && value(v, scratch) == "Bundle";
+            } else if (name == "meta") {
+                last_updated.assign(string_member(v, "lastUpdated", scratch));
+                error = {};
+            }
+        }
+        // The '}' right after the last member (or the '{').
+        if (tape[0].end != (tape[0].next > 1 ? next_start : 2)) {
+            tape.clear();
+            last_updated.clear();
+            return false;
+        }
+        pos = end;
+        return true;
+    }
+
+    // A held member's value is complete in `held` from value_offset: tokenized now.
+    bool complete_gathered_member() {
+        const size_t limit = node_limit(held.size());
+        if (tape.size() > limit) {
+            return fail("too-large");  // tokenized from the start, it would stop at the limit
+        }
+        Tokenizer tokenizer(held.data(), held.size(), tape, limit);
+        size_t end = resume_at;
+        const Parse result = tokenizer.run(end, progress, 0, 1);
+        if (result != Parse::Ok) {
+            return fail(parse_error(result));
+        }
+        if (end != held.size()) {
+            return fail("malformed-json");
+        }
+        return complete_held_member(std::string_view(key.data(), key_size));
+    }
+
+    // Still holding: the member was validated as it completed, so a fault is found where it is;
+    // the type decides whether the entries will stream.
+    bool complete_held_member(std::string_view name) {
+        text = held;
+        const uint32_t value_node = key_node + 1;
+        if (name == "resourceType") {
+            bundle =
+                tape[value_node].kind == Kind::String && value(value_node, scratch) == "Bundle";
+        } else if (name == "meta") {
+            last_updated.assign(string_member(value_node, "lastUpdated", scratch));
+            error = {};  // a duplicate here is judged with the whole resource
+        }
+        any_member = true;
+        expect_more = false;
+        return true;
+    }
+
+    // The top-level object ends here (its '}' is already in `held`).
+    void close_root() {
+        tape[0].end = static_cast<uint32_t>(held.size());
+        tape[0].next = static_cast<uint32_t>(tape.size());
+        begin_unit(held);
+    }
+
+    // A member after the entries is complete in `unit` ("{" + member): judged alone.
+    bool complete_late_member(std::string &out) {
+        expect_more = false;
+        unit.push_back('}');
+        tape.clear();
+        Tokenizer tokenizer(unit.data(), unit.size(), tape, node_limit(unit.size()));
+        size_t end = 0;
+        const Parse result = tokenizer.value(end, kNoNode, 0);
+        if (result != Parse::Ok) {
+            return fail(parse_error(result));
+        }
+        if (end != unit.size()) {
+            return fail("malformed-json");
+        }
+        begin_unit(unit);
+        const std::string_view name(key.data(), key_size);
+        if (name == "total") {
+            return true;
+        }
+        if (name == "meta") {
+            const uint32_t security = member(2, "security");
+            if (security != kNoNode && tape[security].kind == Kind::Array) {
+                for (uint32_t e = security + 1; e < tape[security].next; e = tape[e].next) {
+                    if (withheld(string_member(e, "code", scratch))) {
+                        // A label on the Bundle itself after its entries went out: too late.
+                        return fail("late-bundle-label");
+                    }
+                }
+            }
+            if (!error.empty()) {
+                return fail(error);
+            }
+        }
+        out.push_back(',');
+        out.append(unit.data() + 1, unit.size() - 2);
+        return true;
+    }
+
+    // The Bundle's head is complete: judge it, release it, open the entry array.
+    bool start_entries(std::string &out) {
+        held.push_back('}');
+        close_root();
+        if (evaluate(0) != Verdict::Keep) {
+            return error.empty() ? withhold("security-label") : fail(error);
+        }
+        if (!error.empty()) {
+            return fail(error);
+        }
+        streaming = true;
+        make_room(out, held.size() + kEditSlack);
+        emit(0, out);
+        out.pop_back();  // the '}'; the head always has resourceType, so entries follow a comma
+        held.clear();
+        if (held.capacity() > kKeptHeadBytes) {
+            held.shrink_to_fit();  // not needed while the entries stream
+        }
+        return true;
+    }
+
+    // An entry starts at pos: tokenized in place when the chunk holds all of it, else gathered.
+    // An entry cut by the chunk's end keeps what was tokenized of it: its bytes up to the token
+    // that stopped the tokenizer are in `unit`, and the tokenization resumes there once the rest
+    // is gathered. A fault also just stops it: gathered and resumed, the same token fails again.
+    bool start_entry(const char *data, size_t size, size_t &pos, std::string &out) {
+        tape.clear();
+        progress.reset();
+        const size_t limit = pos + std::min(size - pos, max_bytes());
+        Tokenizer tokenizer(data, limit, tape, in_place_node_limit(0),
+                            0 - static_cast<uint32_t>(pos));
+        size_t end = pos;
+        const Parse result = tokenizer.run(end, progress, kNoNode, 0);
+        if (result == Parse::Ok && (end - pos) + tape.size() * sizeof(Node) <= max_bytes()) {
+            begin_unit(std::string_view(data + pos, end - pos));
+            pos = end;
+            state = kAfterEntry;
+            return judge_entry(out);
+        }
+        if (result == Parse::Ok) {
+            // Over the cap: gathered from the start, for the gathering path to judge.
+            tape.clear();
+            progress.reset();
+            end = pos;
+        }
+        unit.assign(data + pos, end - pos);
+        resume_at = end - pos;
+        // Scanning resumes at a token boundary inside the open containers.
+        depth = progress.top;
+        in_string = false;
+        escape = false;
+        value_kind = kContainer;
+        pos = end;
+        state = kEntryValue;
+        return true;
+    }
+
+    bool complete_gathered_entry(std::string &out) {
+        const size_t limit = node_limit(unit.size());
+        if (tape.size() > limit) {
+            return fail("too-large");  // tokenized from the start, it would stop at the limit
+        }
+        Tokenizer tokenizer(unit.data(), unit.size(), tape, limit);
+        size_t end = resume_at;
+        const Parse result = tokenizer.run(end, progress, kNoNode, 0);
+        if (result != Parse::Ok) {
+            return fail(parse_error(result));
+        }
+        if (end != unit.size()) {
+            return fail("malformed-json");
+        }
+        begin_unit(unit);
+        return judge_entry(out);
+    }
+
+    bool judge_entry(std::string &out) {
+        const bool keep = keep_entry(0);
+        if (!error.empty()) {
+            return fail(error);
+        }
+        if (!keep) {
+            ++counters().resources_removed;
+            return true;
+        }
+        // The array opens with the first kept entry: an empty one would show there were entries.
+        make_room(out, text.size() + kEditSlack);
+        out.append(any_entry ? "," : ",\"entry\":[");
+        any_entry = true;
+        emit(0, out);
+        return true;
+    }
+
+    // The top-level object is complete: in `held`, or read whole in place (text set).
+    bool finish_document(std::string &out) {
+        const bool in_place = state == kDocStart;
+        state = kDocEnd;
+        if (streaming) {
+            out.push_back('}');
+            return true;
+        }
+        // A single resource (or a Bundle without entries, or one whose type came late): held whole.
+        if (!in_place) {
+            held.push_back('}');
+            close_root();
+        }
+        const Verdict verdict = evaluate(0);
+        if (!error.empty()) {
+            return fail(error);
+        }
+        if (verdict == Verdict::DropLabel) {
+            return withhold("security-label");
+        }
+        if (verdict == Verdict::DropCompartment) {
+            return withhold("outside-patient-compartment");
+        }
+        make_room(out, text.size() + kEditSlack);
+        emit(0, out);
         return true;
     }
 };
 
 namespace {
 
-enum State : uint8_t {
-    kDocStart,
-    kMemberStart,
-    kKey,
-    kColon,
-    kValueStart,
-    kValue,
-    kAfterMember,
-    kEntriesOpen,
-    kEntryStart,
-    kEntryValue,
-    kAfterEntry,
-    kDocEnd,
+// Set once this thread's pool is destroyed (at thread exit), for a Redactor that outlives it.
+// Trivially destructible, so it can be read at any time.
+thread_local bool engine_pool_gone = false;
+
+// Engines of finished responses, kept for the next ones on the same thread: an nginx worker
+// redacts response after response, most of them small, and a kept engine's buffers spare each
+// of them its allocations. Bounded in count and in size, so what idles stays small.
+class EnginePool {
+  public:
+    EnginePool() = default;
+    EnginePool(const EnginePool &) = delete;
+    EnginePool &operator=(const EnginePool &) = delete;
+    ~EnginePool() {
+        engine_pool_gone = true;
+        for (size_t i = 0; i < count_; ++i) {
+            delete engines_[i];
+        }
+    }
+
+    Redactor::Impl *take() { return count_ == 0 ? new Redactor::Impl : engines_[--count_]; }
+
+    void give(Redactor::Impl *engine) {
+        if (count_ < engines_.size() && engine->memory() <= kKeptEngineBytes) {
+            engine->owner = nullptr;
+            engines_[count_++] = engine;
+        } else {
+            delete engine;
+        }
+    }
+
+  private:
+    static constexpr size_t kKeptEngineBytes = 32 * 1024;
+    std::array<Redactor::Impl *, 8> engines_{};
+    size_t count_ = 0;
 };
 
-enum ValueKind : uint8_t { kContainer, kStringValue, kScalar };
-
-// 1: quote, 2: opening bracket, 3: closing bracket, 0: anything else.
-constexpr std::array<uint8_t, 256> kStructure = [] {
-    std::array<uint8_t, 256> table{};
-    table['"'] = 1;
-    table['{'] = 2;
-    table['['] = 2;
-    table['}'] = 3;
-    table[']'] = 3;
-    return table;
-}();
-
-inline bool scalar_char(char c) {
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '+' ||
-           c == '-' || c == '.';
-}
+thread_local EnginePool engine_pool;
 
 }  // namespace
 
@@ -987,460 +2056,45 @@ std::vector<std::string> split_labels(std::string_view list) {
 Redactor::Redactor(const Config &config, Request request)
     : config_(config),
       request_(std::move(request)),
-      impl_(new Impl(config_, request_)),
-      state_(kDocStart) {
-    impl_->counters = &counters_;
+      impl_(engine_pool_gone ? new Impl : engine_pool.take()) {
+    impl_->start(config_, request_, *this);
 }
 
 Redactor::~Redactor() {
-    delete impl_;
+    if (engine_pool_gone) {
+        delete impl_;
+    } else {
+        engine_pool.give(impl_);
+    }
 }
 
 bool Redactor::complete() const {
-    return state_ == kDocEnd && status_ == Status::Ok;
+    return impl_->state == kDocEnd && status_ == Status::Ok;
 }
 
 bool Redactor::single_resource() const {
-    return !streaming_;
+    return !impl_->streaming;
 }
 
-Status Redactor::fail(std::string_view reason) {
-    status_ = Status::Error;
-    reason_ = reason;
-    return status_;
-}
-
-Status Redactor::withhold(std::string_view reason) {
-    status_ = Status::Withheld;
-    reason_ = reason;
-    return status_;
-}
-
-void Redactor::note_memory() {
-    const size_t now =
-        unit_.capacity() + held_.capacity() + key_.capacity() + impl_->memory() + sizeof(*this);
-    peak_memory_ = std::max(peak_memory_, now);
+std::string_view Redactor::last_updated() const {
+    return impl_->last_updated;
 }
 
 Status Redactor::feed(std::string_view chunk, std::string &out) {
     if (status_ != Status::Ok) {
         return status_;
     }
-    size_t pos = 0;
-    while (pos < chunk.size() && status_ == Status::Ok) {
-        if (!step(chunk, pos, out)) {
-            break;
-        }
-    }
-    note_memory();
+    impl_->feed(chunk, out);
+    peak_memory_ = std::max(peak_memory_, sizeof(*this) + impl_->memory());
     return status_;
 }
 
 Status Redactor::finish(std::string &out) {
-    if (status_ != Status::Ok) {
-        return status_;
-    }
     (void)out;
-    if (state_ != kDocEnd) {
-        return fail("truncated-json");
+    if (status_ == Status::Ok && impl_->state != kDocEnd) {
+        impl_->fail("truncated-json");
     }
     return status_;
-}
-
-// Finds the end of the current string or container value; state kept in locals so the loop
-// does not reload members, written back at the end.
-bool Redactor::scan_value(const char *data, size_t size, size_t &pos) {
-    uint32_t depth = depth_;
-    bool in_string = in_string_;
-    bool escape = escape_;
-    const bool string_only = value_kind_ == kStringValue;
-    bool complete = false;
-    while (pos < size) {
-        if (in_string) {
-            if (escape) {
-                escape = false;
-                ++pos;
-                continue;
-            }
-            pos = find_quote_or_backslash(data, pos, size);
-            if (pos >= size) {
-                break;
-            }
-            if (data[pos++] == '\\') {
-                escape = true;
-                continue;
-            }
-            in_string = false;
-            if (string_only) {
-                complete = true;
-                break;
-            }
-            continue;
-        }
-        const uint8_t kind = kStructure[static_cast<unsigned char>(data[pos++])];
-        if (kind == 0) {
-            continue;
-        }
-        if (kind == 1) {
-            in_string = true;
-        } else if (kind == 2) {
-            ++depth;
-        } else if (depth == 0 || --depth == 0) {
-            complete = true;
-            break;
-        }
-    }
-    depth_ = depth;
-    in_string_ = in_string;
-    escape_ = escape;
-    return complete;
-}
-
-// Consumes as much of chunk from pos as one state allows. False stops the loop (error set).
-bool Redactor::step(std::string_view chunk, size_t &pos, std::string &out) {
-    const char *data = chunk.data();
-    const size_t size = chunk.size();
-    auto skip_ws = [&] {
-        while (pos < size && is_ws(data[pos])) {
-            ++pos;
-        }
-        return pos < size;
-    };
-    switch (state_) {
-        case kDocStart:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] != '{') {
-                fail("malformed-json");
-                return false;
-            }
-            ++pos;
-            held_.assign("{");
-            state_ = kMemberStart;
-            return true;
-        case kMemberStart:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] == '}' && !expect_more_) {
-                ++pos;
-                return finish_document(out);
-            }
-            if (data[pos] != '"') {
-                fail("malformed-json");
-                return false;
-            }
-            ++pos;
-            key_.clear();
-            state_ = kKey;
-            return true;
-        case kKey: {
-            const size_t start = pos;
-            while (pos < size) {
-                const char c = data[pos];
-                if (escape_) {
-                    escape_ = false;
-                } else if (c == '\\') {
-                    escape_ = true;
-                } else if (c == '"') {
-                    break;
-                }
-                ++pos;
-            }
-            key_.append(data + start, pos - start);
-            if (key_.size() > 256) {
-                fail("malformed-json");
-                return false;
-            }
-            if (pos < size) {
-                ++pos;
-                state_ = kColon;
-            }
-            return true;
-        }
-        case kColon:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] != ':') {
-                fail("malformed-json");
-                return false;
-            }
-            ++pos;
-            state_ = kValueStart;
-            return true;
-        case kValueStart: {
-            if (!skip_ws()) {
-                return true;
-            }
-            if (key_ == "entry" && bundle_ && !streaming_) {
-                if (data[pos] != '[') {
-                    fail("malformed-bundle");
-                    return false;
-                }
-                ++pos;
-                if (!start_entries(out)) {
-                    return false;
-                }
-                state_ = kEntryStart;
-                expect_more_ = false;
-                return true;
-            }
-            if (streaming_ && key_ == "entry") {
-                fail("duplicate-key");
-                return false;
-            }
-            // Held as a one-member object so it can be tokenized in place.
-            unit_.assign("{\"").append(key_).append("\":");
-            const char c = data[pos];
-            depth_ = 0;
-            in_string_ = false;
-            escape_ = false;
-            if (c == '{' || c == '[') {
-                value_kind_ = kContainer;
-            } else if (c == '"') {
-                value_kind_ = kStringValue;
-                in_string_ = true;
-                unit_.push_back(c);
-                ++pos;
-            } else {
-                value_kind_ = kScalar;
-            }
-            state_ = kValue;
-            return true;
-        }
-        case kValue:
-        case kEntryValue: {
-            const size_t start = pos;
-            bool complete = false;
-            if (value_kind_ == kScalar) {
-                while (pos < size && scalar_char(data[pos])) {
-                    ++pos;
-                }
-                complete = pos < size;
-            } else {
-                complete = scan_value(data, size, pos);
-            }
-            unit_.append(data + start, pos - start);
-            if (unit_.size() + held_.size() > config_.max_held_bytes) {
-                fail("too-large");
-                return false;
-            }
-            if (!complete) {
-                return true;
-            }
-            if (state_ == kValue) {
-                state_ = kAfterMember;
-                return complete_member(out);
-            }
-            state_ = kAfterEntry;
-            return complete_entry(out);
-        }
-        case kAfterMember:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] == ',') {
-                ++pos;
-                expect_more_ = true;
-                state_ = kMemberStart;
-                return true;
-            }
-            if (data[pos] == '}') {
-                ++pos;
-                return finish_document(out);
-            }
-            fail("malformed-json");
-            return false;
-        case kEntryStart:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] == ']' && !expect_more_) {
-                ++pos;
-                state_ = kAfterMember;
-                return true;
-            }
-            if (data[pos] != '{') {
-                fail("malformed-bundle");
-                return false;
-            }
-            unit_.clear();
-            depth_ = 0;
-            in_string_ = false;
-            escape_ = false;
-            value_kind_ = kContainer;
-            state_ = kEntryValue;
-            return true;
-        case kAfterEntry:
-            if (!skip_ws()) {
-                return true;
-            }
-            if (data[pos] == ',') {
-                ++pos;
-                expect_more_ = true;
-                state_ = kEntryStart;
-                return true;
-            }
-            if (data[pos] == ']') {
-                ++pos;
-                if (any_entry_) {
-                    out.push_back(']');
-                }
-                expect_more_ = false;
-                state_ = kAfterMember;
-                return true;
-            }
-            fail("malformed-json");
-            return false;
-        case kDocEnd:
-            if (!skip_ws()) {
-                return true;
-            }
-            fail("malformed-json");
-            return false;
-        default:
-            fail("internal-error");
-            return false;
-    }
-}
-
-// A top-level member is complete in unit_ ("{" + member).
-bool Redactor::complete_member(std::string &out) {
-    expect_more_ = false;
-    unit_.push_back('}');
-    const std::string_view error = impl_->tokenize(unit_, budget());
-    if (!error.empty()) {
-        fail(error);
-        return false;
-    }
-    const std::string_view member(unit_.data() + 1, unit_.size() - 2);
-    std::string buffer;
-    if (!streaming_) {
-        // Still holding: validated now so a fault is found where it is; the type decides.
-        if (key_ == "resourceType") {
-            bundle_ = impl_->tape[2].kind == Kind::String && impl_->value(2, buffer) == "Bundle";
-        } else if (key_ == "meta") {
-            last_updated_ = std::string(impl_->string_member(2, "lastUpdated", buffer));
-        }
-        if (any_member_) {
-            held_.push_back(',');
-        }
-        held_.append(member);
-        any_member_ = true;
-        return true;
-    }
-    // After the entries: the Bundle's remaining members, each judged alone.
-    if (key_ == "total") {
-        return true;
-    }
-    if (key_ == "meta") {
-        const uint32_t security = impl_->member(2, "security");
-        if (security != kNoNode && impl_->tape[security].kind == Kind::Array) {
-            for (uint32_t e = security + 1; e < impl_->tape[security].next;
-                 e = impl_->tape[e].next) {
-                if (impl_->withheld(impl_->string_member(e, "code", buffer))) {
-                    // A label on the Bundle itself after its entries went out: too late.
-                    fail("late-bundle-label");
-                    return false;
-                }
-            }
-        }
-        if (!impl_->error.empty()) {
-            fail(impl_->error);
-            return false;
-        }
-    }
-    out.push_back(',');
-    out.append(member);
-    return true;
-}
-
-size_t Redactor::budget() const {
-    const size_t used = held_.size() + unit_.size();
-    return used >= config_.max_held_bytes ? 0
-                                          : (config_.max_held_bytes - used) / (sizeof(Node) + 1);
-}
-
-// The Bundle's head is complete: judge it, release it, open the entry array.
-bool Redactor::start_entries(std::string &out) {
-    held_.push_back('}');
-    const std::string_view error = impl_->tokenize(held_, budget());
-    if (!error.empty()) {
-        fail(error);
-        return false;
-    }
-    if (impl_->evaluate(0) != Impl::Verdict::Keep) {
-        if (!impl_->error.empty()) {
-            fail(impl_->error);
-        } else {
-            withhold("security-label");
-        }
-        return false;
-    }
-    if (!impl_->error.empty()) {
-        fail(impl_->error);
-        return false;
-    }
-    streaming_ = true;
-    impl_->emit(0, out);
-    out.pop_back();  // the '}'; the head always has resourceType, so entries follow a comma
-    held_.clear();
-    held_.shrink_to_fit();
-    return true;
-}
-
-bool Redactor::complete_entry(std::string &out) {
-    const std::string_view error = impl_->tokenize(unit_, budget());
-    if (!error.empty()) {
-        fail(error);
-        return false;
-    }
-    const bool keep = impl_->keep_entry(0);
-    if (!impl_->error.empty()) {
-        fail(impl_->error);
-        return false;
-    }
-    if (!keep) {
-        ++counters_.resources_removed;
-        return true;
-    }
-    // The array opens with the first kept entry: an empty one would show there were entries.
-    out.append(any_entry_ ? "," : ",\"entry\":[");
-    any_entry_ = true;
-    impl_->emit(0, out);
-    return true;
-}
-
-bool Redactor::finish_document(std::string &out) {
-    state_ = kDocEnd;
-    if (streaming_) {
-        out.push_back('}');
-        return true;
-    }
-    // A single resource (or a Bundle without entries, or one whose type came late): held whole.
-    held_.push_back('}');
-    const std::string_view error = impl_->tokenize(held_, budget());
-    if (!error.empty()) {
-        fail(error);
-        return false;
-    }
-    const Impl::Verdict verdict = impl_->evaluate(0);
-    if (!impl_->error.empty()) {
-        fail(impl_->error);
-        return false;
-    }
-    if (verdict == Impl::Verdict::DropLabel) {
-        withhold("security-label");
-        return false;
-    }
-    if (verdict == Impl::Verdict::DropCompartment) {
-        withhold("outside-patient-compartment");
-        return false;
-    }
-    impl_->emit(0, out);
-    return true;
 }
 
 }  // namespace ehrgate::redaction

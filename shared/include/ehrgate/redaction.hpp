@@ -132,22 +132,13 @@ class Redactor {
     // Peak bytes held by the engine's buffers (capacity, not size).
     size_t peak_memory() const { return peak_memory_; }
     // The top-level resource's meta.lastUpdated when seen before output started, else empty.
-    std::string_view last_updated() const { return last_updated_; }
+    std::string_view last_updated() const;
 
+    // The engine's state and buffers. A finished Redactor hands its small buffers on to the next
+    // one on the same thread, so that a small response costs no allocation of its own.
     struct Impl;
 
   private:
-    Status fail(std::string_view reason);
-    Status withhold(std::string_view reason);
-    bool step(std::string_view chunk, size_t &pos, std::string &out);
-    bool scan_value(const char *data, size_t size, size_t &pos);
-    bool complete_member(std::string &out);
-    bool complete_entry(std::string &out);
-    bool start_entries(std::string &out);
-    bool finish_document(std::string &out);
-    void note_memory();
-    size_t budget() const;  // tokens the tape may still hold
-
     const Config &config_;
     Request request_;
     Impl *impl_;
@@ -155,24 +146,6 @@ class Redactor {
     std::string_view reason_;
     Counters counters_;
     size_t peak_memory_ = 0;
-    std::string last_updated_;
-
-    // Streaming state.
-    uint8_t state_;
-    bool expect_more_ = false;  // after a ',' another member/element must follow
-    bool bundle_ = false;       // resourceType "Bundle" seen among the held members
-    bool streaming_ = false;    // the Bundle's head has been released
-    bool entries_done_ = false;
-    bool any_member_ = false;
-    bool any_entry_ = false;
-    // Value scanner.
-    uint32_t depth_ = 0;
-    bool in_string_ = false;
-    bool escape_ = false;
-    uint8_t value_kind_ = 0;
-    std::string key_;   // the current member's key, raw (between the quotes)
-    std::string unit_;  // the unit being read: `"key":value` or one entry
-    std::string held_;  // "{" + members before `entry`, comma-separated
 };
 
 }  // namespace ehrgate::redaction

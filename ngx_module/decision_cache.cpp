@@ -56,6 +56,32 @@ void on_consent_epoch(uint64_t epoch) {
     advance_epoch(*table, epoch);
 }
 
+// Everything policyd decides from except the correlation id, and the policy serial: each field
+// length-prefixed, so no two requests share a key.
+cache::TokenDigest decision_key(const protocol::DecideRequest &request, uint64_t serial) {
+    // A field added to the request must be added here too (or deliberately left out, like the
+    // correlation id): otherwise two requests differing only in it would share a decision.
+    static_assert(sizeof(protocol::DecideRequest) == 11 * sizeof(std::string));
+    const std::string *const fields[] = {&request.method,  &request.path,
+                                         &request.query,   &request.client_id,
+                                         &request.host,    &request.user,
+                                         &request.patient, &request.purpose_of_use,
+                                         &request.tenant,  &request.break_glass_reason};
+    size_t size = sizeof serial;
+    for (const std::string *field : fields) {
+        size += sizeof(uint32_t) + field->size();
+    }
+    std::string material;
+    material.reserve(size);
+    material.append(reinterpret_cast<const char *>(&serial), sizeof serial);
+    for (const std::string *field : fields) {
+        const auto length = static_cast<uint32_t>(field->size());
+        material.append(reinterpret_cast<const char *>(&length), sizeof length);
+        material.append(*field);
+    }
+    return cache::digest_token(material);
+}
+
 int64_t now_ms() {
     return static_cast<int64_t>(ngx_current_msec);  // CLOCK_MONOTONIC: the same in every worker
 }
@@ -89,13 +115,7 @@ bool cached_decision(ngx_http_request_t *r, RequestCtx *ctx, const protocol::Dec
         !request.break_glass_reason.empty()) {
         return false;
     }
-    // The key: everything policyd decides from except the correlation id, and the policy.
-    protocol::DecideRequest keyed = request;
-    keyed.correlation_id.clear();
-    std::string material = protocol::encode(keyed);
-    const uint64_t serial = client->snapshot()->serial;
-    material.append(reinterpret_cast<const char *>(&serial), sizeof serial);
-    const cache::TokenDigest key = cache::digest_token(material);
+    const cache::TokenDigest key = decision_key(request, client->snapshot()->serial);
     static_assert(sizeof key == sizeof ctx->decision_key);
     std::memcpy(ctx->decision_key, key.data(), key.size());
     ctx->decision_cache = DecisionCacheUse::Miss;

@@ -234,6 +234,10 @@ std::string empty_body() {
 
 std::string encode(const DecideRequest &msg) {
     std::string out;
+    // One allocation instead of a growth step every few fields (this runs for every request).
+    out.reserve(192 + msg.correlation_id.size() + msg.path.size() + msg.query.size() +
+                msg.client_id.size() + msg.host.size() + msg.user.size() + msg.patient.size() +
+                msg.break_glass_reason.size());
     Writer w(out);
     // Consent fields (issue 5) only when set: requests without them keep their encoding.
     const std::pair<std::string_view, const std::string *> consent_fields[] = {
@@ -297,6 +301,7 @@ std::optional<DecideRequest> decode_decide_request(std::string_view body) {
 
 std::string encode(const DecideReply &msg) {
     std::string out;
+    out.reserve(384 + msg.message.size() + msg.consent_token.size());
     Writer w(out);
     // Consent fields (issue 5) only when set: replies without them keep their encoding.
     const bool has_obligations = !msg.obligations.empty();

@@ -24,7 +24,12 @@
 //  - Bundle.total is always removed: it precedes the entries in the stream, so it cannot be
 //    corrected before they are seen, and a stale count would betray removed entries.
 //
-// Not thread-safe; one engine per response. Never throws on bad input (std::bad_alloc aside).
+// What a chunk holds whole is read in place (tokenized where it lies, an unchanged unit released
+// from there); what a chunk boundary cuts is gathered, its tokenization resumed where it stopped.
+// Either way the verdict and the output are the same for every split of the body.
+//
+// Not thread-safe; one engine per response (engines are reused per thread behind the API).
+// Never throws on bad input (std::bad_alloc aside).
 #pragma once
 
 #include <cstddef>
@@ -40,7 +45,8 @@ inline constexpr std::string_view kObligationSystem =
 inline constexpr std::string_view kRedactedCode = "REDACTED";
 inline constexpr std::string_view kInlineLabelUrl =
     "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/extension-inline-sec-label";
-// Text and token tape together; buffers grow by doubling, so the peak stays under 1 MiB.
+// Text and token tape together; text buffers grow by doubling and the tape no further than its
+// limit, so the peak stays under 1 MiB.
 inline constexpr size_t kDefaultMaxHeldBytes = 384 * 1024;
 // Bounds a policy bundle may set.
 inline constexpr size_t kMinHeldBytes = 16 * 1024;

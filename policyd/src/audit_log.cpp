@@ -24,11 +24,15 @@ int64_t now_us() {
         .count();
 }
 
+void put_be64(char *out, uint64_t v) {
+    for (int i = 0; i < 8; ++i) {
+        out[i] = static_cast<char>(v >> (8 * (7 - i)));
+    }
+}
+
 std::string be64(uint64_t v) {
     std::string out(8, '\0');
-    for (int i = 0; i < 8; ++i) {
-        out[static_cast<size_t>(i)] = static_cast<char>(v >> (8 * (7 - i)));
-    }
+    put_be64(out.data(), v);
     return out;
 }
 
@@ -41,17 +45,42 @@ uint64_t read_be64(std::string_view bytes) {
 }
 
 // Signed times sort correctly as unsigned big-endian once the sign bit is flipped.
-std::string time_key(int64_t time_us) {
-    return be64(static_cast<uint64_t>(time_us) ^ (uint64_t{1} << 63));
+uint64_t time_bits(int64_t time_us) {
+    return static_cast<uint64_t>(time_us) ^ (uint64_t{1} << 63);
 }
 
-std::string index_prefix(std::string_view value) {
-    const size_t n = std::min<size_t>(value.size(), 0xffff);
-    std::string out;
-    out.push_back(static_cast<char>(n >> 8));
-    out.push_back(static_cast<char>(n & 0xff));
-    out.append(value.substr(0, n));
-    return out;
+int64_t time_from_bits(uint64_t bits) {
+    return static_cast<int64_t>(bits ^ (uint64_t{1} << 63));
+}
+
+// idx_time key: flipped be64 time_us || be64 seq.
+void put_time_key(char *out, int64_t time_us, uint64_t seq) {
+    put_be64(out, time_bits(time_us));
+    put_be64(out + 8, seq);
+}
+
+// Tags of the index database's keys.
+enum class IndexTag : char {
+    RecordId = 'i',
+    Patient = 'p',
+    Client = 'c',
+    User = 'u',
+    Correlation = 'r',
+};
+
+// LMDB keys have at most 511 bytes. Longer values are keyed by a prefix and their SHA-256: still
+// one key per value (record ids must not collide), and search builds the same key.
+constexpr size_t kMaxIndexedValue = 400;
+
+void index_key(std::string &out, IndexTag tag, std::string_view value) {
+    out.clear();
+    out.push_back(static_cast<char>(tag));
+    if (value.size() <= kMaxIndexedValue) {
+        out.append(value);
+    } else {
+        out.append(value.substr(0, kMaxIndexedValue));
+        out.append(audit::sha256(value));
+    }
 }
 
 MDB_val as_val(std::string_view bytes) {
@@ -105,6 +134,25 @@ class Cursor {
     int rc_;
 };
 
+// The record a stored value holds, or nullopt when it is not one.
+std::optional<audit::ChainedRecord> decode_stored(std::string_view value) {
+    if (value.size() <= audit::kHashSize) {
+        return std::nullopt;
+    }
+    return audit::canonical_decode(value.substr(audit::kHashSize));
+}
+
+// A record's patients without repeats: one index entry per (patient, seq).
+std::vector<std::string_view> distinct_patients(const audit::Record &record) {
+    std::vector<std::string_view> out;
+    for (const std::string &p : record.patient_ids) {
+        if (!p.empty() && std::find(out.begin(), out.end(), p) == out.end()) {
+            out.push_back(p);
+        }
+    }
+    return out;
+}
+
 }  // namespace
 
 // ---- AuditStore ------------------------------------------------------------------------------
@@ -120,11 +168,13 @@ std::unique_ptr<AuditStore> AuditStore::open(const Options &options, StoreError 
         rc = mdb_env_set_mapsize(env, options.map_size_bytes);
     if (rc == MDB_SUCCESS)
         rc = mdb_env_set_maxdbs(env, 16);
-    // No MDB_NOSYNC / MDB_NOMETASYNC: a commit returns only after fsync, which is the
-    // durability every acknowledgement promises.
+    // Never MDB_NOSYNC: every commit flushes its data pages before it writes the meta page that
+    // makes them the database, so a crash can only ever leave the last or the one before.
+    // MDB_NOMETASYNC leaves that meta page to the next flush; append() says when one follows
+    // (Durability), and nothing is acknowledged before it has (see docs/audit.md).
     if (rc == MDB_SUCCESS)
         rc = mdb_env_open(env, options.directory.c_str(),
-                          MDB_NOTLS | (options.read_only ? MDB_RDONLY : 0), 0600);
+                          MDB_NOTLS | MDB_NOMETASYNC | (options.read_only ? MDB_RDONLY : 0), 0600);
     if (rc != MDB_SUCCESS) {
         translate_lmdb_error(rc, error);
         if (env != nullptr) {
@@ -151,19 +201,16 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
     if (txn.begin_rc() != MDB_SUCCESS) {
         return translate_lmdb_error(txn.begin_rc(), error);
     }
+    const unsigned create = read_only_ ? 0 : MDB_CREATE;
     const struct {
         const char *name;
         MDB_dbi *dbi;
-    } dbs[] = {{"records", &records_},
-               {"ids", &ids_},
-               {"checkpoints", &checkpoints_},
-               {"idx_patient", &idx_patient_},
-               {"idx_client", &idx_client_},
-               {"idx_user", &idx_user_},
-               {"idx_correlation", &idx_correlation_},
-               {"idx_time", &idx_time_}};
+        unsigned flags;
+    } dbs[] = {{"records", &records_, create},
+               {"checkpoints", &checkpoints_, create},
+               {"idx_time", &idx_time_, create}};
     for (const auto &db : dbs) {
-        const int rc = mdb_dbi_open(txn.get(), db.name, read_only_ ? 0 : MDB_CREATE, db.dbi);
+        const int rc = mdb_dbi_open(txn.get(), db.name, db.flags, db.dbi);
         if (rc == MDB_NOTFOUND && read_only_) {
             return StoreStatus::Ok;  // nothing was ever written: an empty log
         }
@@ -171,11 +218,69 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
             return translate_lmdb_error(rc, error);
         }
     }
-    const int rc = txn.commit();
+    int rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED, &index_);
+    if (rc == MDB_NOTFOUND && !read_only_) {
+        rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED | MDB_CREATE, &index_);
+        if (rc == MDB_SUCCESS) {
+            const StoreStatus status = convert_legacy_indexes(txn.get(), error);
+            if (status != StoreStatus::Ok) {
+                return status;
+            }
+        }
+    }
+    have_index_ = rc == MDB_SUCCESS;
+    if (rc != MDB_SUCCESS && !(rc == MDB_NOTFOUND && read_only_)) {
+        return translate_lmdb_error(rc, error);
+    }
+    rc = txn.commit();
     if (rc != MDB_SUCCESS) {
         return translate_lmdb_error(rc, error);
     }
     have_databases_ = true;
+    return StoreStatus::Ok;
+}
+
+// A log written before the index database: index every record into it and drop the old
+// per-index databases, in the transaction that created it.
+StoreStatus AuditStore::convert_legacy_indexes(MDB_txn *txn, StoreError *error) {
+    std::vector<MDB_dbi> legacy;
+    for (const char *name : {"ids", "idx_patient", "idx_client", "idx_user", "idx_correlation"}) {
+        MDB_dbi dbi{};
+        const int rc = mdb_dbi_open(txn, name, 0, &dbi);
+        if (rc == MDB_SUCCESS) {
+            legacy.push_back(dbi);
+        } else if (rc != MDB_NOTFOUND) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
+    if (legacy.empty()) {
+        return StoreStatus::Ok;  // a new log
+    }
+    Cursor cursor(txn, records_);
+    if (cursor.rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(cursor.rc(), error);
+    }
+    MDB_val k{}, v{};
+    int rc;
+    for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+         rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
+        // A record that does not decode has no index entries; verify names it.
+        if (const std::optional<audit::ChainedRecord> e = decode_stored(as_view(v))) {
+            const int put = put_indexes(txn, e->record, read_be64(as_view(k)));
+            if (put != MDB_SUCCESS && put != MDB_KEYEXIST) {
+                return translate_lmdb_error(put, error);
+            }
+        }
+    }
+    if (rc != MDB_NOTFOUND) {
+        return translate_lmdb_error(rc, error);
+    }
+    for (const MDB_dbi dbi : legacy) {
+        rc = mdb_drop(txn, dbi, 1);
+        if (rc != MDB_SUCCESS) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
     return StoreStatus::Ok;
 }
 
@@ -220,6 +325,18 @@ StoreStatus AuditStore::load_head(StoreError *error) {
             return translate_lmdb_error(rc, error);
         }
     }
+    {
+        Cursor cursor(txn.get(), idx_time_);
+        if (cursor.rc() != MDB_SUCCESS) {
+            return translate_lmdb_error(cursor.rc(), error);
+        }
+        const int rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_LAST);
+        if (rc == MDB_SUCCESS && k.mv_size == 16) {
+            last_time_us_ = time_from_bits(read_be64(as_view(k)));
+        } else if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
     return StoreStatus::Ok;
 }
 
@@ -241,82 +358,140 @@ StoreStatus AuditStore::put_checkpoint(MDB_txn *txn, const audit::SigningKey &ke
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
+int AuditStore::put_indexes(MDB_txn *txn, const audit::Record &record, uint64_t seq) {
+    char seq_bytes[8];
+    put_be64(seq_bytes, seq);
+    int rc = MDB_SUCCESS;
+    auto put = [&](IndexTag tag, std::string_view value) {
+        if (rc == MDB_SUCCESS && !value.empty()) {
+            index_key(key_, tag, value);
+            MDB_val kv = as_val(key_), vv{sizeof seq_bytes, seq_bytes};
+            // Seqs only grow, so this record's is the largest under any key: APPENDDUP puts it
+            // at the end of the key's sorted duplicates without searching them.
+            rc = mdb_put(txn, index_, &kv, &vv, MDB_APPENDDUP);
+        }
+    };
+    for (const std::string_view patient : distinct_patients(record)) {
+        put(IndexTag::Patient, patient);
+    }
+    put(IndexTag::Client, record.client_id);
+    put(IndexTag::User, record.user);
+    put(IndexTag::Correlation, record.correlation_id);
+    return rc;
+}
+
+int AuditStore::put_time_index(MDB_txn *txn, int64_t time_us, uint64_t seq,
+                               std::optional<int64_t> &last_time_us) {
+    char key[16];
+    put_time_key(key, time_us, seq);
+    MDB_val kv{sizeof key, key}, vv{};
+    // Times nearly always grow with seq: then the key goes at the end (MDB_APPEND, no search).
+    const bool at_end = !last_time_us || time_us >= *last_time_us;
+    int rc = mdb_put(txn, idx_time_, &kv, &vv, at_end ? MDB_APPEND : 0);
+    if (rc == MDB_KEYEXIST && at_end) {
+        // The tracked last time was behind the database (cannot happen: a purge beside us only
+        // removes keys); an ordinary insert is right either way.
+        rc = mdb_put(txn, idx_time_, &kv, &vv, 0);
+    }
+    if (rc == MDB_SUCCESS && at_end) {
+        last_time_us = time_us;
+    }
+    return rc;
+}
+
 StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records,
                                const audit::SigningKey *key, bool checkpoint, int64_t now,
-                               std::vector<Appended> &out, StoreError *error) {
+                               std::vector<Appended> &out, StoreError *error,
+                               Durability durability) {
     out.clear();
     if (read_only_ || !have_databases_) {
         return translate_lmdb_error(EACCES, error);
     }
+    out.reserve(records.size());
     Txn txn(env_, false);
     if (txn.begin_rc() != MDB_SUCCESS) {
         return translate_lmdb_error(txn.begin_rc(), error);
     }
     uint64_t seq = last_seq_;
-    std::string hash = last_hash_;
-    auto put = [&](MDB_dbi dbi, std::string_view k, std::string_view v, unsigned flags) {
-        MDB_val kv = as_val(k), vv = as_val(v);
-        return mdb_put(txn.get(), dbi, &kv, &vv, flags);
+    char hash[audit::kHashSize];
+    std::memcpy(hash, last_hash_.data(), audit::kHashSize);
+    std::optional<int64_t> last_time_us = last_time_us_;
+    auto fail = [&](int rc) {
+        out.clear();
+        return translate_lmdb_error(rc, error);
     };
     for (const audit::Record *record : records) {
+        char seq_key[8];
+        put_be64(seq_key, seq + 1);
         if (!record->record_id.empty()) {
-            MDB_val kv = as_val(record->record_id), vv{};
-            const int rc = mdb_get(txn.get(), ids_, &kv, &vv);
-            if (rc == MDB_SUCCESS) {
+            // Deduplication and the id index in one B-tree descent: NOOVERWRITE reports an id
+            // already stored, with the seq it was stored under.
+            index_key(key_, IndexTag::RecordId, record->record_id);
+            MDB_val kv = as_val(key_), vv{sizeof seq_key, seq_key};
+            const int rc = mdb_put(txn.get(), index_, &kv, &vv, MDB_NOOVERWRITE);
+            if (rc == MDB_KEYEXIST) {
                 out.push_back({read_be64(as_view(vv)), true});
                 continue;
             }
-            if (rc != MDB_NOTFOUND) {
-                out.clear();
-                return translate_lmdb_error(rc, error);
+            if (rc != MDB_SUCCESS) {
+                return fail(rc);
             }
         }
         ++seq;
-        const std::string canonical = audit::canonical_encode({seq, *record});
-        hash = audit::chain_hash(hash, canonical);
-        const std::string seq_key = be64(seq);
-        // MDB_APPEND: keys only grow; LMDB checks it and fills pages completely.
-        int rc = put(records_, seq_key, audit::stored_value(hash, canonical), MDB_APPEND);
-        if (rc == MDB_SUCCESS && !record->record_id.empty()) {
-            rc = put(ids_, record->record_id, seq_key, 0);
+        encoded_.clear();
+        audit::canonical_encode_into(encoded_, seq, *record);
+        if (!hasher_.hash({hash, sizeof hash}, encoded_, hash)) {
+            return fail(ENOMEM);
         }
-        auto index = [&](MDB_dbi dbi, std::string_view value) {
-            if (rc == MDB_SUCCESS && !value.empty()) {
-                rc = put(dbi, index_prefix(value) + seq_key, {}, 0);
-            }
-        };
-        for (const std::string &patient : record->patient_ids) {
-            index(idx_patient_, patient);
-        }
-        index(idx_client_, record->client_id);
-        index(idx_user_, record->user);
-        index(idx_correlation_, record->correlation_id);
+        // MDB_APPEND: keys only grow; LMDB checks it and fills pages completely. MDB_RESERVE:
+        // the value is written in place rather than copied from a temporary.
+        MDB_val kv{sizeof seq_key, seq_key}, vv{audit::kHashSize + encoded_.size(), nullptr};
+        int rc = mdb_put(txn.get(), records_, &kv, &vv, MDB_APPEND | MDB_RESERVE);
         if (rc == MDB_SUCCESS) {
-            rc = put(idx_time_, time_key(record->time_us) + seq_key, {}, 0);
+            auto *value = static_cast<char *>(vv.mv_data);
+            std::memcpy(value, hash, audit::kHashSize);
+            std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
+            rc = put_indexes(txn.get(), *record, seq);
+        }
+        if (rc == MDB_SUCCESS) {
+            rc = put_time_index(txn.get(), record->time_us, seq, last_time_us);
         }
         if (rc != MDB_SUCCESS) {
-            out.clear();
-            return translate_lmdb_error(rc, error);
+            return fail(rc);
         }
         out.push_back({seq, false});
     }
     const bool write_checkpoint = key != nullptr && checkpoint && seq > last_checkpoint_seq_;
+    const std::string head_hash(hash, sizeof hash);
     if (write_checkpoint) {
-        const StoreStatus status = put_checkpoint(txn.get(), *key, seq, hash, now, error);
+        const StoreStatus status = put_checkpoint(txn.get(), *key, seq, head_hash, now, error);
         if (status != StoreStatus::Ok) {
             out.clear();
             return status;
         }
     }
-    const int rc = txn.commit();
+    // Only a transaction that changed something reaches the disk (LMDB skips empty commits).
+    const bool writes = seq > last_seq_ || write_checkpoint;
+    int rc = txn.commit();
     if (rc != MDB_SUCCESS) {
-        out.clear();
-        return translate_lmdb_error(rc, error);
+        return fail(rc);
     }
     last_seq_ = seq;
-    last_hash_ = hash;
+    last_hash_ = head_hash;
+    last_time_us_ = last_time_us;
     if (write_checkpoint) {
         last_checkpoint_seq_ = seq;
+    }
+    if (writes) {
+        ++commits_;
+    }
+    if (durability == Durability::Synced) {
+        // Also when nothing was written: the duplicates' first copies may sit in a commit
+        // whose meta page is not flushed yet.
+        rc = mdb_env_sync(env_, 1);
+        if (rc != MDB_SUCCESS) {
+            return fail(rc);
+        }
     }
     return StoreStatus::Ok;
 }
@@ -333,12 +508,18 @@ StoreStatus AuditStore::checkpoint(const audit::SigningKey &key, int64_t now, St
     if (status != StoreStatus::Ok) {
         return status;
     }
-    const int rc = txn.commit();
-    if (rc != MDB_SUCCESS) {
-        return translate_lmdb_error(rc, error);
+    int rc = txn.commit();
+    if (rc == MDB_SUCCESS) {
+        ++commits_;
+        last_checkpoint_seq_ = last_seq_;
+        rc = mdb_env_sync(env_, 1);
     }
-    last_checkpoint_seq_ = last_seq_;
-    return StoreStatus::Ok;
+    return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
+}
+
+StoreStatus AuditStore::sync(StoreError *error) {
+    const int rc = mdb_env_sync(env_, 1);
+    return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
 StoreStatus AuditStore::scan_records(const std::function<bool(uint64_t, std::string_view)> &visit,
@@ -435,40 +616,43 @@ StoreStatus AuditStore::search(const Query &query,
     }
     // The most selective index given: a patient, a request, a user, a client, then time.
     std::optional<std::vector<uint64_t>> seqs;
-    auto by_prefix = [&](MDB_dbi dbi, std::string_view value) -> int {
-        const std::string prefix = index_prefix(value);
-        Cursor cursor(txn.get(), dbi);
+    auto by_value = [&](IndexTag tag, std::string_view value) -> int {
+        std::string key;
+        index_key(key, tag, value);
+        Cursor cursor(txn.get(), index_);
         if (cursor.rc() != MDB_SUCCESS) {
             return cursor.rc();
         }
         seqs.emplace();
-        MDB_val k = as_val(prefix), v{};
+        MDB_val k = as_val(key), v{};
         int rc;
-        for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
-             rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
-            const std::string_view key = as_view(k);
-            if (key.size() != prefix.size() + 8 || !key.starts_with(prefix)) {
-                break;
+        for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_KEY); rc == MDB_SUCCESS;
+             rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT_DUP)) {
+            if (v.mv_size == 8) {
+                seqs->push_back(read_be64(as_view(v)));
             }
-            seqs->push_back(read_be64(key.substr(prefix.size())));
         }
-        return rc == MDB_NOTFOUND || rc == MDB_SUCCESS ? MDB_SUCCESS : rc;
+        return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
     };
     int rc = MDB_SUCCESS;
-    if (!query.patient.empty()) {
-        rc = by_prefix(idx_patient_, query.patient);
+    // A log from before the index database (opened read-only, not converted yet): every search
+    // scans the records and filters.
+    if (!have_index_) {
+    } else if (!query.patient.empty()) {
+        rc = by_value(IndexTag::Patient, query.patient);
     } else if (!query.correlation_id.empty()) {
-        rc = by_prefix(idx_correlation_, query.correlation_id);
+        rc = by_value(IndexTag::Correlation, query.correlation_id);
     } else if (!query.user.empty()) {
-        rc = by_prefix(idx_user_, query.user);
+        rc = by_value(IndexTag::User, query.user);
     } else if (!query.client.empty()) {
-        rc = by_prefix(idx_client_, query.client);
-    } else if (query.since_us || query.until_us) {
+        rc = by_value(IndexTag::Client, query.client);
+    }
+    if (!seqs && (query.since_us || query.until_us)) {
         Cursor cursor(txn.get(), idx_time_);
         rc = cursor.rc();
         if (rc == MDB_SUCCESS) {
             seqs.emplace();
-            const std::string start = time_key(query.since_us.value_or(INT64_MIN));
+            const std::string start = be64(time_bits(query.since_us.value_or(INT64_MIN)));
             MDB_val k = as_val(start), v{};
             for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
                  rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
@@ -476,9 +660,7 @@ StoreStatus AuditStore::search(const Query &query,
                 if (key.size() != 16) {
                     continue;
                 }
-                const auto t =
-                    static_cast<int64_t>(read_be64(key.substr(0, 8)) ^ (uint64_t{1} << 63));
-                if (query.until_us && t > *query.until_us) {
+                if (query.until_us && time_from_bits(read_be64(key)) > *query.until_us) {
                     break;
                 }
                 seqs->push_back(read_be64(key.substr(8)));
@@ -507,11 +689,7 @@ StoreStatus AuditStore::search(const Query &query,
         return true;
     };
     auto emit = [&](std::string_view value) {
-        if (value.size() <= audit::kHashSize) {
-            return true;
-        }
-        std::optional<audit::ChainedRecord> entry =
-            audit::canonical_decode(value.substr(audit::kHashSize));
+        std::optional<audit::ChainedRecord> entry = decode_stored(value);
         // Search reports what is stored; whether it is genuine is `audit verify`'s question.
         return !entry || !matches(entry->record) || visit(*entry);
     };
@@ -567,11 +745,7 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
         int rc;
         for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
              rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
-            const std::string_view value = as_view(v);
-            std::optional<audit::ChainedRecord> e =
-                value.size() > audit::kHashSize
-                    ? audit::canonical_decode(value.substr(audit::kHashSize))
-                    : std::nullopt;
+            std::optional<audit::ChainedRecord> e = decode_stored(as_view(v));
             if (!e || e->record.time_us >= before_us) {
                 break;
             }
@@ -589,11 +763,12 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
     if (anchor == 0) {
         return StoreStatus::Ok;
     }
-    auto del = [&](MDB_dbi dbi, std::string_view key) {
-        MDB_val kv = as_val(key);
-        const int rc = mdb_del(txn.get(), dbi, &kv, nullptr);
+    auto del = [&](MDB_dbi dbi, std::string_view key, std::string_view data) {
+        MDB_val kv = as_val(key), dv = as_val(data);
+        const int rc = mdb_del(txn.get(), dbi, &kv, data.empty() ? nullptr : &dv);
         return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
     };
+    std::string key;
     for (;;) {
         MDB_val k{}, v{};
         std::optional<audit::ChainedRecord> e;
@@ -610,35 +785,43 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
             if (read_be64(as_view(k)) > anchor) {
                 break;
             }
-            e = audit::canonical_decode(as_view(v).substr(audit::kHashSize));
+            e = decode_stored(as_view(v));
         }
         const std::string seq_key = be64(read_be64(as_view(k)));
-        int rc = del(records_, seq_key);
+        int rc = del(records_, seq_key, {});
         if (e) {
             const audit::Record &r = e->record;
-            if (rc == MDB_SUCCESS && !r.record_id.empty())
-                rc = del(ids_, r.record_id);
-            for (const std::string &p : r.patient_ids)
-                if (rc == MDB_SUCCESS)
-                    rc = del(idx_patient_, index_prefix(p) + seq_key);
-            if (rc == MDB_SUCCESS && !r.client_id.empty())
-                rc = del(idx_client_, index_prefix(r.client_id) + seq_key);
-            if (rc == MDB_SUCCESS && !r.user.empty())
-                rc = del(idx_user_, index_prefix(r.user) + seq_key);
-            if (rc == MDB_SUCCESS && !r.correlation_id.empty())
-                rc = del(idx_correlation_, index_prefix(r.correlation_id) + seq_key);
-            if (rc == MDB_SUCCESS)
-                rc = del(idx_time_, time_key(r.time_us) + seq_key);
+            auto unindex = [&](IndexTag tag, std::string_view value) {
+                if (rc == MDB_SUCCESS && !value.empty()) {
+                    index_key(key, tag, value);
+                    rc = del(index_, key, seq_key);
+                }
+            };
+            unindex(IndexTag::RecordId, r.record_id);
+            for (const std::string_view p : distinct_patients(r)) {
+                unindex(IndexTag::Patient, p);
+            }
+            unindex(IndexTag::Client, r.client_id);
+            unindex(IndexTag::User, r.user);
+            unindex(IndexTag::Correlation, r.correlation_id);
+            if (rc == MDB_SUCCESS) {
+                char tk[16];
+                put_time_key(tk, r.time_us, read_be64(seq_key));
+                rc = del(idx_time_, {tk, sizeof tk}, {});
+            }
         }
         if (rc == MDB_SUCCESS && read_be64(seq_key) < anchor) {
-            rc = del(checkpoints_, seq_key);
+            rc = del(checkpoints_, seq_key, {});
         }
         if (rc != MDB_SUCCESS) {
             return translate_lmdb_error(rc, error);
         }
         ++*removed;
     }
-    const int rc = txn.commit();
+    int rc = txn.commit();
+    if (rc == MDB_SUCCESS) {
+        rc = mdb_env_sync(env_, 1);
+    }
     if (rc != MDB_SUCCESS) {
         *removed = 0;
         return translate_lmdb_error(rc, error);
@@ -725,6 +908,14 @@ AuditLog::~AuditLog() {
         wake_.notify_all();
         writer_.join();
     }
+    if (syncer_.joinable()) {
+        {
+            std::lock_guard lock(mutex_);
+            syncer_stopping_ = true;
+        }
+        sync_wake_.notify_all();
+        syncer_.join();
+    }
 }
 
 void AuditLog::start() {
@@ -735,6 +926,7 @@ void AuditLog::start() {
     uv_async_init(loop_, &async_, on_async);
     async_.data = this;
     writer_ = std::thread([this] { writer_main(); });
+    syncer_ = std::thread([this] { syncer_main(); });
 }
 
 void AuditLog::stop() {
@@ -747,7 +939,13 @@ void AuditLog::stop() {
         stopping_ = true;
     }
     wake_.notify_all();
-    writer_.join();
+    writer_.join();  // everything it committed is durable and handed over when it returns
+    {
+        std::lock_guard lock(mutex_);
+        syncer_stopping_ = true;
+    }
+    sync_wake_.notify_all();
+    syncer_.join();
     deliver();
     uv_close(reinterpret_cast<uv_handle_t *>(&async_), nullptr);
 }
@@ -827,20 +1025,81 @@ void AuditLog::deliver() {
     }
 }
 
+bool AuditLog::release_durable() {
+    bool moved = false;
+    while (!awaiting_.empty() && awaiting_.front()->commit <= durable_commits_) {
+        std::unique_ptr<Job> job = std::move(awaiting_.front());
+        awaiting_.pop_front();
+        for (const AuditStore::Appended &a : job->result.appended) {
+            ++(a.duplicate ? counters_.duplicates : counters_.appended);
+        }
+        done_.push_back(std::move(job));
+        moved = true;
+    }
+    return moved;
+}
+
+void AuditLog::fail_awaiting(StoreStatus status, const std::string &detail) {
+    for (std::unique_ptr<Job> &job : awaiting_) {
+        job->result.status = status;
+        job->result.detail = detail;
+        job->result.appended.clear();
+        counters_.failed_records += job->record_count;
+        done_.push_back(std::move(job));
+    }
+    awaiting_.clear();
+    ++(status == StoreStatus::MapFull ? counters_.map_full
+       : status == StoreStatus::Io    ? counters_.io_errors
+                                      : counters_.other_errors);
+    counters_.last_error = std::string("sync: ") + store_status_name(status) + ": " + detail;
+}
+
+void AuditLog::syncer_main() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+        sync_wake_.wait(lock, [&] { return syncer_stopping_ || sync_target_ > durable_commits_; });
+        if (sync_target_ <= durable_commits_) {
+            return;  // stopping, and nothing left to flush
+        }
+        // Commits 1..target are complete (their meta pages written): one flush makes them
+        // durable. Commits the writer completes meanwhile wait for the next round, or for their
+        // successor's own flush.
+        const uint64_t target = sync_target_;
+        lock.unlock();
+        StoreError error;
+        const StoreStatus status = store_.sync(&error);
+        lock.lock();
+        if (status == StoreStatus::Ok) {
+            durable_commits_ = std::max(durable_commits_, target);
+            if (!release_durable()) {
+                continue;
+            }
+        } else {
+            // Whether those commits reached the disk is unknown: none of them is acknowledged.
+            durable_commits_ = std::max(durable_commits_, target);
+            fail_awaiting(status, error.detail);
+        }
+        uv_async_send(&async_);
+    }
+}
+
 void AuditLog::writer_main() {
     using Clock = std::chrono::steady_clock;
     auto last_checkpoint = Clock::now();
     const auto checkpoint_interval = std::chrono::milliseconds(options_.checkpoint_every_ms);
+    std::vector<std::unique_ptr<Job>> batch;
+    std::vector<const audit::Record *> records;
+    std::vector<AuditStore::Appended> appended;
     for (;;) {
-        std::vector<std::unique_ptr<Job>> batch;
+        batch.clear();
         size_t batch_records = 0;
         bool stopping;
         {
             std::unique_lock lock(mutex_);
             wake_.wait_until(lock, last_checkpoint + checkpoint_interval,
                              [&] { return stopping_ || !queued_.empty(); });
-            // Group commit: everything queued while the previous transaction synced goes into
-            // this one, up to the batch cap.
+            // Group commit: everything queued while the previous transaction was written goes
+            // into this one, up to the batch cap.
             while (!queued_.empty() &&
                    (batch.empty() || batch_records + queued_.front()->records.size() <=
                                          options_.max_batch_records)) {
@@ -851,9 +1110,9 @@ void AuditLog::writer_main() {
             }
             stopping = stopping_ && queued_.empty();
         }
+        bool handed_over = false;
         if (!batch.empty()) {
-            std::vector<const audit::Record *> records;
-            records.reserve(batch_records);
+            records.clear();
             for (const auto &job : batch) {
                 for (const audit::Record &r : job->records) {
                     records.push_back(&r);
@@ -863,30 +1122,43 @@ void AuditLog::writer_main() {
                 store_.last_seq() + records.size() - store_.last_checkpoint_seq() >=
                     options_.checkpoint_every_records ||
                 Clock::now() - last_checkpoint >= checkpoint_interval;
-            std::vector<AuditStore::Appended> appended;
             StoreError error;
+            const uint64_t commits_before = store_.commits();
             const StoreStatus status =
-                store_.append(records, &key_, checkpoint_due, now_us(), appended, &error);
+                store_.append(records, &key_, checkpoint_due, now_us(), appended, &error,
+                              AuditStore::Durability::Deferred);
+            const uint64_t commit = store_.commits();
             if (status == StoreStatus::Ok && checkpoint_due) {
                 last_checkpoint = Clock::now();
             }
+            // The records are stored (or refused): free them here rather than on the loop.
+            for (const auto &job : batch) {
+                job->record_count = job->records.size();
+                std::vector<audit::Record>().swap(job->records);
+            }
             std::lock_guard lock(mutex_);
             ++counters_.transactions;
+            if (commit > commits_before) {
+                // This commit flushed the data of every earlier one, meta pages included.
+                durable_commits_ = std::max(durable_commits_, commit - 1);
+            }
             size_t at = 0;
-            for (const auto &job : batch) {
+            for (auto &job : batch) {
+                const size_t n = job->record_count;
                 job->result.status = status;
                 job->result.detail = error.detail;
                 if (status == StoreStatus::Ok) {
-                    job->result.appended.assign(
-                        appended.begin() + static_cast<long>(at),
-                        appended.begin() + static_cast<long>(at + job->records.size()));
+                    job->result.appended.assign(appended.begin() + static_cast<long>(at),
+                                                appended.begin() + static_cast<long>(at + n));
+                    // Duplicates too: their first copies may be in a commit not yet durable.
+                    job->commit = commit;
+                    awaiting_.push_back(std::move(job));
+                } else {
+                    done_.push_back(std::move(job));
                 }
-                at += job->records.size();
+                at += n;
             }
             if (status == StoreStatus::Ok) {
-                for (const AuditStore::Appended &a : appended) {
-                    ++(a.duplicate ? counters_.duplicates : counters_.appended);
-                }
                 if (checkpoint_due) {
                     ++counters_.checkpoints;
                 }
@@ -898,8 +1170,10 @@ void AuditLog::writer_main() {
                 counters_.last_error = std::string(store_status_name(status)) + ": " + error.detail;
             }
             last_seq_ = store_.last_seq();
-            for (auto &job : batch) {
-                done_.push_back(std::move(job));
+            handed_over = status != StoreStatus::Ok || release_durable();
+            if (!awaiting_.empty() && sync_target_ < commit) {
+                sync_target_ = commit;
+                sync_wake_.notify_one();
             }
         }
         if ((Clock::now() - last_checkpoint >= checkpoint_interval || stopping) &&
@@ -909,6 +1183,8 @@ void AuditLog::writer_main() {
             std::lock_guard lock(mutex_);
             if (status == StoreStatus::Ok) {
                 ++counters_.checkpoints;
+                durable_commits_ = std::max(durable_commits_, store_.commits());
+                handed_over = release_durable() || handed_over;
             } else {
                 counters_.last_error =
                     std::string("checkpoint: ") + store_status_name(status) + ": " + error.detail;
@@ -917,7 +1193,20 @@ void AuditLog::writer_main() {
         } else if (Clock::now() - last_checkpoint >= checkpoint_interval) {
             last_checkpoint = Clock::now();
         }
-        if (!batch.empty()) {
+        if (stopping) {
+            // Nothing is left waiting for the syncer: flush here and hand everything over.
+            StoreError error;
+            const StoreStatus status = store_.sync(&error);
+            std::lock_guard lock(mutex_);
+            if (status == StoreStatus::Ok) {
+                durable_commits_ = std::max(durable_commits_, store_.commits());
+                release_durable();
+            } else {
+                fail_awaiting(status, error.detail);
+            }
+            handed_over = true;
+        }
+        if (handed_over) {
             uv_async_send(&async_);
         }
         if (stopping) {

@@ -36,6 +36,7 @@ constexpr const char *kUsage = R"(usage: audit_bench --socket PATH [options]
   --window N           single-record appends outstanding in the durable phase (default 256)
   --batch N            records per append in the async phase (default 512)
   --latency-count N    single appends, one at a time, for the latency phase (default 300)
+  --only PHASE         run one phase: durable, async or latency (default: all three)
   --json               one JSON line instead of the summary
 )";
 
@@ -161,6 +162,7 @@ int main(int argc, char **argv) {
     double duration = 3;
     size_t window = 256, batch = 512, latency_count = 300;
     bool json = false;
+    std::string only;
     for (int i = 1; i < argc; ++i) {
         const std::string_view flag = argv[i];
         auto value = [&]() -> std::string {
@@ -182,6 +184,11 @@ int main(int argc, char **argv) {
                                        protocol::kMaxAuditRecordsPerAppend);
         } else if (flag == "--latency-count") {
             latency_count = std::strtoul(value().c_str(), nullptr, 10);
+        } else if (flag == "--only") {
+            only = value();
+            if (only != "durable" && only != "async" && only != "latency") {
+                die("--only takes durable, async or latency");
+            }
         } else if (flag == "--json") {
             json = true;
         } else {
@@ -194,10 +201,11 @@ int main(int argc, char **argv) {
     g_prefix = "bench-" + std::to_string(::getpid()) + "-" +
                std::to_string(Clock::now().time_since_epoch().count()) + "-";
     Connection c(socket_path);
-    const double durable = throughput(c, 1, window, true, duration);
-    const double async = throughput(c, batch, 4, false, duration);
+    auto runs = [&](const char *phase) { return only.empty() || only == phase; };
+    const double durable = runs("durable") ? throughput(c, 1, window, true, duration) : 0;
+    const double async = runs("async") ? throughput(c, batch, 4, false, duration) : 0;
     std::vector<double> latencies;
-    for (size_t i = 0; i < latency_count; ++i) {
+    for (size_t i = 0; runs("latency") && i < latency_count; ++i) {
         const auto start = Clock::now();
         c.send(append_frame(1, true, static_cast<uint32_t>(i + 1)));
         c.next_ack();

@@ -265,9 +265,18 @@ StoreStatus AuditStore::convert_legacy_indexes(MDB_txn *txn, StoreError *error) 
     for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
          rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
         // A record that does not decode has no index entries; verify names it.
-        if (const std::optional<audit::ChainedRecord> e = decode_stored(as_view(v))) {
-            const int put = put_indexes(txn, e->record, read_be64(as_view(k)));
-            if (put != MDB_SUCCESS && put != MDB_KEYEXIST) {
+        if (std::optional<audit::ChainedRecord> e = decode_stored(as_view(v))) {
+            const uint64_t seq = read_be64(as_view(k));
+            const std::string seq_bytes = be64(seq);
+            index_key(key_, IndexTag::RecordId, e->record.record_id);
+            MDB_val ik = as_val(key_), iv = as_val(seq_bytes);
+            int put = e->record.record_id.empty()
+                          ? MDB_SUCCESS
+                          : mdb_put(txn, index_, &ik, &iv, MDB_NOOVERWRITE);
+            if (put == MDB_SUCCESS || put == MDB_KEYEXIST) {
+                put = put_indexes(txn, {{&e->record, seq}});
+            }
+            if (put != MDB_SUCCESS) {
                 return translate_lmdb_error(put, error);
             }
         }
@@ -358,40 +367,82 @@ StoreStatus AuditStore::put_checkpoint(MDB_txn *txn, const audit::SigningKey &ke
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
-int AuditStore::put_indexes(MDB_txn *txn, const audit::Record &record, uint64_t seq) {
-    char seq_bytes[8];
-    put_be64(seq_bytes, seq);
-    int rc = MDB_SUCCESS;
-    auto put = [&](IndexTag tag, std::string_view value) {
-        if (rc == MDB_SUCCESS && !value.empty()) {
-            index_key(key_, tag, value);
-            MDB_val kv = as_val(key_), vv{sizeof seq_bytes, seq_bytes};
-            // Seqs only grow, so this record's is the largest under any key: APPENDDUP puts it
-            // at the end of the key's sorted duplicates without searching them.
-            rc = mdb_put(txn, index_, &kv, &vv, MDB_APPENDDUP);
+namespace {
+
+// The index entries of one tag that a record has.
+template <typename Visit>
+int for_each_indexed(IndexTag tag, const audit::Record &record, Visit &&visit) {
+    switch (tag) {
+        case IndexTag::Patient: {
+            const std::vector<std::string> &patients = record.patient_ids;
+            for (auto it = patients.begin(); it != patients.end(); ++it) {
+                // Once per (patient, seq): a patient named twice has one entry.
+                if (it->empty() || std::find(patients.begin(), it, *it) != it) {
+                    continue;
+                }
+                if (const int rc = visit(*it); rc != MDB_SUCCESS) {
+                    return rc;
+                }
+            }
+            return MDB_SUCCESS;
         }
-    };
-    for (const std::string_view patient : distinct_patients(record)) {
-        put(IndexTag::Patient, patient);
+        case IndexTag::Client:
+            return record.client_id.empty() ? MDB_SUCCESS : visit(record.client_id);
+        case IndexTag::User:
+            return record.user.empty() ? MDB_SUCCESS : visit(record.user);
+        case IndexTag::Correlation:
+            return record.correlation_id.empty() ? MDB_SUCCESS : visit(record.correlation_id);
+        case IndexTag::RecordId:
+            return record.record_id.empty() ? MDB_SUCCESS : visit(record.record_id);
     }
-    put(IndexTag::Client, record.client_id);
-    put(IndexTag::User, record.user);
-    put(IndexTag::Correlation, record.correlation_id);
-    return rc;
+    return MDB_SUCCESS;
 }
 
-int AuditStore::put_time_index(MDB_txn *txn, int64_t time_us, uint64_t seq,
+constexpr IndexTag kSearchTags[] = {IndexTag::Patient, IndexTag::Client, IndexTag::User,
+                                    IndexTag::Correlation};
+
+}  // namespace
+
+int AuditStore::put_indexes(MDB_txn *txn,
+                            const std::vector<std::pair<const audit::Record *, uint64_t>> &stored) {
+    Cursor cursor(txn, index_);
+    if (cursor.rc() != MDB_SUCCESS) {
+        return cursor.rc();
+    }
+    // One tag at a time across the batch, through one cursor: successive keys are then often on
+    // the page the cursor is already on (one client's or user's records, ids with a common
+    // prefix), which LMDB finds without descending from the root.
+    for (const IndexTag tag : kSearchTags) {
+        for (const auto &[record, seq] : stored) {
+            char seq_bytes[8];
+            put_be64(seq_bytes, seq);
+            const int rc = for_each_indexed(tag, *record, [&](std::string_view value) {
+                index_key(key_, tag, value);
+                MDB_val kv = as_val(key_), vv{sizeof seq_bytes, seq_bytes};
+                // Seqs only grow, so this record's is the largest under any key: APPENDDUP puts
+                // it at the end of the key's sorted duplicates without searching them.
+                return mdb_cursor_put(cursor.get(), &kv, &vv, MDB_APPENDDUP);
+            });
+            if (rc != MDB_SUCCESS) {
+                return rc;
+            }
+        }
+    }
+    return MDB_SUCCESS;
+}
+
+int AuditStore::put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
                                std::optional<int64_t> &last_time_us) {
     char key[16];
     put_time_key(key, time_us, seq);
     MDB_val kv{sizeof key, key}, vv{};
     // Times nearly always grow with seq: then the key goes at the end (MDB_APPEND, no search).
     const bool at_end = !last_time_us || time_us >= *last_time_us;
-    int rc = mdb_put(txn, idx_time_, &kv, &vv, at_end ? MDB_APPEND : 0);
+    int rc = mdb_cursor_put(cursor, &kv, &vv, at_end ? MDB_APPEND : 0);
     if (rc == MDB_KEYEXIST && at_end) {
         // The tracked last time was behind the database (cannot happen: a purge beside us only
         // removes keys); an ordinary insert is right either way.
-        rc = mdb_put(txn, idx_time_, &kv, &vv, 0);
+        rc = mdb_cursor_put(cursor, &kv, &vv, 0);
     }
     if (rc == MDB_SUCCESS && at_end) {
         last_time_us = time_us;
@@ -420,46 +471,58 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
         out.clear();
         return translate_lmdb_error(rc, error);
     };
-    for (const audit::Record *record : records) {
-        char seq_key[8];
-        put_be64(seq_key, seq + 1);
-        if (!record->record_id.empty()) {
-            // Deduplication and the id index in one B-tree descent: NOOVERWRITE reports an id
-            // already stored, with the seq it was stored under.
-            index_key(key_, IndexTag::RecordId, record->record_id);
-            MDB_val kv = as_val(key_), vv{sizeof seq_key, seq_key};
-            const int rc = mdb_put(txn.get(), index_, &kv, &vv, MDB_NOOVERWRITE);
-            if (rc == MDB_KEYEXIST) {
-                out.push_back({read_be64(as_view(vv)), true});
-                continue;
+    stored_.clear();
+    {
+        // Cursors kept for the whole batch: appends at the end of records and idx_time, and
+        // record ids from one writer, land next to the cursor's last position.
+        Cursor ids(txn.get(), index_), values(txn.get(), records_), times(txn.get(), idx_time_);
+        for (const Cursor *c : {&ids, &values, &times}) {
+            if (c->rc() != MDB_SUCCESS) {
+                return fail(c->rc());
+            }
+        }
+        for (const audit::Record *record : records) {
+            char seq_key[8];
+            put_be64(seq_key, seq + 1);
+            if (!record->record_id.empty()) {
+                // Deduplication and the id index in one B-tree descent: NOOVERWRITE reports an id
+                // already stored, with the seq it was stored under.
+                index_key(key_, IndexTag::RecordId, record->record_id);
+                MDB_val kv = as_val(key_), vv{sizeof seq_key, seq_key};
+                const int rc = mdb_cursor_put(ids.get(), &kv, &vv, MDB_NOOVERWRITE);
+                if (rc == MDB_KEYEXIST) {
+                    out.push_back({read_be64(as_view(vv)), true});
+                    continue;
+                }
+                if (rc != MDB_SUCCESS) {
+                    return fail(rc);
+                }
+            }
+            ++seq;
+            encoded_.clear();
+            audit::canonical_encode_into(encoded_, seq, *record);
+            if (!hasher_.hash({hash, sizeof hash}, encoded_, hash)) {
+                return fail(ENOMEM);
+            }
+            // MDB_APPEND: keys only grow; LMDB checks it and fills pages completely. MDB_RESERVE:
+            // the value is written in place rather than copied from a temporary.
+            MDB_val kv{sizeof seq_key, seq_key}, vv{audit::kHashSize + encoded_.size(), nullptr};
+            int rc = mdb_cursor_put(values.get(), &kv, &vv, MDB_APPEND | MDB_RESERVE);
+            if (rc == MDB_SUCCESS) {
+                auto *value = static_cast<char *>(vv.mv_data);
+                std::memcpy(value, hash, audit::kHashSize);
+                std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
+                rc = put_time_index(times.get(), record->time_us, seq, last_time_us);
             }
             if (rc != MDB_SUCCESS) {
                 return fail(rc);
             }
+            stored_.emplace_back(record, seq);
+            out.push_back({seq, false});
         }
-        ++seq;
-        encoded_.clear();
-        audit::canonical_encode_into(encoded_, seq, *record);
-        if (!hasher_.hash({hash, sizeof hash}, encoded_, hash)) {
-            return fail(ENOMEM);
-        }
-        // MDB_APPEND: keys only grow; LMDB checks it and fills pages completely. MDB_RESERVE:
-        // the value is written in place rather than copied from a temporary.
-        MDB_val kv{sizeof seq_key, seq_key}, vv{audit::kHashSize + encoded_.size(), nullptr};
-        int rc = mdb_put(txn.get(), records_, &kv, &vv, MDB_APPEND | MDB_RESERVE);
-        if (rc == MDB_SUCCESS) {
-            auto *value = static_cast<char *>(vv.mv_data);
-            std::memcpy(value, hash, audit::kHashSize);
-            std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
-            rc = put_indexes(txn.get(), *record, seq);
-        }
-        if (rc == MDB_SUCCESS) {
-            rc = put_time_index(txn.get(), record->time_us, seq, last_time_us);
-        }
-        if (rc != MDB_SUCCESS) {
-            return fail(rc);
-        }
-        out.push_back({seq, false});
+    }
+    if (const int rc = put_indexes(txn.get(), stored_); rc != MDB_SUCCESS) {
+        return fail(rc);
     }
     const bool write_checkpoint = key != nullptr && checkpoint && seq > last_checkpoint_seq_;
     const std::string head_hash(hash, sizeof hash);

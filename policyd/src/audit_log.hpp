@@ -124,9 +124,11 @@ class AuditStore {
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
-    // Index entries of one stored record (put on append, deleted on purge).
-    int put_indexes(MDB_txn *txn, const audit::Record &record, uint64_t seq);
-    int put_time_index(MDB_txn *txn, int64_t time_us, uint64_t seq,
+    // The search index entries (patient, client, user, correlation id) of stored records, in
+    // seq order.
+    int put_indexes(MDB_txn *txn,
+                    const std::vector<std::pair<const audit::Record *, uint64_t>> &stored);
+    int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
                        std::optional<int64_t> &last_time_us);
 
     MDB_env *env_;
@@ -143,6 +145,7 @@ class AuditStore {
     // key, the hash context.
     std::string encoded_;
     std::string key_;
+    std::vector<std::pair<const audit::Record *, uint64_t>> stored_;
     audit::ChainHasher hasher_;
 };
 

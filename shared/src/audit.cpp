@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <ctime>
 
@@ -60,14 +61,112 @@ constexpr std::array<std::string_view, 27> kFieldNames = {
 };
 constexpr uint32_t kRecordFieldCount = kFieldNames.size();
 
-void write_strings(Writer &w, const std::vector<std::string> &values) {
+// Writes msgpack with exactly msgpack::Writer's (smallest) encodings, straight into space sized
+// by encoded_size_bound() beforehand: no capacity check or growth per byte. The writer encodes
+// every record it appends, so this is on the audit log's hot path.
+class BoundedWriter {
+  public:
+    BoundedWriter(std::string &out, size_t bound) : out_(out), start_(out.size()) {
+        out.resize(start_ + bound);
+        at_ = out.data() + start_;
+    }
+    // Trims the string to what was written.
+    ~BoundedWriter() { out_.resize(static_cast<size_t>(at_ - out_.data())); }
+    BoundedWriter(const BoundedWriter &) = delete;
+    BoundedWriter &operator=(const BoundedWriter &) = delete;
+
+    void boolean(bool value) { byte(value ? 0xc3 : 0xc2); }
+    void uint(uint64_t value) {
+        if (value <= 0x7f) {
+            byte(static_cast<uint8_t>(value));
+        } else if (value <= 0xff) {
+            byte(0xcc);
+            be(value, 1);
+        } else if (value <= 0xffff) {
+            byte(0xcd);
+            be(value, 2);
+        } else if (value <= 0xffffffffULL) {
+            byte(0xce);
+            be(value, 4);
+        } else {
+            byte(0xcf);
+            be(value, 8);
+        }
+    }
+    void sint(int64_t value) {
+        if (value >= 0) {
+            uint(static_cast<uint64_t>(value));
+        } else if (value >= -32) {
+            byte(static_cast<uint8_t>(value));
+        } else if (value >= INT8_MIN) {
+            byte(0xd0);
+            be(static_cast<uint64_t>(value), 1);
+        } else if (value >= INT16_MIN) {
+            byte(0xd1);
+            be(static_cast<uint64_t>(value), 2);
+        } else if (value >= INT32_MIN) {
+            byte(0xd2);
+            be(static_cast<uint64_t>(value), 4);
+        } else {
+            byte(0xd3);
+            be(static_cast<uint64_t>(value), 8);
+        }
+    }
+    void str(std::string_view value) {
+        const size_t n = value.size();
+        if (n <= 31) {
+            byte(static_cast<uint8_t>(0xa0 | n));
+        } else if (n <= 0xff) {
+            byte(0xd9);
+            be(n, 1);
+        } else if (n <= 0xffff) {
+            byte(0xda);
+            be(n, 2);
+        } else {
+            byte(0xdb);
+            be(n, 4);
+        }
+        std::memcpy(at_, value.data(), n);
+        at_ += n;
+    }
+    void key(std::string_view name) { str(name); }
+    void array(uint32_t count) { header(count, 0x90, 0xdc, 0xdd); }
+    void map(uint32_t count) { header(count, 0x80, 0xde, 0xdf); }
+
+  private:
+    void byte(uint8_t v) { *at_++ = static_cast<char>(v); }
+    void be(uint64_t v, int bytes) {
+        for (int shift = (bytes - 1) * 8; shift >= 0; shift -= 8) {
+            byte(static_cast<uint8_t>(v >> shift));
+        }
+    }
+    void header(uint32_t count, uint8_t fix, uint8_t marker16, uint8_t marker32) {
+        if (count <= 15) {
+            byte(static_cast<uint8_t>(fix | count));
+        } else if (count <= 0xffff) {
+            byte(marker16);
+            be(count, 2);
+        } else {
+            byte(marker32);
+            be(count, 4);
+        }
+    }
+
+    std::string &out_;
+    size_t start_;
+    char *at_;
+};
+
+template <typename W>
+void write_strings(W &w, const std::vector<std::string> &values) {
     w.array(static_cast<uint32_t>(values.size()));
     for (const std::string &v : values) {
         w.str(v);
     }
 }
 
-void write_fields(Writer &w, const Record &r) {
+template <typename W>
+void write_fields(W &w, const Record &r) {
     auto put = [&](Field field, std::string_view value) {
         w.key(kFieldNames[static_cast<size_t>(field)]);
         w.str(value);
@@ -111,12 +210,12 @@ void write_fields(Writer &w, const Record &r) {
     put(Field::Detail, r.detail);
 }
 
-// Bytes of the fixed parts of an encoded record: every key, and each value's largest header.
-// Reserving this plus the string lengths means one allocation per encoding at most.
+// At least as many bytes as an encoded record takes: every key, each value's largest header or
+// integer, and the string bytes. BoundedWriter relies on it.
 size_t encoded_size_bound(const Record &r) {
-    size_t n = 3 + 5 + 9;  // map16 header, "seq" key and its largest uint
+    size_t n = 5 + 4 + 9;  // the largest map header, the "seq" key and its largest uint
     for (const std::string_view name : kFieldNames) {
-        n += 1 + name.size() + 9;
+        n += 1 + name.size() + 9;  // fixstr key; value header, integer or array header
     }
     auto strings = [&](const std::vector<std::string> &values) {
         for (const std::string &v : values) {
@@ -298,8 +397,7 @@ std::optional<Kind> parse_kind(std::string_view name) {
 }
 
 void canonical_encode_into(std::string &out, uint64_t seq, const Record &record) {
-    out.reserve(out.size() + encoded_size_bound(record));
-    Writer w(out);
+    BoundedWriter w(out, encoded_size_bound(record));
     w.map(kRecordFieldCount + 1);
     w.key("seq");
     w.uint(seq);
@@ -346,8 +444,7 @@ std::optional<ChainedRecord> canonical_decode(std::string_view bytes) {
 }
 
 void encode_record_fields(std::string &out, const Record &record) {
-    out.reserve(out.size() + encoded_size_bound(record));
-    Writer w(out);
+    BoundedWriter w(out, encoded_size_bound(record));
     w.map(kRecordFieldCount);
     write_fields(w, record);
 }

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "ehrgate/json_text.hpp"
+#include "ehrgate/msgpack.hpp"
 #include "log.hpp"
 
 namespace ehrgate::policyd {
@@ -142,15 +143,189 @@ std::optional<audit::ChainedRecord> decode_stored(std::string_view value) {
     return audit::canonical_decode(value.substr(audit::kHashSize));
 }
 
-// A record's patients without repeats: one index entry per (patient, seq).
-std::vector<std::string_view> distinct_patients(const audit::Record &record) {
-    std::vector<std::string_view> out;
-    for (const std::string &p : record.patient_ids) {
-        if (!p.empty() && std::find(out.begin(), out.end(), p) == out.end()) {
-            out.push_back(p);
+// What the search indexes take from a stored record, read in place (views into the value).
+struct IndexedFields {
+    uint64_t seq = 0;
+    int64_t time_us = 0;
+    std::string_view client, user, correlation, record_id;
+    size_t patients_begin = 0, patients_end = 0;  // in the caller's patient list
+};
+
+// Reads the indexed fields of a stored value; patients are appended to `patients`. False when
+// the value does not parse (tampering: verify reports it; it has no index entries).
+bool read_indexed_fields(std::string_view value, IndexedFields &out,
+                         std::vector<std::string_view> &patients) {
+    if (value.size() <= audit::kHashSize) {
+        return false;
+    }
+    msgpack::Reader r(value.substr(audit::kHashSize));
+    const std::optional<uint32_t> count = r.read_map();
+    out.patients_begin = out.patients_end = patients.size();
+    for (uint32_t i = 0; count && i < *count && r.ok(); ++i) {
+        const std::optional<std::string_view> key = r.read_str();
+        if (!key) {
+            return false;
+        }
+        auto str = [&](std::string_view &field) { field = r.read_str().value_or(""); };
+        if (*key == "time_us") {
+            out.time_us = r.read_int().value_or(0);
+        } else if (*key == "client_id") {
+            str(out.client);
+        } else if (*key == "user") {
+            str(out.user);
+        } else if (*key == "correlation_id") {
+            str(out.correlation);
+        } else if (*key == "record_id") {
+            str(out.record_id);
+        } else if (*key == "patient_ids") {
+            const std::optional<uint32_t> n = r.read_array();
+            for (uint32_t j = 0; n && j < *n && r.ok(); ++j) {
+                const std::string_view patient = r.read_str().value_or("");
+                // One entry per (patient, seq): a patient named twice is indexed once.
+                if (!patient.empty() && std::find(patients.begin() + out.patients_begin,
+                                                  patients.end(), patient) == patients.end()) {
+                    patients.push_back(patient);
+                }
+            }
+            out.patients_end = patients.size();
+        } else {
+            r.skip();
         }
     }
+    return count.has_value() && r.ok() && r.at_end();
+}
+
+constexpr char kIndexedThroughKey[] = "indexed_through";
+
+// The search index values of one tag that a record has.
+template <typename Visit>
+int for_each_indexed(IndexTag tag, const IndexedFields &record,
+                     const std::vector<std::string_view> &patients, Visit &&visit) {
+    auto one = [&](std::string_view value) {
+        return value.empty() ? MDB_SUCCESS : visit(value);
+    };
+    switch (tag) {
+        case IndexTag::Patient:
+            for (size_t i = record.patients_begin; i < record.patients_end; ++i) {
+                if (const int rc = visit(patients[i]); rc != MDB_SUCCESS) {
+                    return rc;
+                }
+            }
+            return MDB_SUCCESS;
+        case IndexTag::Client:
+            return one(record.client);
+        case IndexTag::User:
+            return one(record.user);
+        case IndexTag::Correlation:
+            return one(record.correlation);
+        case IndexTag::RecordId:
+            return one(record.record_id);
+    }
+    return MDB_SUCCESS;
+}
+
+constexpr IndexTag kSearchTags[] = {IndexTag::Patient, IndexTag::Client, IndexTag::User,
+                                    IndexTag::Correlation};
+
+// Appends inline (AuditStore::append) from this many records per batch.
+constexpr size_t kInlineIndexRecords = 512;
+
+// The indexed fields of a record being appended (views into it).
+IndexedFields indexed_fields(const audit::Record &record, uint64_t seq,
+                             std::vector<std::string_view> &patients) {
+    IndexedFields out;
+    out.seq = seq;
+    out.time_us = record.time_us;
+    out.client = record.client_id;
+    out.user = record.user;
+    out.correlation = record.correlation_id;
+    out.record_id = record.record_id;
+    out.patients_begin = patients.size();
+    for (const std::string &patient : record.patient_ids) {
+        if (!patient.empty() && std::find(patients.begin() + out.patients_begin, patients.end(),
+                                          patient) == patients.end()) {
+            patients.push_back(patient);
+        }
+    }
+    out.patients_end = patients.size();
     return out;
+}
+
+struct SearchDatabases {
+    MDB_dbi index, time, state;
+};
+
+int read_indexed_through(MDB_txn *txn, MDB_dbi state, uint64_t *seq) {
+    MDB_val k{sizeof kIndexedThroughKey - 1, const_cast<char *>(kIndexedThroughKey)}, v{};
+    const int rc = mdb_get(txn, state, &k, &v);
+    *seq = rc == MDB_SUCCESS && v.mv_size == 8 ? read_be64(as_view(v)) : 0;
+    return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
+}
+
+int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
+                   std::optional<int64_t> &last_time_us) {
+    char key[16];
+    put_time_key(key, time_us, seq);
+    MDB_val kv{sizeof key, key}, vv{};
+    // Times nearly always grow with seq: then the key goes at the end (MDB_APPEND, no search).
+    const bool at_end = !last_time_us || time_us >= *last_time_us;
+    int rc = mdb_cursor_put(cursor, &kv, &vv, at_end ? MDB_APPEND : 0);
+    if (rc == MDB_KEYEXIST && at_end) {
+        // Not after the last key after all (a log converted from the old layout still has
+        // it): an ordinary insert is right either way.
+        rc = mdb_cursor_put(cursor, &kv, &vv, 0);
+    }
+    if (rc == MDB_SUCCESS && at_end) {
+        last_time_us = time_us;
+    }
+    return rc;
+}
+
+// The search entries of `records` (in seq order, with the patients they refer to), and the new
+// indexed_through mark, in the caller's transaction. `key` is a reused buffer.
+int put_search_entries(MDB_txn *txn, const SearchDatabases &dbs, std::string &key,
+                       const std::vector<IndexedFields> &records,
+                       const std::vector<std::string_view> &patients, uint64_t indexed_through,
+                       std::optional<int64_t> &last_time_us) {
+    Cursor index(txn, dbs.index), times(txn, dbs.time);
+    int rc = index.rc() != MDB_SUCCESS ? index.rc() : times.rc();
+    // One tag at a time through one cursor: successive keys are then often on the page the
+    // cursor is on (one client's or user's records, a patient seen again, nearby ids), which
+    // LMDB finds without descending from the root.
+    for (const IndexTag tag : kSearchTags) {
+        for (const IndexedFields &record : records) {
+            if (rc != MDB_SUCCESS) {
+                return rc;
+            }
+            char seq_bytes[8];
+            put_be64(seq_bytes, record.seq);
+            rc = for_each_indexed(tag, record, patients, [&](std::string_view value) {
+                index_key(key, tag, value);
+                MDB_val kv = as_val(key), vv{sizeof seq_bytes, seq_bytes};
+                // Seqs only grow, so this one goes after the key's other duplicates: APPENDDUP
+                // puts it there without searching them. KEYEXIST: the entry is already there
+                // (a log whose index was built before indexed_through was kept).
+                int put = mdb_cursor_put(index.get(), &kv, &vv, MDB_APPENDDUP);
+                if (put == MDB_KEYEXIST) {
+                    put = mdb_cursor_put(index.get(), &kv, &vv, MDB_NODUPDATA);
+                }
+                return put == MDB_KEYEXIST ? MDB_SUCCESS : put;
+            });
+        }
+    }
+    for (const IndexedFields &record : records) {
+        if (rc == MDB_SUCCESS) {
+            rc = put_time_index(times.get(), record.time_us, record.seq, last_time_us);
+        }
+    }
+    if (rc == MDB_SUCCESS) {
+        char mark[8];
+        put_be64(mark, indexed_through);
+        MDB_val k{sizeof kIndexedThroughKey - 1, const_cast<char *>(kIndexedThroughKey)},
+            v{sizeof mark, mark};
+        rc = mdb_put(txn, dbs.state, &k, &v, 0);
+    }
+    return rc;
 }
 
 }  // namespace
@@ -205,12 +380,9 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
     const struct {
         const char *name;
         MDB_dbi *dbi;
-        unsigned flags;
-    } dbs[] = {{"records", &records_, create},
-               {"checkpoints", &checkpoints_, create},
-               {"idx_time", &idx_time_, create}};
+    } dbs[] = {{"records", &records_}, {"checkpoints", &checkpoints_}, {"idx_time", &idx_time_}};
     for (const auto &db : dbs) {
-        const int rc = mdb_dbi_open(txn.get(), db.name, db.flags, db.dbi);
+        const int rc = mdb_dbi_open(txn.get(), db.name, create, db.dbi);
         if (rc == MDB_NOTFOUND && read_only_) {
             return StoreStatus::Ok;  // nothing was ever written: an empty log
         }
@@ -219,18 +391,22 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
         }
     }
     int rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED, &index_);
-    if (rc == MDB_NOTFOUND && !read_only_) {
+    const bool new_index = rc == MDB_NOTFOUND && !read_only_;
+    if (new_index) {
         rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED | MDB_CREATE, &index_);
-        if (rc == MDB_SUCCESS) {
-            const StoreStatus status = convert_legacy_indexes(txn.get(), error);
-            if (status != StoreStatus::Ok) {
-                return status;
-            }
-        }
+    }
+    if (rc == MDB_SUCCESS) {
+        rc = mdb_dbi_open(txn.get(), "state", create, &state_);
     }
     have_index_ = rc == MDB_SUCCESS;
     if (rc != MDB_SUCCESS && !(rc == MDB_NOTFOUND && read_only_)) {
         return translate_lmdb_error(rc, error);
+    }
+    if (new_index) {
+        const StoreStatus status = convert_legacy_indexes(txn.get(), error);
+        if (status != StoreStatus::Ok) {
+            return status;
+        }
     }
     rc = txn.commit();
     if (rc != MDB_SUCCESS) {
@@ -240,43 +416,24 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
     return StoreStatus::Ok;
 }
 
-// A log written before the index database: index every record into it and drop the old
-// per-index databases, in the transaction that created it.
+// A log written before the index database had one database per index. Record ids move into the
+// index database now, since deduplication must see every one of them; the search indexes are
+// dropped and rebuilt by the writer's catch-up, which starts from seq 1 (indexed_through is 0).
 StoreStatus AuditStore::convert_legacy_indexes(MDB_txn *txn, StoreError *error) {
-    std::vector<MDB_dbi> legacy;
-    for (const char *name : {"ids", "idx_patient", "idx_client", "idx_user", "idx_correlation"}) {
-        MDB_dbi dbi{};
-        const int rc = mdb_dbi_open(txn, name, 0, &dbi);
-        if (rc == MDB_SUCCESS) {
-            legacy.push_back(dbi);
-        } else if (rc != MDB_NOTFOUND) {
-            return translate_lmdb_error(rc, error);
+    MDB_dbi ids{};
+    int rc = mdb_dbi_open(txn, "ids", 0, &ids);
+    if (rc == MDB_SUCCESS) {
+        Cursor cursor(txn, ids);
+        if (cursor.rc() != MDB_SUCCESS) {
+            return translate_lmdb_error(cursor.rc(), error);
         }
-    }
-    if (legacy.empty()) {
-        return StoreStatus::Ok;  // a new log
-    }
-    Cursor cursor(txn, records_);
-    if (cursor.rc() != MDB_SUCCESS) {
-        return translate_lmdb_error(cursor.rc(), error);
-    }
-    MDB_val k{}, v{};
-    int rc;
-    for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
-         rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
-        // A record that does not decode has no index entries; verify names it.
-        if (std::optional<audit::ChainedRecord> e = decode_stored(as_view(v))) {
-            const uint64_t seq = read_be64(as_view(k));
-            const std::string seq_bytes = be64(seq);
-            index_key(key_, IndexTag::RecordId, e->record.record_id);
-            MDB_val ik = as_val(key_), iv = as_val(seq_bytes);
-            int put = e->record.record_id.empty()
-                          ? MDB_SUCCESS
-                          : mdb_put(txn, index_, &ik, &iv, MDB_NOOVERWRITE);
-            if (put == MDB_SUCCESS || put == MDB_KEYEXIST) {
-                put = put_indexes(txn, {{&e->record, seq}});
-            }
-            if (put != MDB_SUCCESS) {
+        MDB_val k{}, v{};
+        for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+             rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
+            index_key(key_, IndexTag::RecordId, as_view(k));
+            MDB_val ik = as_val(key_);
+            const int put = mdb_put(txn, index_, &ik, &v, MDB_NOOVERWRITE);
+            if (put != MDB_SUCCESS && put != MDB_KEYEXIST) {
                 return translate_lmdb_error(put, error);
             }
         }
@@ -284,12 +441,18 @@ StoreStatus AuditStore::convert_legacy_indexes(MDB_txn *txn, StoreError *error) 
     if (rc != MDB_NOTFOUND) {
         return translate_lmdb_error(rc, error);
     }
-    for (const MDB_dbi dbi : legacy) {
-        rc = mdb_drop(txn, dbi, 1);
-        if (rc != MDB_SUCCESS) {
+    for (const char *name : {"ids", "idx_patient", "idx_client", "idx_user", "idx_correlation"}) {
+        MDB_dbi dbi{};
+        rc = mdb_dbi_open(txn, name, 0, &dbi);
+        if (rc == MDB_SUCCESS) {
+            rc = mdb_drop(txn, dbi, 1);
+        }
+        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
             return translate_lmdb_error(rc, error);
         }
     }
+    // idx_time was complete in the old layout too; it is rebuilt with the rest (puts of
+    // entries that exist are harmless).
     return StoreStatus::Ok;
 }
 
@@ -346,6 +509,12 @@ StoreStatus AuditStore::load_head(StoreError *error) {
             return translate_lmdb_error(rc, error);
         }
     }
+    if (have_index_) {
+        const int rc = read_indexed_through(txn.get(), state_, &indexed_through_);
+        if (rc != MDB_SUCCESS) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
     return StoreStatus::Ok;
 }
 
@@ -367,87 +536,64 @@ StoreStatus AuditStore::put_checkpoint(MDB_txn *txn, const audit::SigningKey &ke
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
-namespace {
 
-// The index entries of one tag that a record has.
-template <typename Visit>
-int for_each_indexed(IndexTag tag, const audit::Record &record, Visit &&visit) {
-    switch (tag) {
-        case IndexTag::Patient: {
-            const std::vector<std::string> &patients = record.patient_ids;
-            for (auto it = patients.begin(); it != patients.end(); ++it) {
-                // Once per (patient, seq): a patient named twice has one entry.
-                if (it->empty() || std::find(patients.begin(), it, *it) != it) {
-                    continue;
-                }
-                if (const int rc = visit(*it); rc != MDB_SUCCESS) {
-                    return rc;
-                }
-            }
-            return MDB_SUCCESS;
+StoreStatus AuditStore::index_pending(uint64_t max_records, uint64_t *indexed, StoreError *error) {
+    *indexed = 0;
+    if (read_only_ || !have_databases_ || indexed_through_ >= last_seq_ || max_records == 0) {
+        return StoreStatus::Ok;
+    }
+    Txn txn(env_, false);
+    if (txn.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(txn.begin_rc(), error);
+    }
+    const uint64_t target = std::min(last_seq_, indexed_through_ + max_records);
+    std::optional<int64_t> last_time_us = last_time_us_;
+    std::vector<IndexedFields> pending;
+    std::vector<std::string_view> patients;
+    pending.reserve(target - indexed_through_);
+    int rc;
+    {
+        // The records to index, read in place: this transaction writes no record pages, so the
+        // views stay valid until it ends.
+        Cursor values(txn.get(), records_);
+        if (values.rc() != MDB_SUCCESS) {
+            return translate_lmdb_error(values.rc(), error);
         }
-        case IndexTag::Client:
-            return record.client_id.empty() ? MDB_SUCCESS : visit(record.client_id);
-        case IndexTag::User:
-            return record.user.empty() ? MDB_SUCCESS : visit(record.user);
-        case IndexTag::Correlation:
-            return record.correlation_id.empty() ? MDB_SUCCESS : visit(record.correlation_id);
-        case IndexTag::RecordId:
-            return record.record_id.empty() ? MDB_SUCCESS : visit(record.record_id);
-    }
-    return MDB_SUCCESS;
-}
-
-constexpr IndexTag kSearchTags[] = {IndexTag::Patient, IndexTag::Client, IndexTag::User,
-                                    IndexTag::Correlation};
-
-}  // namespace
-
-int AuditStore::put_indexes(MDB_txn *txn,
-                            const std::vector<std::pair<const audit::Record *, uint64_t>> &stored) {
-    Cursor cursor(txn, index_);
-    if (cursor.rc() != MDB_SUCCESS) {
-        return cursor.rc();
-    }
-    // One tag at a time across the batch, through one cursor: successive keys are then often on
-    // the page the cursor is already on (one client's or user's records, ids with a common
-    // prefix), which LMDB finds without descending from the root.
-    for (const IndexTag tag : kSearchTags) {
-        for (const auto &[record, seq] : stored) {
-            char seq_bytes[8];
-            put_be64(seq_bytes, seq);
-            const int rc = for_each_indexed(tag, *record, [&](std::string_view value) {
-                index_key(key_, tag, value);
-                MDB_val kv = as_val(key_), vv{sizeof seq_bytes, seq_bytes};
-                // Seqs only grow, so this record's is the largest under any key: APPENDDUP puts
-                // it at the end of the key's sorted duplicates without searching them.
-                return mdb_cursor_put(cursor.get(), &kv, &vv, MDB_APPENDDUP);
-            });
-            if (rc != MDB_SUCCESS) {
-                return rc;
+        char start[8];
+        put_be64(start, indexed_through_ + 1);
+        MDB_val k{sizeof start, start}, v{};
+        for (rc = mdb_cursor_get(values.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
+             rc = mdb_cursor_get(values.get(), &k, &v, MDB_NEXT)) {
+            const uint64_t seq = k.mv_size == 8 ? read_be64(as_view(k)) : UINT64_MAX;
+            if (seq > target) {
+                break;
+            }
+            IndexedFields fields;
+            fields.seq = seq;
+            if (read_indexed_fields(as_view(v), fields, patients)) {
+                pending.push_back(fields);
             }
         }
+        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+            return translate_lmdb_error(rc, error);
+        }
     }
-    return MDB_SUCCESS;
-}
-
-int AuditStore::put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
-                               std::optional<int64_t> &last_time_us) {
-    char key[16];
-    put_time_key(key, time_us, seq);
-    MDB_val kv{sizeof key, key}, vv{};
-    // Times nearly always grow with seq: then the key goes at the end (MDB_APPEND, no search).
-    const bool at_end = !last_time_us || time_us >= *last_time_us;
-    int rc = mdb_cursor_put(cursor, &kv, &vv, at_end ? MDB_APPEND : 0);
-    if (rc == MDB_KEYEXIST && at_end) {
-        // The tracked last time was behind the database (cannot happen: a purge beside us only
-        // removes keys); an ordinary insert is right either way.
-        rc = mdb_cursor_put(cursor, &kv, &vv, 0);
+    if (rc == MDB_SUCCESS || rc == MDB_NOTFOUND) {
+        rc = put_search_entries(txn.get(), {index_, idx_time_, state_}, key_, pending, patients, target,
+                                last_time_us);
     }
-    if (rc == MDB_SUCCESS && at_end) {
-        last_time_us = time_us;
+    if (rc == MDB_SUCCESS) {
+        rc = txn.commit();
     }
-    return rc;
+    if (rc != MDB_SUCCESS) {
+        return translate_lmdb_error(rc, error);
+    }
+    // Durability::Deferred: nothing waits for an index; its commit is flushed with the next one.
+    ++commits_;
+    *indexed = target - indexed_through_;
+    indexed_through_ = target;
+    last_time_us_ = last_time_us;
+    return StoreStatus::Ok;
 }
 
 StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records,
@@ -466,17 +612,21 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     uint64_t seq = last_seq_;
     char hash[audit::kHashSize];
     std::memcpy(hash, last_hash_.data(), audit::kHashSize);
+    // A large batch with nothing behind it is indexed in its own transaction: its entries share
+    // pages anyway, and one flush covers both. A small one leaves that to index_pending().
+    const bool index_inline = indexed_through_ == last_seq_ && records.size() >= kInlineIndexRecords;
+    std::vector<IndexedFields> indexed;
+    std::vector<std::string_view> patients;
     std::optional<int64_t> last_time_us = last_time_us_;
     auto fail = [&](int rc) {
         out.clear();
         return translate_lmdb_error(rc, error);
     };
-    stored_.clear();
     {
-        // Cursors kept for the whole batch: appends at the end of records and idx_time, and
-        // record ids from one writer, land next to the cursor's last position.
-        Cursor ids(txn.get(), index_), values(txn.get(), records_), times(txn.get(), idx_time_);
-        for (const Cursor *c : {&ids, &values, &times}) {
+        // Cursors kept for the whole batch: the records go at the end, and record ids from one
+        // writer land next to the cursor's last position.
+        Cursor ids(txn.get(), index_), values(txn.get(), records_);
+        for (const Cursor *c : {&ids, &values}) {
             if (c->rc() != MDB_SUCCESS) {
                 return fail(c->rc());
             }
@@ -507,22 +657,25 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
             // MDB_APPEND: keys only grow; LMDB checks it and fills pages completely. MDB_RESERVE:
             // the value is written in place rather than copied from a temporary.
             MDB_val kv{sizeof seq_key, seq_key}, vv{audit::kHashSize + encoded_.size(), nullptr};
-            int rc = mdb_cursor_put(values.get(), &kv, &vv, MDB_APPEND | MDB_RESERVE);
-            if (rc == MDB_SUCCESS) {
-                auto *value = static_cast<char *>(vv.mv_data);
-                std::memcpy(value, hash, audit::kHashSize);
-                std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
-                rc = put_time_index(times.get(), record->time_us, seq, last_time_us);
-            }
+            const int rc = mdb_cursor_put(values.get(), &kv, &vv, MDB_APPEND | MDB_RESERVE);
             if (rc != MDB_SUCCESS) {
                 return fail(rc);
             }
-            stored_.emplace_back(record, seq);
+            auto *value = static_cast<char *>(vv.mv_data);
+            std::memcpy(value, hash, audit::kHashSize);
+            std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
             out.push_back({seq, false});
+            if (index_inline) {
+                indexed.push_back(indexed_fields(*record, seq, patients));
+            }
         }
     }
-    if (const int rc = put_indexes(txn.get(), stored_); rc != MDB_SUCCESS) {
-        return fail(rc);
+    if (!indexed.empty()) {
+        if (const int rc = put_search_entries(txn.get(), {index_, idx_time_, state_}, key_, indexed,
+                                              patients, seq, last_time_us);
+            rc != MDB_SUCCESS) {
+            return fail(rc);
+        }
     }
     const bool write_checkpoint = key != nullptr && checkpoint && seq > last_checkpoint_seq_;
     const std::string head_hash(hash, sizeof hash);
@@ -541,7 +694,10 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     }
     last_seq_ = seq;
     last_hash_ = head_hash;
-    last_time_us_ = last_time_us;
+    if (!indexed.empty()) {
+        indexed_through_ = seq;
+        last_time_us_ = last_time_us;
+    }
     if (write_checkpoint) {
         last_checkpoint_seq_ = seq;
     }
@@ -677,7 +833,12 @@ StoreStatus AuditStore::search(const Query &query,
     if (txn.begin_rc() != MDB_SUCCESS) {
         return translate_lmdb_error(txn.begin_rc(), error);
     }
-    // The most selective index given: a patient, a request, a user, a client, then time.
+    // The indexes cover the records up to indexed_through (the writer adds entries in bulk,
+    // behind the records): those come from the most selective index given (a patient, a
+    // request, a user, a client, then time), the records after it from a scan. A log from
+    // before the index database (read-only, not converted yet) is scanned whole.
+    uint64_t indexed_through = 0;
+    int rc = have_index_ ? read_indexed_through(txn.get(), state_, &indexed_through) : MDB_SUCCESS;
     std::optional<std::vector<uint64_t>> seqs;
     auto by_value = [&](IndexTag tag, std::string_view value) -> int {
         std::string key;
@@ -697,10 +858,7 @@ StoreStatus AuditStore::search(const Query &query,
         }
         return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
     };
-    int rc = MDB_SUCCESS;
-    // A log from before the index database (opened read-only, not converted yet): every search
-    // scans the records and filters.
-    if (!have_index_) {
+    if (rc != MDB_SUCCESS || !have_index_ || indexed_through == 0) {
     } else if (!query.patient.empty()) {
         rc = by_value(IndexTag::Patient, query.patient);
     } else if (!query.correlation_id.empty()) {
@@ -709,8 +867,7 @@ StoreStatus AuditStore::search(const Query &query,
         rc = by_value(IndexTag::User, query.user);
     } else if (!query.client.empty()) {
         rc = by_value(IndexTag::Client, query.client);
-    }
-    if (!seqs && (query.since_us || query.until_us)) {
+    } else if (query.since_us || query.until_us) {
         Cursor cursor(txn.get(), idx_time_);
         rc = cursor.rc();
         if (rc == MDB_SUCCESS) {
@@ -756,8 +913,14 @@ StoreStatus AuditStore::search(const Query &query,
         // Search reports what is stored; whether it is genuine is `audit verify`'s question.
         return !entry || !matches(entry->record) || visit(*entry);
     };
+    // Index hits first (all at or before indexed_through), then the scan from after it (or
+    // from the start when no index answered): seq order throughout.
+    uint64_t scan_from = 1;
     if (seqs) {
         for (const uint64_t seq : *seqs) {
+            if (seq > indexed_through) {
+                continue;  // the scan below covers it
+            }
             const std::string k = be64(seq);
             MDB_val kv = as_val(k), vv{};
             rc = mdb_get(txn.get(), records_, &kv, &vv);
@@ -768,17 +931,18 @@ StoreStatus AuditStore::search(const Query &query,
                 return translate_lmdb_error(rc, error);
             }
             if (!emit(as_view(vv))) {
-                break;
+                return StoreStatus::Ok;
             }
         }
-        return StoreStatus::Ok;
+        scan_from = indexed_through + 1;
     }
     Cursor cursor(txn.get(), records_);
     if (cursor.rc() != MDB_SUCCESS) {
         return translate_lmdb_error(cursor.rc(), error);
     }
-    MDB_val k{}, v{};
-    for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
+    const std::string start = be64(scan_from);
+    MDB_val k = as_val(start), v{};
+    for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
          rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
         if (!emit(as_view(v))) {
             return StoreStatus::Ok;
@@ -832,9 +996,9 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
         return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
     };
     std::string key;
+    std::vector<std::string_view> patients;
     for (;;) {
         MDB_val k{}, v{};
-        std::optional<audit::ChainedRecord> e;
         {
             Cursor cursor(txn.get(), records_);
             int rc = cursor.rc() == MDB_SUCCESS ? mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST)
@@ -848,30 +1012,32 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
             if (read_be64(as_view(k)) > anchor) {
                 break;
             }
-            e = decode_stored(as_view(v));
         }
         const std::string seq_key = be64(read_be64(as_view(k)));
-        int rc = del(records_, seq_key, {});
-        if (e) {
-            const audit::Record &r = e->record;
-            auto unindex = [&](IndexTag tag, std::string_view value) {
-                if (rc == MDB_SUCCESS && !value.empty()) {
-                    index_key(key, tag, value);
-                    rc = del(index_, key, seq_key);
+        // Read before the record is deleted: the views point into its value.
+        IndexedFields r;
+        patients.clear();
+        const bool indexed = read_indexed_fields(as_view(v), r, patients);
+        int rc = MDB_SUCCESS;
+        if (indexed) {
+            // Entries of records not indexed yet are simply not found.
+            for (const IndexTag tag : {IndexTag::RecordId, IndexTag::Patient, IndexTag::Client,
+                                       IndexTag::User, IndexTag::Correlation}) {
+                if (rc == MDB_SUCCESS) {
+                    rc = for_each_indexed(tag, r, patients, [&](std::string_view value) {
+                        index_key(key, tag, value);
+                        return del(index_, key, seq_key);
+                    });
                 }
-            };
-            unindex(IndexTag::RecordId, r.record_id);
-            for (const std::string_view p : distinct_patients(r)) {
-                unindex(IndexTag::Patient, p);
             }
-            unindex(IndexTag::Client, r.client_id);
-            unindex(IndexTag::User, r.user);
-            unindex(IndexTag::Correlation, r.correlation_id);
             if (rc == MDB_SUCCESS) {
                 char tk[16];
                 put_time_key(tk, r.time_us, read_be64(seq_key));
                 rc = del(idx_time_, {tk, sizeof tk}, {});
             }
+        }
+        if (rc == MDB_SUCCESS) {
+            rc = del(records_, seq_key, {});
         }
         if (rc == MDB_SUCCESS && read_be64(seq_key) < anchor) {
             rc = del(checkpoints_, seq_key, {});
@@ -1146,9 +1312,44 @@ void AuditLog::syncer_main() {
     }
 }
 
+namespace {
+
+// Search index catch-up (AuditStore::index_pending). Chunks large enough that successive
+// entries share pages; small enough that records queued meanwhile wait a few ms at most.
+constexpr uint64_t kIndexChunk = 4096;
+// When nothing is queued: index once this many records are behind, or any after a pause.
+constexpr uint64_t kIndexWhenIdle = 256;
+constexpr auto kIndexIdleDelay = std::chrono::milliseconds(200);
+// Under sustained load: index anyway once this far behind (search scans what is behind).
+constexpr uint64_t kIndexMaxBehind = 16384;
+
+}  // namespace
+
+bool AuditLog::index_chunk(uint64_t max_records) {
+    StoreError error;
+    uint64_t indexed = 0;
+    const uint64_t commits_before = store_.commits();
+    const StoreStatus status = store_.index_pending(max_records, &indexed, &error);
+    const uint64_t commit = store_.commits();
+    std::lock_guard lock(mutex_);
+    counters_.indexed += indexed;
+    if (status != StoreStatus::Ok) {
+        ++counters_.index_errors;
+        counters_.last_error =
+            std::string("index: ") + store_status_name(status) + ": " + error.detail;
+    }
+    if (commit > commits_before) {
+        // Its flush made every earlier commit durable, as any commit's does.
+        durable_commits_ = std::max(durable_commits_, commit - 1);
+        return release_durable();
+    }
+    return false;
+}
+
 void AuditLog::writer_main() {
     using Clock = std::chrono::steady_clock;
     auto last_checkpoint = Clock::now();
+    auto last_batch = Clock::now();
     const auto checkpoint_interval = std::chrono::milliseconds(options_.checkpoint_every_ms);
     std::vector<std::unique_ptr<Job>> batch;
     std::vector<const audit::Record *> records;
@@ -1157,10 +1358,14 @@ void AuditLog::writer_main() {
         batch.clear();
         size_t batch_records = 0;
         bool stopping;
+        bool idle;
         {
             std::unique_lock lock(mutex_);
-            wake_.wait_until(lock, last_checkpoint + checkpoint_interval,
-                             [&] { return stopping_ || !queued_.empty(); });
+            auto deadline = last_checkpoint + checkpoint_interval;
+            if (store_.unindexed() > 0) {
+                deadline = std::min(deadline, last_batch + kIndexIdleDelay);
+            }
+            wake_.wait_until(lock, deadline, [&] { return stopping_ || !queued_.empty(); });
             // Group commit: everything queued while the previous transaction was written goes
             // into this one, up to the batch cap.
             while (!queued_.empty() &&
@@ -1172,9 +1377,11 @@ void AuditLog::writer_main() {
                 queued_.pop_front();
             }
             stopping = stopping_ && queued_.empty();
+            idle = queued_.empty();
         }
         bool handed_over = false;
         if (!batch.empty()) {
+            last_batch = Clock::now();
             records.clear();
             for (const auto &job : batch) {
                 for (const audit::Record &r : job->records) {
@@ -1239,6 +1446,16 @@ void AuditLog::writer_main() {
                 sync_wake_.notify_one();
             }
         }
+        if (const uint64_t behind = store_.unindexed();
+            behind > 0 && (stopping || behind >= kIndexMaxBehind ||
+                           (idle && (behind >= kIndexWhenIdle ||
+                                     Clock::now() - last_batch >= kIndexIdleDelay)))) {
+            // At stop everything, so that a cleanly stopped log is fully indexed.
+            handed_over = index_chunk(stopping ? behind : kIndexChunk) || handed_over;
+            if (batch.empty()) {
+                last_batch = Clock::now();  // after a failure, retry after the delay only
+            }
+        }
         if ((Clock::now() - last_checkpoint >= checkpoint_interval || stopping) &&
             store_.last_seq() > store_.last_checkpoint_seq()) {
             StoreError error;
@@ -1297,9 +1514,11 @@ std::string AuditLog::status_json() const {
         ",\"transactions\":" + std::to_string(c.transactions) +
         ",\"checkpoints\":" + std::to_string(c.checkpoints) +
         ",\"queued\":" + std::to_string(queued) +
+        ",\"indexed\":" + std::to_string(c.indexed) +
         ",\"storage_errors\":{\"failed_records\":" + std::to_string(c.failed_records) +
         ",\"map_full\":" + std::to_string(c.map_full) + ",\"io\":" + std::to_string(c.io_errors) +
         ",\"other\":" + std::to_string(c.other_errors) +
+        ",\"index\":" + std::to_string(c.index_errors) +
         ",\"overloaded\":" + std::to_string(c.overloaded) +
         ",\"event_failures\":" + std::to_string(c.event_failures) + ",\"last\":";
     json::append_string(out, c.last_error);

@@ -90,6 +90,16 @@ class AuditStore {
     // earlier commit before writing its meta page, so it made commits 1..k durable.
     uint64_t commits() const { return commits_; }
 
+    // Search indexes follow the records in bulk: append() writes the record, its id (for
+    // deduplication) and nothing else; index_pending() adds the search entries (patient,
+    // client, user, correlation id, time) of up to `max_records` records after
+    // indexed_through() in one transaction (Durability::Deferred), and advances it in the same
+    // transaction. Search answers the records after it by scanning them. Far fewer pages are
+    // written per record: a small commit no longer rewrites a page of every index it touches.
+    StoreStatus index_pending(uint64_t max_records, uint64_t *indexed, StoreError *error);
+    uint64_t indexed_through() const { return indexed_through_; }
+    uint64_t unindexed() const { return last_seq_ - std::min(last_seq_, indexed_through_); }
+
     uint64_t last_seq() const { return last_seq_; }
     uint64_t last_checkpoint_seq() const { return last_checkpoint_seq_; }
 
@@ -124,28 +134,21 @@ class AuditStore {
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
-    // The search index entries (patient, client, user, correlation id) of stored records, in
-    // seq order.
-    int put_indexes(MDB_txn *txn,
-                    const std::vector<std::pair<const audit::Record *, uint64_t>> &stored);
-    int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
-                       std::optional<int64_t> &last_time_us);
-
     MDB_env *env_;
     bool read_only_;
     bool have_databases_ = false;
     bool have_index_ = false;  // false: a log from before the index database, read-only
-    MDB_dbi records_{}, checkpoints_{}, index_{}, idx_time_{};
+    MDB_dbi records_{}, checkpoints_{}, index_{}, idx_time_{}, state_{};
     uint64_t last_seq_ = 0;
     std::string last_hash_ = audit::zero_hash();
     uint64_t last_checkpoint_seq_ = 0;
     std::optional<int64_t> last_time_us_;  // of the last idx_time key: later times can append
+    uint64_t indexed_through_ = 0;  // records 1..n have their search index entries
     uint64_t commits_ = 0;
     // Reused by append() so that a record costs no allocation: its canonical encoding, an index
     // key, the hash context.
     std::string encoded_;
     std::string key_;
-    std::vector<std::pair<const audit::Record *, uint64_t>> stored_;
     audit::ChainHasher hasher_;
 };
 
@@ -167,6 +170,8 @@ struct AuditCounters {
     uint64_t other_errors = 0;
     uint64_t overloaded = 0;      // refused at once: too many records queued for the writer
     uint64_t event_failures = 0;  // policyd's own event records that could not be written
+    uint64_t indexed = 0;         // records given their search index entries (in bulk)
+    uint64_t index_errors = 0;    // failed index catch-ups (search still scans those records)
     std::string last_error;
 };
 
@@ -233,6 +238,8 @@ class AuditLog {
     // With mutex_ held: fails the awaiting jobs (the flush that would have made them durable
     // failed).
     void fail_awaiting(StoreStatus status, const std::string &detail);
+    // Writer thread: one index catch-up transaction. Returns true when it handed jobs over.
+    bool index_chunk(uint64_t max_records);
 
     uv_loop_t *loop_;
     AuditStore &store_;

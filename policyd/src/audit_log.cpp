@@ -54,28 +54,17 @@ int64_t time_from_bits(uint64_t bits) {
     return static_cast<int64_t>(bits ^ (uint64_t{1} << 63));
 }
 
-// idx_time key: flipped be64 time_us || be64 seq.
+// time key: flipped be64 time_us || be64 seq.
 void put_time_key(char *out, int64_t time_us, uint64_t seq) {
     put_be64(out, time_bits(time_us));
     put_be64(out + 8, seq);
 }
 
-// Tags of the index database's keys.
-enum class IndexTag : char {
-    RecordId = 'i',
-    Patient = 'p',
-    Client = 'c',
-    User = 'u',
-    Correlation = 'r',
-};
-
 // LMDB keys have at most 511 bytes. Longer values are keyed by a prefix and their SHA-256: still
 // one key per value (record ids must not collide), and search builds the same key.
 constexpr size_t kMaxIndexedValue = 400;
 
-void index_key(std::string &out, IndexTag tag, std::string_view value) {
-    out.clear();
-    out.push_back(static_cast<char>(tag));
+void append_key_value(std::string &out, std::string_view value) {
     if (value.size() <= kMaxIndexedValue) {
         out.append(value);
     } else {
@@ -83,6 +72,31 @@ void index_key(std::string &out, IndexTag tag, std::string_view value) {
         out.append(audit::sha256(value));
     }
 }
+
+// Key of the ids database.
+void id_key(std::string &out, std::string_view record_id) {
+    out.clear();
+    append_key_value(out, record_id);
+}
+
+// Tags of the search database's keys.
+enum class SearchTag : char {
+    Patient = 'p',
+    Client = 'c',
+    User = 'u',
+    Correlation = 'r',
+};
+
+constexpr SearchTag kSearchTags[] = {SearchTag::Patient, SearchTag::Client, SearchTag::User,
+                                     SearchTag::Correlation};
+
+void search_key(std::string &out, SearchTag tag, std::string_view value) {
+    out.clear();
+    out.push_back(static_cast<char>(tag));
+    append_key_value(out, value);
+}
+
+constexpr char kIndexedThroughKey[] = "indexed_through";
 
 MDB_val as_val(std::string_view bytes) {
     return MDB_val{bytes.size(), const_cast<char *>(bytes.data())};
@@ -147,12 +161,12 @@ std::optional<audit::ChainedRecord> decode_stored(std::string_view value) {
 struct IndexedFields {
     uint64_t seq = 0;
     int64_t time_us = 0;
-    std::string_view client, user, correlation, record_id;
+    std::string_view client, user, correlation;
     size_t patients_begin = 0, patients_end = 0;  // in the caller's patient list
 };
 
-// Reads the indexed fields of a stored value; patients are appended to `patients`. False when
-// the value does not parse (tampering: verify reports it; it has no index entries).
+// Reads the indexed fields of a stored value; patients are appended to `patients`, each once.
+// False when the value does not parse (tampering: verify reports it; it has no index entries).
 bool read_indexed_fields(std::string_view value, IndexedFields &out,
                          std::vector<std::string_view> &patients) {
     if (value.size() <= audit::kHashSize) {
@@ -175,13 +189,10 @@ bool read_indexed_fields(std::string_view value, IndexedFields &out,
             str(out.user);
         } else if (*key == "correlation_id") {
             str(out.correlation);
-        } else if (*key == "record_id") {
-            str(out.record_id);
         } else if (*key == "patient_ids") {
             const std::optional<uint32_t> n = r.read_array();
             for (uint32_t j = 0; n && j < *n && r.ok(); ++j) {
                 const std::string_view patient = r.read_str().value_or("");
-                // One entry per (patient, seq): a patient named twice is indexed once.
                 if (!patient.empty() && std::find(patients.begin() + out.patients_begin,
                                                   patients.end(), patient) == patients.end()) {
                     patients.push_back(patient);
@@ -195,65 +206,28 @@ bool read_indexed_fields(std::string_view value, IndexedFields &out,
     return count.has_value() && r.ok() && r.at_end();
 }
 
-constexpr char kIndexedThroughKey[] = "indexed_through";
-
-// The search index values of one tag that a record has.
+// The search values of one tag that a record has.
 template <typename Visit>
-int for_each_indexed(IndexTag tag, const IndexedFields &record,
-                     const std::vector<std::string_view> &patients, Visit &&visit) {
-    auto one = [&](std::string_view value) {
-        return value.empty() ? MDB_SUCCESS : visit(value);
-    };
+int for_each_value(SearchTag tag, const IndexedFields &record,
+                   const std::vector<std::string_view> &patients, Visit &&visit) {
+    auto one = [&](std::string_view value) { return value.empty() ? MDB_SUCCESS : visit(value); };
     switch (tag) {
-        case IndexTag::Patient:
+        case SearchTag::Patient:
             for (size_t i = record.patients_begin; i < record.patients_end; ++i) {
                 if (const int rc = visit(patients[i]); rc != MDB_SUCCESS) {
                     return rc;
                 }
             }
             return MDB_SUCCESS;
-        case IndexTag::Client:
+        case SearchTag::Client:
             return one(record.client);
-        case IndexTag::User:
+        case SearchTag::User:
             return one(record.user);
-        case IndexTag::Correlation:
+        case SearchTag::Correlation:
             return one(record.correlation);
-        case IndexTag::RecordId:
-            return one(record.record_id);
     }
     return MDB_SUCCESS;
 }
-
-constexpr IndexTag kSearchTags[] = {IndexTag::Patient, IndexTag::Client, IndexTag::User,
-                                    IndexTag::Correlation};
-
-// Appends inline (AuditStore::append) from this many records per batch.
-constexpr size_t kInlineIndexRecords = 512;
-
-// The indexed fields of a record being appended (views into it).
-IndexedFields indexed_fields(const audit::Record &record, uint64_t seq,
-                             std::vector<std::string_view> &patients) {
-    IndexedFields out;
-    out.seq = seq;
-    out.time_us = record.time_us;
-    out.client = record.client_id;
-    out.user = record.user;
-    out.correlation = record.correlation_id;
-    out.record_id = record.record_id;
-    out.patients_begin = patients.size();
-    for (const std::string &patient : record.patient_ids) {
-        if (!patient.empty() && std::find(patients.begin() + out.patients_begin, patients.end(),
-                                          patient) == patients.end()) {
-            patients.push_back(patient);
-        }
-    }
-    out.patients_end = patients.size();
-    return out;
-}
-
-struct SearchDatabases {
-    MDB_dbi index, time, state;
-};
 
 int read_indexed_through(MDB_txn *txn, MDB_dbi state, uint64_t *seq) {
     MDB_val k{sizeof kIndexedThroughKey - 1, const_cast<char *>(kIndexedThroughKey)}, v{};
@@ -262,7 +236,15 @@ int read_indexed_through(MDB_txn *txn, MDB_dbi state, uint64_t *seq) {
     return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
 }
 
-int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
+int write_indexed_through(MDB_txn *txn, MDB_dbi state, uint64_t seq) {
+    char mark[8];
+    put_be64(mark, seq);
+    MDB_val k{sizeof kIndexedThroughKey - 1, const_cast<char *>(kIndexedThroughKey)},
+        v{sizeof mark, mark};
+    return mdb_put(txn, state, &k, &v, 0);
+}
+
+int put_time_entry(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
                    std::optional<int64_t> &last_time_us) {
     char key[16];
     put_time_key(key, time_us, seq);
@@ -271,8 +253,8 @@ int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
     const bool at_end = !last_time_us || time_us >= *last_time_us;
     int rc = mdb_cursor_put(cursor, &kv, &vv, at_end ? MDB_APPEND : 0);
     if (rc == MDB_KEYEXIST && at_end) {
-        // Not after the last key after all (a log converted from the old layout still has
-        // it): an ordinary insert is right either way.
+        // Not after the last key after all (entries of records lost in a crash, see open()):
+        // an ordinary insert is right either way.
         rc = mdb_cursor_put(cursor, &kv, &vv, 0);
     }
     if (rc == MDB_SUCCESS && at_end) {
@@ -281,51 +263,29 @@ int put_time_index(MDB_cursor *cursor, int64_t time_us, uint64_t seq,
     return rc;
 }
 
-// The search entries of `records` (in seq order, with the patients they refer to), and the new
-// indexed_through mark, in the caller's transaction. `key` is a reused buffer.
-int put_search_entries(MDB_txn *txn, const SearchDatabases &dbs, std::string &key,
-                       const std::vector<IndexedFields> &records,
-                       const std::vector<std::string_view> &patients, uint64_t indexed_through,
-                       std::optional<int64_t> &last_time_us) {
-    Cursor index(txn, dbs.index), times(txn, dbs.time);
-    int rc = index.rc() != MDB_SUCCESS ? index.rc() : times.rc();
-    // One tag at a time through one cursor: successive keys are then often on the page the
-    // cursor is on (one client's or user's records, a patient seen again, nearby ids), which
-    // LMDB finds without descending from the root.
-    for (const IndexTag tag : kSearchTags) {
-        for (const IndexedFields &record : records) {
-            if (rc != MDB_SUCCESS) {
-                return rc;
-            }
-            char seq_bytes[8];
-            put_be64(seq_bytes, record.seq);
-            rc = for_each_indexed(tag, record, patients, [&](std::string_view value) {
-                index_key(key, tag, value);
-                MDB_val kv = as_val(key), vv{sizeof seq_bytes, seq_bytes};
-                // Seqs only grow, so this one goes after the key's other duplicates: APPENDDUP
-                // puts it there without searching them. KEYEXIST: the entry is already there
-                // (a log whose index was built before indexed_through was kept).
-                int put = mdb_cursor_put(index.get(), &kv, &vv, MDB_APPENDDUP);
-                if (put == MDB_KEYEXIST) {
-                    put = mdb_cursor_put(index.get(), &kv, &vv, MDB_NODUPDATA);
-                }
-                return put == MDB_KEYEXIST ? MDB_SUCCESS : put;
-            });
-        }
+std::unique_ptr<MDB_env, decltype(&mdb_env_close)> open_env(const std::string &directory,
+                                                           size_t map_size, unsigned max_dbs,
+                                                           bool read_only, int *rc) {
+    MDB_env *env = nullptr;
+    *rc = mdb_env_create(&env);
+    std::unique_ptr<MDB_env, decltype(&mdb_env_close)> owned(*rc == MDB_SUCCESS ? env : nullptr,
+                                                             mdb_env_close);
+    if (*rc == MDB_SUCCESS && !read_only)
+        *rc = mdb_env_set_mapsize(env, map_size);
+    if (*rc == MDB_SUCCESS)
+        *rc = mdb_env_set_maxdbs(env, max_dbs);
+    // Never MDB_NOSYNC: every commit flushes its data pages before it writes the meta page that
+    // makes them the database, so a crash can only ever leave the last commit or the one
+    // before. MDB_NOMETASYNC leaves that meta page to the next flush; append() says when one
+    // follows (Durability), and nothing is acknowledged before it has (see docs/audit.md).
+    if (*rc == MDB_SUCCESS)
+        *rc = mdb_env_open(env, directory.c_str(),
+                           MDB_NOTLS | MDB_NOMETASYNC | (read_only ? MDB_RDONLY : 0), 0600);
+    if (*rc == MDB_SUCCESS) {
+        int stale = 0;
+        mdb_reader_check(env, &stale);
     }
-    for (const IndexedFields &record : records) {
-        if (rc == MDB_SUCCESS) {
-            rc = put_time_index(times.get(), record.time_us, record.seq, last_time_us);
-        }
-    }
-    if (rc == MDB_SUCCESS) {
-        char mark[8];
-        put_be64(mark, indexed_through);
-        MDB_val k{sizeof kIndexedThroughKey - 1, const_cast<char *>(kIndexedThroughKey)},
-            v{sizeof mark, mark};
-        rc = mdb_put(txn, dbs.state, &k, &v, 0);
-    }
-    return rc;
+    return owned;
 }
 
 }  // namespace
@@ -337,37 +297,25 @@ std::unique_ptr<AuditStore> AuditStore::open(const Options &options, StoreError 
         translate_lmdb_error(errno, error);
         return nullptr;
     }
-    MDB_env *env = nullptr;
-    int rc = mdb_env_create(&env);
-    if (rc == MDB_SUCCESS && !options.read_only)
-        rc = mdb_env_set_mapsize(env, options.map_size_bytes);
-    if (rc == MDB_SUCCESS)
-        rc = mdb_env_set_maxdbs(env, 16);
-    // Never MDB_NOSYNC: every commit flushes its data pages before it writes the meta page that
-    // makes them the database, so a crash can only ever leave the last or the one before.
-    // MDB_NOMETASYNC leaves that meta page to the next flush; append() says when one follows
-    // (Durability), and nothing is acknowledged before it has (see docs/audit.md).
-    if (rc == MDB_SUCCESS)
-        rc = mdb_env_open(env, options.directory.c_str(),
-                          MDB_NOTLS | MDB_NOMETASYNC | (options.read_only ? MDB_RDONLY : 0), 0600);
+    int rc = MDB_SUCCESS;
+    auto env = open_env(options.directory, options.map_size_bytes, 8, options.read_only, &rc);
     if (rc != MDB_SUCCESS) {
         translate_lmdb_error(rc, error);
-        if (env != nullptr) {
-            mdb_env_close(env);
-        }
         return nullptr;
     }
-    int stale = 0;
-    mdb_reader_check(env, &stale);
-    std::unique_ptr<AuditStore> store(new AuditStore(env, options.read_only));
+    std::unique_ptr<AuditStore> store(new AuditStore(env.release(), options.read_only));
     if (store->open_databases(error) != StoreStatus::Ok ||
-        store->load_head(error) != StoreStatus::Ok) {
+        store->load_head(error) != StoreStatus::Ok ||
+        store->open_index(options, error) != StoreStatus::Ok) {
         return nullptr;
     }
     return store;
 }
 
 AuditStore::~AuditStore() {
+    if (index_env_ != nullptr) {
+        mdb_env_close(index_env_);
+    }
     mdb_env_close(env_);
 }
 
@@ -380,7 +328,7 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
     const struct {
         const char *name;
         MDB_dbi *dbi;
-    } dbs[] = {{"records", &records_}, {"checkpoints", &checkpoints_}, {"idx_time", &idx_time_}};
+    } dbs[] = {{"records", &records_}, {"checkpoints", &checkpoints_}, {"ids", &ids_}};
     for (const auto &db : dbs) {
         const int rc = mdb_dbi_open(txn.get(), db.name, create, db.dbi);
         if (rc == MDB_NOTFOUND && read_only_) {
@@ -390,25 +338,21 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
             return translate_lmdb_error(rc, error);
         }
     }
-    int rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED, &index_);
-    const bool new_index = rc == MDB_NOTFOUND && !read_only_;
-    if (new_index) {
-        rc = mdb_dbi_open(txn.get(), "index", MDB_DUPSORT | MDB_DUPFIXED | MDB_CREATE, &index_);
-    }
-    if (rc == MDB_SUCCESS) {
-        rc = mdb_dbi_open(txn.get(), "state", create, &state_);
-    }
-    have_index_ = rc == MDB_SUCCESS;
-    if (rc != MDB_SUCCESS && !(rc == MDB_NOTFOUND && read_only_)) {
-        return translate_lmdb_error(rc, error);
-    }
-    if (new_index) {
-        const StoreStatus status = convert_legacy_indexes(txn.get(), error);
-        if (status != StoreStatus::Ok) {
-            return status;
+    if (!read_only_) {
+        // The search indexes of the layout before the index environment: rebuilt there.
+        for (const char *name :
+             {"idx_patient", "idx_client", "idx_user", "idx_correlation", "idx_time"}) {
+            MDB_dbi dbi{};
+            int rc = mdb_dbi_open(txn.get(), name, 0, &dbi);
+            if (rc == MDB_SUCCESS) {
+                rc = mdb_drop(txn.get(), dbi, 1);
+            }
+            if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+                return translate_lmdb_error(rc, error);
+            }
         }
     }
-    rc = txn.commit();
+    const int rc = txn.commit();
     if (rc != MDB_SUCCESS) {
         return translate_lmdb_error(rc, error);
     }
@@ -416,43 +360,66 @@ StoreStatus AuditStore::open_databases(StoreError *error) {
     return StoreStatus::Ok;
 }
 
-// A log written before the index database had one database per index. Record ids move into the
-// index database now, since deduplication must see every one of them; the search indexes are
-// dropped and rebuilt by the writer's catch-up, which starts from seq 1 (indexed_through is 0).
-StoreStatus AuditStore::convert_legacy_indexes(MDB_txn *txn, StoreError *error) {
-    MDB_dbi ids{};
-    int rc = mdb_dbi_open(txn, "ids", 0, &ids);
-    if (rc == MDB_SUCCESS) {
-        Cursor cursor(txn, ids);
-        if (cursor.rc() != MDB_SUCCESS) {
-            return translate_lmdb_error(cursor.rc(), error);
-        }
-        MDB_val k{}, v{};
-        for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST); rc == MDB_SUCCESS;
-             rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
-            index_key(key_, IndexTag::RecordId, as_view(k));
-            MDB_val ik = as_val(key_);
-            const int put = mdb_put(txn, index_, &ik, &v, MDB_NOOVERWRITE);
-            if (put != MDB_SUCCESS && put != MDB_KEYEXIST) {
-                return translate_lmdb_error(put, error);
-            }
-        }
+StoreStatus AuditStore::open_index(const Options &options, StoreError *error) {
+    if (!have_databases_) {
+        return StoreStatus::Ok;
     }
-    if (rc != MDB_NOTFOUND) {
+    const std::string directory = options.directory + "/index";
+    if (options.read_only) {
+        struct stat st {};
+        if (::stat((directory + "/data.mdb").c_str(), &st) != 0) {
+            return StoreStatus::Ok;  // never indexed: search scans
+        }
+    } else if (::mkdir(directory.c_str(), 0700) != 0 && errno != EEXIST) {
+        return translate_lmdb_error(errno, error);
+    }
+    int rc = MDB_SUCCESS;
+    auto env = open_env(directory, options.map_size_bytes, 4, options.read_only, &rc);
+    if (rc != MDB_SUCCESS) {
         return translate_lmdb_error(rc, error);
     }
-    for (const char *name : {"ids", "idx_patient", "idx_client", "idx_user", "idx_correlation"}) {
-        MDB_dbi dbi{};
-        rc = mdb_dbi_open(txn, name, 0, &dbi);
+    Txn txn(env.get(), options.read_only);
+    if (txn.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(txn.begin_rc(), error);
+    }
+    const unsigned create = options.read_only ? 0 : MDB_CREATE;
+    rc = mdb_dbi_open(txn.get(), "search", create | MDB_DUPSORT | MDB_DUPFIXED, &search_);
+    if (rc == MDB_SUCCESS)
+        rc = mdb_dbi_open(txn.get(), "time", create, &time_);
+    if (rc == MDB_SUCCESS)
+        rc = mdb_dbi_open(txn.get(), "state", create, &state_);
+    if (rc == MDB_NOTFOUND && options.read_only) {
+        return StoreStatus::Ok;
+    }
+    uint64_t indexed_through = 0;
+    if (rc == MDB_SUCCESS)
+        rc = read_indexed_through(txn.get(), state_, &indexed_through);
+    if (rc == MDB_SUCCESS && indexed_through > last_seq_ && !options.read_only) {
+        // The index ran ahead of what survived a crash (a commit whose meta page was not yet
+        // flushed). Entries of the lost records stay (search checks every candidate against
+        // its record); the records that take their seqs are indexed again from here.
+        indexed_through = last_seq_;
+        rc = write_indexed_through(txn.get(), state_, indexed_through);
+    }
+    if (rc == MDB_SUCCESS) {
+        MDB_val k{}, v{};
+        Cursor cursor(txn.get(), time_);
+        rc = cursor.rc();
         if (rc == MDB_SUCCESS) {
-            rc = mdb_drop(txn, dbi, 1);
-        }
-        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
-            return translate_lmdb_error(rc, error);
+            rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_LAST);
+            if (rc == MDB_SUCCESS && k.mv_size == 16) {
+                last_time_us_ = time_from_bits(read_be64(as_view(k)));
+            }
+            rc = rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
         }
     }
-    // idx_time was complete in the old layout too; it is rebuilt with the rest (puts of
-    // entries that exist are harmless).
+    if (rc == MDB_SUCCESS)
+        rc = txn.commit();
+    if (rc != MDB_SUCCESS) {
+        return translate_lmdb_error(rc, error);
+    }
+    indexed_through_ = indexed_through;
+    index_env_ = env.release();
     return StoreStatus::Ok;
 }
 
@@ -497,24 +464,6 @@ StoreStatus AuditStore::load_head(StoreError *error) {
             return translate_lmdb_error(rc, error);
         }
     }
-    {
-        Cursor cursor(txn.get(), idx_time_);
-        if (cursor.rc() != MDB_SUCCESS) {
-            return translate_lmdb_error(cursor.rc(), error);
-        }
-        const int rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_LAST);
-        if (rc == MDB_SUCCESS && k.mv_size == 16) {
-            last_time_us_ = time_from_bits(read_be64(as_view(k)));
-        } else if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
-            return translate_lmdb_error(rc, error);
-        }
-    }
-    if (have_index_) {
-        const int rc = read_indexed_through(txn.get(), state_, &indexed_through_);
-        if (rc != MDB_SUCCESS) {
-            return translate_lmdb_error(rc, error);
-        }
-    }
     return StoreStatus::Ok;
 }
 
@@ -536,66 +485,6 @@ StoreStatus AuditStore::put_checkpoint(MDB_txn *txn, const audit::SigningKey &ke
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
-
-StoreStatus AuditStore::index_pending(uint64_t max_records, uint64_t *indexed, StoreError *error) {
-    *indexed = 0;
-    if (read_only_ || !have_databases_ || indexed_through_ >= last_seq_ || max_records == 0) {
-        return StoreStatus::Ok;
-    }
-    Txn txn(env_, false);
-    if (txn.begin_rc() != MDB_SUCCESS) {
-        return translate_lmdb_error(txn.begin_rc(), error);
-    }
-    const uint64_t target = std::min(last_seq_, indexed_through_ + max_records);
-    std::optional<int64_t> last_time_us = last_time_us_;
-    std::vector<IndexedFields> pending;
-    std::vector<std::string_view> patients;
-    pending.reserve(target - indexed_through_);
-    int rc;
-    {
-        // The records to index, read in place: this transaction writes no record pages, so the
-        // views stay valid until it ends.
-        Cursor values(txn.get(), records_);
-        if (values.rc() != MDB_SUCCESS) {
-            return translate_lmdb_error(values.rc(), error);
-        }
-        char start[8];
-        put_be64(start, indexed_through_ + 1);
-        MDB_val k{sizeof start, start}, v{};
-        for (rc = mdb_cursor_get(values.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
-             rc = mdb_cursor_get(values.get(), &k, &v, MDB_NEXT)) {
-            const uint64_t seq = k.mv_size == 8 ? read_be64(as_view(k)) : UINT64_MAX;
-            if (seq > target) {
-                break;
-            }
-            IndexedFields fields;
-            fields.seq = seq;
-            if (read_indexed_fields(as_view(v), fields, patients)) {
-                pending.push_back(fields);
-            }
-        }
-        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
-            return translate_lmdb_error(rc, error);
-        }
-    }
-    if (rc == MDB_SUCCESS || rc == MDB_NOTFOUND) {
-        rc = put_search_entries(txn.get(), {index_, idx_time_, state_}, key_, pending, patients, target,
-                                last_time_us);
-    }
-    if (rc == MDB_SUCCESS) {
-        rc = txn.commit();
-    }
-    if (rc != MDB_SUCCESS) {
-        return translate_lmdb_error(rc, error);
-    }
-    // Durability::Deferred: nothing waits for an index; its commit is flushed with the next one.
-    ++commits_;
-    *indexed = target - indexed_through_;
-    indexed_through_ = target;
-    last_time_us_ = last_time_us;
-    return StoreStatus::Ok;
-}
-
 StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records,
                                const audit::SigningKey *key, bool checkpoint, int64_t now,
                                std::vector<Appended> &out, StoreError *error,
@@ -612,12 +501,6 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     uint64_t seq = last_seq_;
     char hash[audit::kHashSize];
     std::memcpy(hash, last_hash_.data(), audit::kHashSize);
-    // A large batch with nothing behind it is indexed in its own transaction: its entries share
-    // pages anyway, and one flush covers both. A small one leaves that to index_pending().
-    const bool index_inline = indexed_through_ == last_seq_ && records.size() >= kInlineIndexRecords;
-    std::vector<IndexedFields> indexed;
-    std::vector<std::string_view> patients;
-    std::optional<int64_t> last_time_us = last_time_us_;
     auto fail = [&](int rc) {
         out.clear();
         return translate_lmdb_error(rc, error);
@@ -625,7 +508,7 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     {
         // Cursors kept for the whole batch: the records go at the end, and record ids from one
         // writer land next to the cursor's last position.
-        Cursor ids(txn.get(), index_), values(txn.get(), records_);
+        Cursor ids(txn.get(), ids_), values(txn.get(), records_);
         for (const Cursor *c : {&ids, &values}) {
             if (c->rc() != MDB_SUCCESS) {
                 return fail(c->rc());
@@ -637,7 +520,7 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
             if (!record->record_id.empty()) {
                 // Deduplication and the id index in one B-tree descent: NOOVERWRITE reports an id
                 // already stored, with the seq it was stored under.
-                index_key(key_, IndexTag::RecordId, record->record_id);
+                id_key(key_, record->record_id);
                 MDB_val kv = as_val(key_), vv{sizeof seq_key, seq_key};
                 const int rc = mdb_cursor_put(ids.get(), &kv, &vv, MDB_NOOVERWRITE);
                 if (rc == MDB_KEYEXIST) {
@@ -665,16 +548,6 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
             std::memcpy(value, hash, audit::kHashSize);
             std::memcpy(value + audit::kHashSize, encoded_.data(), encoded_.size());
             out.push_back({seq, false});
-            if (index_inline) {
-                indexed.push_back(indexed_fields(*record, seq, patients));
-            }
-        }
-    }
-    if (!indexed.empty()) {
-        if (const int rc = put_search_entries(txn.get(), {index_, idx_time_, state_}, key_, indexed,
-                                              patients, seq, last_time_us);
-            rc != MDB_SUCCESS) {
-            return fail(rc);
         }
     }
     const bool write_checkpoint = key != nullptr && checkpoint && seq > last_checkpoint_seq_;
@@ -694,10 +567,6 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     }
     last_seq_ = seq;
     last_hash_ = head_hash;
-    if (!indexed.empty()) {
-        indexed_through_ = seq;
-        last_time_us_ = last_time_us;
-    }
     if (write_checkpoint) {
         last_checkpoint_seq_ = seq;
     }
@@ -739,6 +608,100 @@ StoreStatus AuditStore::checkpoint(const audit::SigningKey &key, int64_t now, St
 StoreStatus AuditStore::sync(StoreError *error) {
     const int rc = mdb_env_sync(env_, 1);
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
+}
+
+StoreStatus AuditStore::index_records(uint64_t through, uint64_t *indexed, StoreError *error) {
+    *indexed = 0;
+    const uint64_t from = indexed_through_.load() + 1;
+    if (index_env_ == nullptr || read_only_ || through < from) {
+        return StoreStatus::Ok;
+    }
+    // The records, read in place from a snapshot of the records environment: the writer goes on
+    // committing meanwhile (LMDB readers never wait for the writer, nor it for them).
+    Txn records(env_, true);
+    if (records.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(records.begin_rc(), error);
+    }
+    std::vector<IndexedFields> pending;
+    std::vector<std::string_view> patients;
+    pending.reserve(through - from + 1);
+    int rc;
+    {
+        Cursor values(records.get(), records_);
+        if (values.rc() != MDB_SUCCESS) {
+            return translate_lmdb_error(values.rc(), error);
+        }
+        char start[8];
+        put_be64(start, from);
+        MDB_val k{sizeof start, start}, v{};
+        for (rc = mdb_cursor_get(values.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
+             rc = mdb_cursor_get(values.get(), &k, &v, MDB_NEXT)) {
+            const uint64_t seq = k.mv_size == 8 ? read_be64(as_view(k)) : UINT64_MAX;
+            if (seq > through) {
+                break;
+            }
+            IndexedFields fields;
+            fields.seq = seq;
+            if (read_indexed_fields(as_view(v), fields, patients)) {
+                pending.push_back(fields);
+            }
+        }
+        if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
+    Txn txn(index_env_, false);
+    if (txn.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(txn.begin_rc(), error);
+    }
+    std::optional<int64_t> last_time_us = last_time_us_;
+    {
+        Cursor search(txn.get(), search_), times(txn.get(), time_);
+        rc = search.rc() != MDB_SUCCESS ? search.rc() : times.rc();
+        // One tag at a time through one cursor: successive keys are then often on the page the
+        // cursor is on (one client's or user's records, a patient seen again, nearby ids), which
+        // LMDB finds without descending from the root; and each page is copied once per batch.
+        for (const SearchTag tag : kSearchTags) {
+            for (const IndexedFields &record : pending) {
+                if (rc != MDB_SUCCESS) {
+                    break;
+                }
+                char seq_bytes[8];
+                put_be64(seq_bytes, record.seq);
+                rc = for_each_value(tag, record, patients, [&](std::string_view value) {
+                    search_key(index_key_, tag, value);
+                    MDB_val kv = as_val(index_key_), vv{sizeof seq_bytes, seq_bytes};
+                    // Seqs only grow, so this one goes after the key's other duplicates:
+                    // APPENDDUP puts it there without searching them. KEYEXIST: not the largest
+                    // after all (entries of records lost in a crash): an ordinary insert, which
+                    // finds the pair when it is there already.
+                    int put = mdb_cursor_put(search.get(), &kv, &vv, MDB_APPENDDUP);
+                    if (put == MDB_KEYEXIST) {
+                        put = mdb_cursor_put(search.get(), &kv, &vv, MDB_NODUPDATA);
+                    }
+                    return put == MDB_KEYEXIST ? MDB_SUCCESS : put;
+                });
+            }
+        }
+        for (const IndexedFields &record : pending) {
+            if (rc == MDB_SUCCESS) {
+                rc = put_time_entry(times.get(), record.time_us, record.seq, last_time_us);
+            }
+        }
+    }
+    // Every record through `through` was committed before the snapshot: all seen (or purged).
+    if (rc == MDB_SUCCESS)
+        rc = write_indexed_through(txn.get(), state_, through);
+    // Not synced, nor ever waited for: a crash loses at most what the next start indexes again.
+    if (rc == MDB_SUCCESS)
+        rc = txn.commit();
+    if (rc != MDB_SUCCESS) {
+        return translate_lmdb_error(rc, error);
+    }
+    *indexed = through - (from - 1);
+    indexed_through_ = through;
+    last_time_us_ = last_time_us;
+    return StoreStatus::Ok;
 }
 
 StoreStatus AuditStore::scan_records(const std::function<bool(uint64_t, std::string_view)> &visit,
@@ -829,68 +792,74 @@ StoreStatus AuditStore::search(const Query &query,
     if (!have_databases_) {
         return StoreStatus::Ok;
     }
+    // The indexes cover the records up to indexed_through: those come from the most selective
+    // index given (a patient, a request, a user, a client, then time), the records after it
+    // from a scan. Without an index, everything is scanned. The index is read first: every
+    // record it covers was committed before, so the records snapshot taken next has them.
+    uint64_t indexed_through = 0;
+    std::optional<std::vector<uint64_t>> seqs;
+    if (index_env_ != nullptr) {
+        Txn txn(index_env_, true);
+        if (txn.begin_rc() != MDB_SUCCESS) {
+            return translate_lmdb_error(txn.begin_rc(), error);
+        }
+        int rc = read_indexed_through(txn.get(), state_, &indexed_through);
+        auto by_value = [&](SearchTag tag, std::string_view value) -> int {
+            std::string key;
+            search_key(key, tag, value);
+            Cursor cursor(txn.get(), search_);
+            if (cursor.rc() != MDB_SUCCESS) {
+                return cursor.rc();
+            }
+            seqs.emplace();
+            MDB_val k = as_val(key), v{};
+            int rc;
+            for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_KEY); rc == MDB_SUCCESS;
+                 rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT_DUP)) {
+                if (v.mv_size == 8) {
+                    seqs->push_back(read_be64(as_view(v)));
+                }
+            }
+            return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
+        };
+        if (rc != MDB_SUCCESS || indexed_through == 0) {
+        } else if (!query.patient.empty()) {
+            rc = by_value(SearchTag::Patient, query.patient);
+        } else if (!query.correlation_id.empty()) {
+            rc = by_value(SearchTag::Correlation, query.correlation_id);
+        } else if (!query.user.empty()) {
+            rc = by_value(SearchTag::User, query.user);
+        } else if (!query.client.empty()) {
+            rc = by_value(SearchTag::Client, query.client);
+        } else if (query.since_us || query.until_us) {
+            Cursor cursor(txn.get(), time_);
+            rc = cursor.rc();
+            if (rc == MDB_SUCCESS) {
+                seqs.emplace();
+                const std::string start = be64(time_bits(query.since_us.value_or(INT64_MIN)));
+                MDB_val k = as_val(start), v{};
+                for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
+                     rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
+                    const std::string_view key = as_view(k);
+                    if (key.size() != 16) {
+                        continue;
+                    }
+                    if (query.until_us && time_from_bits(read_be64(key)) > *query.until_us) {
+                        break;
+                    }
+                    seqs->push_back(read_be64(key.substr(8)));
+                }
+                std::sort(seqs->begin(), seqs->end());
+                rc = rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
+            }
+        }
+        if (rc != MDB_SUCCESS) {
+            return translate_lmdb_error(rc, error);
+        }
+    }
     Txn txn(env_, true);
     if (txn.begin_rc() != MDB_SUCCESS) {
         return translate_lmdb_error(txn.begin_rc(), error);
-    }
-    // The indexes cover the records up to indexed_through (the writer adds entries in bulk,
-    // behind the records): those come from the most selective index given (a patient, a
-    // request, a user, a client, then time), the records after it from a scan. A log from
-    // before the index database (read-only, not converted yet) is scanned whole.
-    uint64_t indexed_through = 0;
-    int rc = have_index_ ? read_indexed_through(txn.get(), state_, &indexed_through) : MDB_SUCCESS;
-    std::optional<std::vector<uint64_t>> seqs;
-    auto by_value = [&](IndexTag tag, std::string_view value) -> int {
-        std::string key;
-        index_key(key, tag, value);
-        Cursor cursor(txn.get(), index_);
-        if (cursor.rc() != MDB_SUCCESS) {
-            return cursor.rc();
-        }
-        seqs.emplace();
-        MDB_val k = as_val(key), v{};
-        int rc;
-        for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_KEY); rc == MDB_SUCCESS;
-             rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT_DUP)) {
-            if (v.mv_size == 8) {
-                seqs->push_back(read_be64(as_view(v)));
-            }
-        }
-        return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
-    };
-    if (rc != MDB_SUCCESS || !have_index_ || indexed_through == 0) {
-    } else if (!query.patient.empty()) {
-        rc = by_value(IndexTag::Patient, query.patient);
-    } else if (!query.correlation_id.empty()) {
-        rc = by_value(IndexTag::Correlation, query.correlation_id);
-    } else if (!query.user.empty()) {
-        rc = by_value(IndexTag::User, query.user);
-    } else if (!query.client.empty()) {
-        rc = by_value(IndexTag::Client, query.client);
-    } else if (query.since_us || query.until_us) {
-        Cursor cursor(txn.get(), idx_time_);
-        rc = cursor.rc();
-        if (rc == MDB_SUCCESS) {
-            seqs.emplace();
-            const std::string start = be64(time_bits(query.since_us.value_or(INT64_MIN)));
-            MDB_val k = as_val(start), v{};
-            for (rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_SET_RANGE); rc == MDB_SUCCESS;
-                 rc = mdb_cursor_get(cursor.get(), &k, &v, MDB_NEXT)) {
-                const std::string_view key = as_view(k);
-                if (key.size() != 16) {
-                    continue;
-                }
-                if (query.until_us && time_from_bits(read_be64(key)) > *query.until_us) {
-                    break;
-                }
-                seqs->push_back(read_be64(key.substr(8)));
-            }
-            std::sort(seqs->begin(), seqs->end());
-            rc = rc == MDB_NOTFOUND || rc == MDB_SUCCESS ? MDB_SUCCESS : rc;
-        }
-    }
-    if (rc != MDB_SUCCESS) {
-        return translate_lmdb_error(rc, error);
     }
     auto matches = [&](const audit::Record &r) {
         if (!query.patient.empty() && std::find(r.patient_ids.begin(), r.patient_ids.end(),
@@ -913,10 +882,11 @@ StoreStatus AuditStore::search(const Query &query,
         // Search reports what is stored; whether it is genuine is `audit verify`'s question.
         return !entry || !matches(entry->record) || visit(*entry);
     };
-    // Index hits first (all at or before indexed_through), then the scan from after it (or
-    // from the start when no index answered): seq order throughout.
+    int rc;
     uint64_t scan_from = 1;
     if (seqs) {
+        // Index hits first (all at or before indexed_through), then the scan after it: seq
+        // order throughout.
         for (const uint64_t seq : *seqs) {
             if (seq > indexed_through) {
                 continue;  // the scan below covers it
@@ -925,7 +895,7 @@ StoreStatus AuditStore::search(const Query &query,
             MDB_val kv = as_val(k), vv{};
             rc = mdb_get(txn.get(), records_, &kv, &vv);
             if (rc == MDB_NOTFOUND) {
-                continue;  // purged, or an index entry left by tampering
+                continue;  // purged, or an index entry left by tampering or a crash
             }
             if (rc != MDB_SUCCESS) {
                 return translate_lmdb_error(rc, error);
@@ -990,15 +960,17 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
     if (anchor == 0) {
         return StoreStatus::Ok;
     }
-    auto del = [&](MDB_dbi dbi, std::string_view key, std::string_view data) {
-        MDB_val kv = as_val(key), dv = as_val(data);
-        const int rc = mdb_del(txn.get(), dbi, &kv, data.empty() ? nullptr : &dv);
+    auto del = [&](MDB_dbi dbi, std::string_view key) {
+        MDB_val kv = as_val(key);
+        const int rc = mdb_del(txn.get(), dbi, &kv, nullptr);
         return rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
     };
+    std::vector<audit::Record> purged;
+    std::vector<uint64_t> purged_seqs;
     std::string key;
-    std::vector<std::string_view> patients;
     for (;;) {
         MDB_val k{}, v{};
+        std::optional<audit::ChainedRecord> e;
         {
             Cursor cursor(txn.get(), records_);
             int rc = cursor.rc() == MDB_SUCCESS ? mdb_cursor_get(cursor.get(), &k, &v, MDB_FIRST)
@@ -1012,38 +984,24 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
             if (read_be64(as_view(k)) > anchor) {
                 break;
             }
+            e = decode_stored(as_view(v));
         }
-        const std::string seq_key = be64(read_be64(as_view(k)));
-        // Read before the record is deleted: the views point into its value.
-        IndexedFields r;
-        patients.clear();
-        const bool indexed = read_indexed_fields(as_view(v), r, patients);
-        int rc = MDB_SUCCESS;
-        if (indexed) {
-            // Entries of records not indexed yet are simply not found.
-            for (const IndexTag tag : {IndexTag::RecordId, IndexTag::Patient, IndexTag::Client,
-                                       IndexTag::User, IndexTag::Correlation}) {
-                if (rc == MDB_SUCCESS) {
-                    rc = for_each_indexed(tag, r, patients, [&](std::string_view value) {
-                        index_key(key, tag, value);
-                        return del(index_, key, seq_key);
-                    });
-                }
-            }
-            if (rc == MDB_SUCCESS) {
-                char tk[16];
-                put_time_key(tk, r.time_us, read_be64(seq_key));
-                rc = del(idx_time_, {tk, sizeof tk}, {});
-            }
+        const uint64_t seq = read_be64(as_view(k));
+        const std::string seq_key = be64(seq);
+        int rc = del(records_, seq_key);
+        if (rc == MDB_SUCCESS && e && !e->record.record_id.empty()) {
+            id_key(key, e->record.record_id);
+            rc = del(ids_, key);
         }
-        if (rc == MDB_SUCCESS) {
-            rc = del(records_, seq_key, {});
-        }
-        if (rc == MDB_SUCCESS && read_be64(seq_key) < anchor) {
-            rc = del(checkpoints_, seq_key, {});
+        if (rc == MDB_SUCCESS && seq < anchor) {
+            rc = del(checkpoints_, seq_key);
         }
         if (rc != MDB_SUCCESS) {
             return translate_lmdb_error(rc, error);
+        }
+        if (e) {
+            purged.push_back(std::move(e->record));
+            purged_seqs.push_back(seq);
         }
         ++*removed;
     }
@@ -1055,7 +1013,57 @@ StoreStatus AuditStore::purge_before(int64_t before_us, uint64_t *removed, Store
         *removed = 0;
         return translate_lmdb_error(rc, error);
     }
-    return StoreStatus::Ok;
+    // Then their search entries: if this is cut short, what is left points at records that are
+    // gone, which search skips.
+    return unindex(purged, purged_seqs, error);
+}
+
+StoreStatus AuditStore::unindex(const std::vector<audit::Record> &records,
+                                const std::vector<uint64_t> &seqs, StoreError *error) {
+    if (index_env_ == nullptr || records.empty()) {
+        return StoreStatus::Ok;
+    }
+    Txn txn(index_env_, false);
+    if (txn.begin_rc() != MDB_SUCCESS) {
+        return translate_lmdb_error(txn.begin_rc(), error);
+    }
+    int rc = MDB_SUCCESS;
+    std::string key;
+    std::vector<std::string_view> patients;
+    for (size_t i = 0; i < records.size() && rc == MDB_SUCCESS; ++i) {
+        const audit::Record &r = records[i];
+        IndexedFields fields;
+        fields.seq = seqs[i];
+        fields.time_us = r.time_us;
+        fields.client = r.client_id;
+        fields.user = r.user;
+        fields.correlation = r.correlation_id;
+        patients.assign(r.patient_ids.begin(), r.patient_ids.end());
+        fields.patients_end = patients.size();
+        char seq_bytes[8];
+        put_be64(seq_bytes, seqs[i]);
+        for (const SearchTag tag : kSearchTags) {
+            if (rc == MDB_SUCCESS) {
+                rc = for_each_value(tag, fields, patients, [&](std::string_view value) {
+                    search_key(key, tag, value);
+                    MDB_val kv = as_val(key), dv{sizeof seq_bytes, seq_bytes};
+                    const int del = mdb_del(txn.get(), search_, &kv, &dv);
+                    return del == MDB_NOTFOUND ? MDB_SUCCESS : del;
+                });
+            }
+        }
+        if (rc == MDB_SUCCESS) {
+            char tk[16];
+            put_time_key(tk, r.time_us, seqs[i]);
+            MDB_val kv{sizeof tk, tk};
+            rc = mdb_del(txn.get(), time_, &kv, nullptr);
+            rc = rc == MDB_NOTFOUND ? MDB_SUCCESS : rc;
+        }
+    }
+    if (rc == MDB_SUCCESS) {
+        rc = txn.commit();
+    }
+    return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
 // ---- signing key -----------------------------------------------------------------------------
@@ -1137,6 +1145,14 @@ AuditLog::~AuditLog() {
         wake_.notify_all();
         writer_.join();
     }
+    if (indexer_.joinable()) {
+        {
+            std::lock_guard lock(mutex_);
+            indexer_stopping_ = true;
+        }
+        index_wake_.notify_all();
+        indexer_.join();
+    }
     if (syncer_.joinable()) {
         {
             std::lock_guard lock(mutex_);
@@ -1156,6 +1172,7 @@ void AuditLog::start() {
     async_.data = this;
     writer_ = std::thread([this] { writer_main(); });
     syncer_ = std::thread([this] { syncer_main(); });
+    indexer_ = std::thread([this] { indexer_main(); });
 }
 
 void AuditLog::stop() {
@@ -1169,6 +1186,12 @@ void AuditLog::stop() {
     }
     wake_.notify_all();
     writer_.join();  // everything it committed is durable and handed over when it returns
+    {
+        std::lock_guard lock(mutex_);
+        indexer_stopping_ = true;
+    }
+    index_wake_.notify_all();
+    indexer_.join();  // after indexing what the writer left: a stopped log is fully indexed
     {
         std::lock_guard lock(mutex_);
         syncer_stopping_ = true;
@@ -1314,42 +1337,50 @@ void AuditLog::syncer_main() {
 
 namespace {
 
-// Search index catch-up (AuditStore::index_pending). Chunks large enough that successive
-// entries share pages; small enough that records queued meanwhile wait a few ms at most.
-constexpr uint64_t kIndexChunk = 4096;
-// When nothing is queued: index once this many records are behind, or any after a pause.
-constexpr uint64_t kIndexWhenIdle = 256;
-constexpr auto kIndexIdleDelay = std::chrono::milliseconds(200);
-// Under sustained load: index anyway once this far behind (search scans what is behind).
-constexpr uint64_t kIndexMaxBehind = 16384;
+// The indexer indexes once this many records are behind, or whatever is behind after a pause:
+// entries of many records share pages, so fewer are written per record.
+constexpr uint64_t kIndexBatchRecords = 2048;
+constexpr auto kIndexDelay = std::chrono::milliseconds(100);
 
 }  // namespace
 
-bool AuditLog::index_chunk(uint64_t max_records) {
-    StoreError error;
-    uint64_t indexed = 0;
-    const uint64_t commits_before = store_.commits();
-    const StoreStatus status = store_.index_pending(max_records, &indexed, &error);
-    const uint64_t commit = store_.commits();
-    std::lock_guard lock(mutex_);
-    counters_.indexed += indexed;
-    if (status != StoreStatus::Ok) {
-        ++counters_.index_errors;
-        counters_.last_error =
-            std::string("index: ") + store_status_name(status) + ": " + error.detail;
+void AuditLog::indexer_main() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+        // last_seq_: committed by the writer, so in every snapshot the indexer takes from now.
+        auto behind = [&] { return last_seq_.load() - store_.indexed_through(); };
+        index_wake_.wait_for(lock, kIndexDelay, [&] {
+            return indexer_stopping_ || behind() >= kIndexBatchRecords;
+        });
+        if (behind() == 0) {
+            if (indexer_stopping_) {
+                return;
+            }
+            continue;
+        }
+        const uint64_t through = last_seq_.load();
+        lock.unlock();
+        StoreError error;
+        uint64_t indexed = 0;
+        const StoreStatus status = store_.index_records(through, &indexed, &error);
+        lock.lock();
+        counters_.indexed += indexed;
+        if (status != StoreStatus::Ok) {
+            ++counters_.index_errors;
+            counters_.last_error =
+                std::string("index: ") + store_status_name(status) + ": " + error.detail;
+            if (indexer_stopping_) {
+                return;  // search scans what is not indexed
+            }
+            // Not again at once: a full map or a failing disk stays so for a while.
+            index_wake_.wait_for(lock, kIndexDelay * 10, [&] { return indexer_stopping_; });
+        }
     }
-    if (commit > commits_before) {
-        // Its flush made every earlier commit durable, as any commit's does.
-        durable_commits_ = std::max(durable_commits_, commit - 1);
-        return release_durable();
-    }
-    return false;
 }
 
 void AuditLog::writer_main() {
     using Clock = std::chrono::steady_clock;
     auto last_checkpoint = Clock::now();
-    auto last_batch = Clock::now();
     const auto checkpoint_interval = std::chrono::milliseconds(options_.checkpoint_every_ms);
     std::vector<std::unique_ptr<Job>> batch;
     std::vector<const audit::Record *> records;
@@ -1358,14 +1389,10 @@ void AuditLog::writer_main() {
         batch.clear();
         size_t batch_records = 0;
         bool stopping;
-        bool idle;
         {
             std::unique_lock lock(mutex_);
-            auto deadline = last_checkpoint + checkpoint_interval;
-            if (store_.unindexed() > 0) {
-                deadline = std::min(deadline, last_batch + kIndexIdleDelay);
-            }
-            wake_.wait_until(lock, deadline, [&] { return stopping_ || !queued_.empty(); });
+            wake_.wait_until(lock, last_checkpoint + checkpoint_interval,
+                             [&] { return stopping_ || !queued_.empty(); });
             // Group commit: everything queued while the previous transaction was written goes
             // into this one, up to the batch cap.
             while (!queued_.empty() &&
@@ -1377,11 +1404,9 @@ void AuditLog::writer_main() {
                 queued_.pop_front();
             }
             stopping = stopping_ && queued_.empty();
-            idle = queued_.empty();
         }
         bool handed_over = false;
         if (!batch.empty()) {
-            last_batch = Clock::now();
             records.clear();
             for (const auto &job : batch) {
                 for (const audit::Record &r : job->records) {
@@ -1440,20 +1465,13 @@ void AuditLog::writer_main() {
                 counters_.last_error = std::string(store_status_name(status)) + ": " + error.detail;
             }
             last_seq_ = store_.last_seq();
+            if (last_seq_.load() - store_.indexed_through() >= kIndexBatchRecords) {
+                index_wake_.notify_one();
+            }
             handed_over = status != StoreStatus::Ok || release_durable();
             if (!awaiting_.empty() && sync_target_ < commit) {
                 sync_target_ = commit;
                 sync_wake_.notify_one();
-            }
-        }
-        if (const uint64_t behind = store_.unindexed();
-            behind > 0 && (stopping || behind >= kIndexMaxBehind ||
-                           (idle && (behind >= kIndexWhenIdle ||
-                                     Clock::now() - last_batch >= kIndexIdleDelay)))) {
-            // At stop everything, so that a cleanly stopped log is fully indexed.
-            handed_over = index_chunk(stopping ? behind : kIndexChunk) || handed_over;
-            if (batch.empty()) {
-                last_batch = Clock::now();  // after a failure, retry after the delay only
             }
         }
         if ((Clock::now() - last_checkpoint >= checkpoint_interval || stopping) &&

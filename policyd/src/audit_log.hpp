@@ -9,19 +9,23 @@
 //   (fail closed) without also stopping policy reloads and revocations from being recorded.
 // - ehrgatectl opens it read-only for verify/search/export without touching policy state.
 //
-// Databases:
+// The records environment (<data-dir>/audit) holds what every acknowledgement depends on:
 // - records: be64 seq -> 32-byte chain hash || canonical record.
 // - checkpoints: be64 seq -> encoded checkpoint.
-// - index (MDB_DUPSORT | MDB_DUPFIXED): tag byte || value -> be64 seq, one sorted duplicate per
-//   record. Tags: 'i' record id (the deduplication index, one seq per key), 'p' patient,
-//   'c' client, 'u' user, 'r' correlation id. One tree for all of them, and each value's seqs
-//   packed 8 bytes apiece, instead of one tree per index with value || seq keys: far fewer pages
-//   written per record. Values longer than kMaxIndexedValue bytes are keyed by their prefix and
-//   their SHA-256 (LMDB keys have at most 511 bytes).
-// - idx_time: be64 time_us (sign bit flipped) || be64 seq -> empty.
-// Logs written before the index database existed (ids, idx_patient, idx_client, idx_user,
-// idx_correlation) are converted when policyd (or `ehrgatectl audit purge`) opens them for
-// writing; read-only, search answers them by scanning the records.
+// - ids: record id -> be64 seq, the deduplication index (ids longer than kMaxIndexedValue bytes
+//   are keyed by their prefix and SHA-256: LMDB keys have at most 511 bytes).
+// The search indexes live in a second environment (<data-dir>/audit/index), written by their
+// own thread behind the records, so that index work neither lengthens a durable commit nor
+// waits for LMDB's single write lock of the records:
+// - search (MDB_DUPSORT | MDB_DUPFIXED): tag byte || value -> be64 seq, one sorted duplicate
+//   per record; tags 'p' patient, 'c' client, 'u' user, 'r' correlation id. Each value's seqs
+//   are packed 8 bytes apiece in one tree.
+// - time: be64 time_us (sign bit flipped) || be64 seq -> empty.
+// - state: "indexed_through" -> be64 seq: records 1..n have their entries.
+// Search takes the records up to indexed_through from the indexes and scans the ones after it.
+// The indexes are derived data: lost or behind, they are rebuilt from the records.
+// Logs from before the split (idx_patient, idx_client, idx_user, idx_correlation, idx_time in the
+// records environment) lose those databases when opened for writing, and are indexed again.
 #pragma once
 
 #include <lmdb.h>
@@ -90,15 +94,12 @@ class AuditStore {
     // earlier commit before writing its meta page, so it made commits 1..k durable.
     uint64_t commits() const { return commits_; }
 
-    // Search indexes follow the records in bulk: append() writes the record, its id (for
-    // deduplication) and nothing else; index_pending() adds the search entries (patient,
-    // client, user, correlation id, time) of up to `max_records` records after
-    // indexed_through() in one transaction (Durability::Deferred), and advances it in the same
-    // transaction. Search answers the records after it by scanning them. Far fewer pages are
-    // written per record: a small commit no longer rewrites a page of every index it touches.
-    StoreStatus index_pending(uint64_t max_records, uint64_t *indexed, StoreError *error);
-    uint64_t indexed_through() const { return indexed_through_; }
-    uint64_t unindexed() const { return last_seq_ - std::min(last_seq_, indexed_through_); }
+    // ---- search indexes (the indexer thread; concurrent with append() and sync()) ----
+    // Adds the search entries of the records after indexed_through(), up to `through` (a seq
+    // already committed), in one transaction of the index environment, and advances
+    // indexed_through in it. *indexed: how many records that covered.
+    StoreStatus index_records(uint64_t through, uint64_t *indexed, StoreError *error);
+    uint64_t indexed_through() const { return indexed_through_.load(); }
 
     uint64_t last_seq() const { return last_seq_; }
     uint64_t last_checkpoint_seq() const { return last_checkpoint_seq_; }
@@ -130,26 +131,33 @@ class AuditStore {
   private:
     AuditStore(MDB_env *env, bool read_only) : env_(env), read_only_(read_only) {}
     StoreStatus open_databases(StoreError *error);
-    StoreStatus convert_legacy_indexes(MDB_txn *txn, StoreError *error);
+    StoreStatus open_index(const Options &options, StoreError *error);
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
+    // Deletes the search entries of purged records from the index environment.
+    StoreStatus unindex(const std::vector<audit::Record> &records,
+                        const std::vector<uint64_t> &seqs, StoreError *error);
+
     MDB_env *env_;
+    MDB_env *index_env_ = nullptr;  // nullptr: no index (read-only, never indexed): search scans
     bool read_only_;
     bool have_databases_ = false;
-    bool have_index_ = false;  // false: a log from before the index database, read-only
-    MDB_dbi records_{}, checkpoints_{}, index_{}, idx_time_{}, state_{};
+    MDB_dbi records_{}, checkpoints_{}, ids_{};
+    MDB_dbi search_{}, time_{}, state_{};  // in index_env_
     uint64_t last_seq_ = 0;
     std::string last_hash_ = audit::zero_hash();
     uint64_t last_checkpoint_seq_ = 0;
-    std::optional<int64_t> last_time_us_;  // of the last idx_time key: later times can append
-    uint64_t indexed_through_ = 0;  // records 1..n have their search index entries
     uint64_t commits_ = 0;
-    // Reused by append() so that a record costs no allocation: its canonical encoding, an index
-    // key, the hash context.
+    // Writer thread: reused by append() so that a record costs no allocation (its canonical
+    // encoding, an id key, the hash context).
     std::string encoded_;
     std::string key_;
     audit::ChainHasher hasher_;
+    // Indexer thread.
+    std::atomic<uint64_t> indexed_through_{0};
+    std::optional<int64_t> last_time_us_;  // of the last time key: later times can append
+    std::string index_key_;
 };
 
 // Loads the checkpoint signing key from <data-dir>/audit-signing.key, creating it (mode 0600)
@@ -170,8 +178,8 @@ struct AuditCounters {
     uint64_t other_errors = 0;
     uint64_t overloaded = 0;      // refused at once: too many records queued for the writer
     uint64_t event_failures = 0;  // policyd's own event records that could not be written
-    uint64_t indexed = 0;         // records given their search index entries (in bulk)
-    uint64_t index_errors = 0;    // failed index catch-ups (search still scans those records)
+    uint64_t indexed = 0;         // records given their search index entries
+    uint64_t index_errors = 0;    // failed index transactions (search scans those records)
     std::string last_error;
 };
 
@@ -180,7 +188,8 @@ struct AuditCounters {
 // disk flush). A second thread, the syncer, flushes again so that the commit record is durable
 // too, while the writer already builds and commits the next batch; the next commit's own flush
 // does the same. Only once a batch is durable does its outcome go back to the loop, through a
-// uv_async_t, where the completion runs. The loop never waits for the disk.
+// uv_async_t, where the completion runs. The loop never waits for the disk. A third thread, the
+// indexer, adds the search index entries of committed records in bulk.
 class AuditLog {
   public:
     struct Options {
@@ -238,8 +247,7 @@ class AuditLog {
     // With mutex_ held: fails the awaiting jobs (the flush that would have made them durable
     // failed).
     void fail_awaiting(StoreStatus status, const std::string &detail);
-    // Writer thread: one index catch-up transaction. Returns true when it handed jobs over.
-    bool index_chunk(uint64_t max_records);
+    void indexer_main();
 
     uv_loop_t *loop_;
     AuditStore &store_;
@@ -250,10 +258,12 @@ class AuditLog {
     bool stopped_ = false;
     std::thread writer_;
     std::thread syncer_;
+    std::thread indexer_;
 
     mutable std::mutex mutex_;
     std::condition_variable wake_;       // the writer: records queued, or stop
     std::condition_variable sync_wake_;  // the syncer: a commit to make durable, or stop
+    std::condition_variable index_wake_;  // the indexer: records to index, or stop
     std::deque<std::unique_ptr<Job>> queued_;
     size_t queued_records_ = 0;
     std::deque<std::unique_ptr<Job>> awaiting_;  // committed, waiting to be durable
@@ -262,6 +272,7 @@ class AuditLog {
     std::deque<std::unique_ptr<Job>> done_;
     bool stopping_ = false;
     bool syncer_stopping_ = false;
+    bool indexer_stopping_ = false;
     AuditCounters counters_;
     std::atomic<uint64_t> last_seq_{0};
     uint64_t event_counter_ = 0;

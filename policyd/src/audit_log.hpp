@@ -29,6 +29,7 @@
 #pragma once
 
 #include <lmdb.h>
+#include <sys/types.h>
 #include <uv.h>
 
 #include <atomic>
@@ -135,6 +136,11 @@ class AuditStore {
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
+    // Writes zeros beyond the end of the records file, a few MiB ahead of what LMDB uses: a
+    // flush of pages written into space the file already has is several times cheaper than one
+    // that must also allocate blocks and grow the file (measured: docs/audit.md). Called
+    // inside a write transaction.
+    void prefill();
     // Deletes the search entries of purged records from the index environment.
     StoreStatus unindex(const std::vector<audit::Record> &records,
                         const std::vector<uint64_t> &seqs, StoreError *error);
@@ -149,6 +155,8 @@ class AuditStore {
     std::string last_hash_ = audit::zero_hash();
     uint64_t last_checkpoint_seq_ = 0;
     uint64_t commits_ = 0;
+    off_t prefilled_end_ = 0;
+    bool prefill_failed_ = false;
     // Writer thread: reused by append() so that a record costs no allocation (its canonical
     // encoding, an id key, the hash context).
     std::string encoded_;
@@ -261,8 +269,8 @@ class AuditLog {
     std::thread indexer_;
 
     mutable std::mutex mutex_;
-    std::condition_variable wake_;       // the writer: records queued, or stop
-    std::condition_variable sync_wake_;  // the syncer: a commit to make durable, or stop
+    std::condition_variable wake_;        // the writer: records queued, or stop
+    std::condition_variable sync_wake_;   // the syncer: a commit to make durable, or stop
     std::condition_variable index_wake_;  // the indexer: records to index, or stop
     std::deque<std::unique_ptr<Job>> queued_;
     size_t queued_records_ = 0;

@@ -188,8 +188,8 @@ class RecordSource {
     protocol::AuditAppend append_;
 };
 
-double throughput(Connection &c, RecordSource &source, size_t per_append, size_t window,
-                  bool sync, double seconds) {
+double throughput(Connection &c, RecordSource &source, size_t per_append, size_t window, bool sync,
+                  double seconds) {
     uint32_t id = 1;
     for (size_t i = 0; i < window; ++i) {
         c.send(source.frame(per_append, sync, id++));

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -309,9 +310,25 @@ std::unique_ptr<AuditStore> AuditStore::open(const Options &options, StoreError 
     }
     std::unique_ptr<AuditStore> store(new AuditStore(env.release(), options.read_only));
     if (store->open_databases(error) != StoreStatus::Ok ||
-        store->load_head(error) != StoreStatus::Ok ||
-        store->open_index(options, error) != StoreStatus::Ok) {
+        store->load_head(error) != StoreStatus::Ok) {
         return nullptr;
+    }
+    if (!options.read_only) {
+        // The last commit of a process that was killed may still wait for its meta page's
+        // flush; a redelivered record found in it is acknowledged as durable, so flush now.
+        rc = mdb_env_sync(store->env_, 1);
+        if (rc != MDB_SUCCESS) {
+            translate_lmdb_error(rc, error);
+            return nullptr;
+        }
+    }
+    // The indexes are derived data: one that cannot be opened is started over (or, read-only,
+    // done without: search scans), never a reason to refuse the log itself.
+    StoreError index_error;
+    if (store->open_index(options, &index_error) != StoreStatus::Ok && !options.read_only) {
+        std::error_code ignored;
+        std::filesystem::remove_all(options.directory + "/index", ignored);
+        store->open_index(options, &index_error);
     }
     return store;
 }
@@ -1390,6 +1407,9 @@ constexpr auto kIndexDelay = std::chrono::milliseconds(100);
 }  // namespace
 
 void AuditLog::indexer_main() {
+    if (!store_.has_index()) {
+        return;
+    }
     std::unique_lock lock(mutex_);
     for (;;) {
         // last_seq_: committed by the writer, so in every snapshot the indexer takes from now.

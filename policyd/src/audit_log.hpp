@@ -101,6 +101,8 @@ class AuditStore {
     // indexed_through in it. *indexed: how many records that covered.
     StoreStatus index_records(uint64_t through, uint64_t *indexed, StoreError *error);
     uint64_t indexed_through() const { return indexed_through_.load(); }
+    // False when the index environment could not be opened: search scans everything.
+    bool has_index() const { return index_env_ != nullptr; }
 
     uint64_t last_seq() const { return last_seq_; }
     uint64_t last_checkpoint_seq() const { return last_checkpoint_seq_; }

@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -242,6 +243,30 @@ TEST_F(AuditStoreTest, IndexIsRebuiltWhenLostAndRewoundWhenAheadOfTheRecords) {
     index(*store, 4);
     EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1}));
     EXPECT_EQ(index_entries("pp4"), 2u);
+}
+
+TEST_F(AuditStoreTest, AnIndexThatCannotBeOpenedIsStartedOver) {
+    {
+        auto store = open();
+        ASSERT_EQ(append(*store, {record("a", "p1", 100)}, false), StoreStatus::Ok);
+        index(*store, 1);
+    }
+    {
+        std::ofstream garbage(dir_ + "/audit/index/data.mdb", std::ios::trunc);
+        garbage << std::string(8192, 'g');
+    }
+    {
+        auto reader = open(size_t{64} << 20, true);  // the records still answer, by a scan
+        ASSERT_TRUE(reader);
+        EXPECT_FALSE(reader->has_index());
+        EXPECT_EQ(search(*reader, query("p1")), (std::vector<uint64_t>{1}));
+    }
+    auto store = open();
+    ASSERT_TRUE(store);
+    EXPECT_TRUE(store->has_index());
+    EXPECT_EQ(store->indexed_through(), 0u);
+    index(*store, 1);
+    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1}));
 }
 
 // The layout before the index environment: ids and the search indexes beside the records.

@@ -1,7 +1,9 @@
 #include "audit_log.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -98,10 +100,6 @@ void search_key(std::string &out, SearchTag tag, std::string_view value) {
 }
 
 constexpr char kIndexedThroughKey[] = "indexed_through";
-
-// The records file is kept zero-filled ahead of what LMDB uses (AuditStore::prefill).
-constexpr off_t kPrefillChunk = off_t{4} << 20;
-constexpr off_t kPrefillLowWater = off_t{2} << 20;
 
 MDB_val as_val(std::string_view bytes) {
     return MDB_val{bytes.size(), const_cast<char *>(bytes.data())};
@@ -506,46 +504,6 @@ StoreStatus AuditStore::put_checkpoint(MDB_txn *txn, const audit::SigningKey &ke
     return rc == MDB_SUCCESS ? StoreStatus::Ok : translate_lmdb_error(rc, error);
 }
 
-void AuditStore::prefill() {
-    // Only with the write lock held (inside a write transaction): nobody else, not even an
-    // `ehrgatectl audit purge` next to policyd, writes the file meanwhile, and the bytes beyond
-    // its end are nobody's.
-    MDB_envinfo info{};
-    MDB_stat stat{};
-    int fd = -1;
-    if (prefill_failed_ || mdb_env_info(env_, &info) != MDB_SUCCESS ||
-        mdb_env_stat(env_, &stat) != MDB_SUCCESS || mdb_env_get_fd(env_, &fd) != MDB_SUCCESS) {
-        return;
-    }
-    const auto used = static_cast<off_t>((info.me_last_pgno + 1) * stat.ms_psize);
-    const auto limit = static_cast<off_t>(info.me_mapsize);
-    if (prefilled_end_ - used >= kPrefillLowWater || prefilled_end_ >= limit) {
-        return;
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-        prefill_failed_ = true;
-        return;
-    }
-    // Zeros written, not just reserved (fallocate leaves unwritten extents, which a flush still
-    // has to convert): the next commit's flush writes them once, and from then on the pages
-    // LMDB adds at the end are overwrites.
-    static const std::vector<char> zeros(kPrefillChunk / 8, 0);
-    off_t at = std::max<off_t>(st.st_size, prefilled_end_);
-    const off_t end = std::min<off_t>(at + kPrefillChunk, limit);
-    while (at < end) {
-        const ssize_t n = ::pwrite(
-            fd, zeros.data(), static_cast<size_t>(std::min<off_t>(end - at, zeros.size())), at);
-        if (n <= 0) {
-            // A full disk: LMDB reports that itself when it needs the space.
-            prefill_failed_ = true;
-            break;
-        }
-        at += n;
-    }
-    prefilled_end_ = at;
-}
-
 StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records,
                                const audit::SigningKey *key, bool checkpoint, int64_t now,
                                std::vector<Appended> &out, StoreError *error,
@@ -559,7 +517,6 @@ StoreStatus AuditStore::append(const std::vector<const audit::Record *> &records
     if (txn.begin_rc() != MDB_SUCCESS) {
         return translate_lmdb_error(txn.begin_rc(), error);
     }
-    prefill();
     uint64_t seq = last_seq_;
     char hash[audit::kHashSize];
     std::memcpy(hash, last_hash_.data(), audit::kHashSize);
@@ -1412,6 +1369,9 @@ void AuditLog::indexer_main() {
     if (!store_.has_index()) {
         return;
     }
+    // Background work: on a busy machine the writer, the syncer and the loop, which requests
+    // wait for, go first (Linux applies nice per thread).
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 10);
     std::unique_lock lock(mutex_);
     for (;;) {
         // last_seq_: committed by the writer, so in every snapshot the indexer takes from now.

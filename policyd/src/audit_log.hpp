@@ -29,7 +29,6 @@
 #pragma once
 
 #include <lmdb.h>
-#include <sys/types.h>
 #include <uv.h>
 
 #include <atomic>
@@ -138,11 +137,6 @@ class AuditStore {
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
-    // Writes zeros beyond the end of the records file, a few MiB ahead of what LMDB uses: a
-    // flush of pages written into space the file already has is several times cheaper than one
-    // that must also allocate blocks and grow the file (measured: docs/audit.md). Called
-    // inside a write transaction.
-    void prefill();
     // Deletes the search entries of purged records from the index environment.
     StoreStatus unindex(const std::vector<audit::Record> &records,
                         const std::vector<uint64_t> &seqs, StoreError *error);
@@ -157,8 +151,6 @@ class AuditStore {
     std::string last_hash_ = audit::zero_hash();
     uint64_t last_checkpoint_seq_ = 0;
     uint64_t commits_ = 0;
-    off_t prefilled_end_ = 0;
-    bool prefill_failed_ = false;
     // Writer thread: reused by append() so that a record costs no allocation (its canonical
     // encoding, an id key, the hash context).
     std::string encoded_;

@@ -359,21 +359,6 @@ TEST_F(AuditStoreTest, CommitsAreCountedOnlyWhenTheyWrite) {
     EXPECT_EQ(store->sync(&error), StoreStatus::Ok);
 }
 
-TEST_F(AuditStoreTest, RecordsFileIsZeroFilledAheadOfTheData) {
-    {
-        auto store = open();
-        ASSERT_EQ(append(*store, {record("a", "p1", 100)}, true), StoreStatus::Ok);
-    }
-    const auto size = std::filesystem::file_size(dir_ + "/audit/data.mdb");
-    EXPECT_GE(size, std::uintmax_t{2} << 20);  // well beyond the few pages in use
-    auto store = open();                       // LMDB goes by its meta page, not the file size
-    EXPECT_EQ(store->last_seq(), 1u);
-    ASSERT_EQ(append(*store, {record("b", "p1", 200)}, true), StoreStatus::Ok);
-    EXPECT_TRUE(verify(*store).ok);
-    auto reader = open(size_t{64} << 20, true);
-    EXPECT_EQ(search(*reader, query("p1")), (std::vector<uint64_t>{1, 2}));
-}
-
 TEST_F(AuditStoreTest, MapFullFailsTheWholeBatchAndKeepsTheChain) {
     auto store = open(size_t{1} << 20);  // 1 MiB
     ASSERT_TRUE(store);

@@ -170,6 +170,7 @@ struct IndexedFields {
 
 // Reads the indexed fields of a stored value; patients are appended to `patients`, each once.
 // False when the value does not parse (tampering: verify reports it; it has no index entries).
+// The canonical order puts all of them among the first keys: reading stops once they are read.
 bool read_indexed_fields(std::string_view value, IndexedFields &out,
                          std::vector<std::string_view> &patients) {
     if (value.size() <= audit::kHashSize) {
@@ -178,20 +179,26 @@ bool read_indexed_fields(std::string_view value, IndexedFields &out,
     msgpack::Reader r(value.substr(audit::kHashSize));
     const std::optional<uint32_t> count = r.read_map();
     out.patients_begin = out.patients_end = patients.size();
-    for (uint32_t i = 0; count && i < *count && r.ok(); ++i) {
+    enum : unsigned { kTime = 1, kClient = 2, kUser = 4, kCorrelation = 8, kPatients = 16 };
+    unsigned seen = 0;
+    for (uint32_t i = 0; count && i < *count && r.ok() && seen != 31; ++i) {
         const std::optional<std::string_view> key = r.read_str();
         if (!key) {
             return false;
         }
-        auto str = [&](std::string_view &field) { field = r.read_str().value_or(""); };
+        auto str = [&](std::string_view &field, unsigned bit) {
+            field = r.read_str().value_or("");
+            seen |= bit;
+        };
         if (*key == "time_us") {
             out.time_us = r.read_int().value_or(0);
+            seen |= kTime;
         } else if (*key == "client_id") {
-            str(out.client);
+            str(out.client, kClient);
         } else if (*key == "user") {
-            str(out.user);
+            str(out.user, kUser);
         } else if (*key == "correlation_id") {
-            str(out.correlation);
+            str(out.correlation, kCorrelation);
         } else if (*key == "patient_ids") {
             const std::optional<uint32_t> n = r.read_array();
             for (uint32_t j = 0; n && j < *n && r.ok(); ++j) {
@@ -202,11 +209,12 @@ bool read_indexed_fields(std::string_view value, IndexedFields &out,
                 }
             }
             out.patients_end = patients.size();
+            seen |= kPatients;
         } else {
             r.skip();
         }
     }
-    return count.has_value() && r.ok() && r.at_end();
+    return count.has_value() && r.ok() && seen == 31;
 }
 
 // The search values of one tag that a record has.
@@ -677,30 +685,68 @@ StoreStatus AuditStore::index_records(uint64_t through, uint64_t *indexed, Store
     {
         Cursor search(txn.get(), search_), times(txn.get(), time_);
         rc = search.rc() != MDB_SUCCESS ? search.rc() : times.rc();
-        // One tag at a time through one cursor: successive keys are then often on the page the
-        // cursor is on (one client's or user's records, a patient seen again, nearby ids), which
-        // LMDB finds without descending from the root; and each page is copied once per batch.
-        for (const SearchTag tag : kSearchTags) {
-            for (const IndexedFields &record : pending) {
-                if (rc != MDB_SUCCESS) {
+        // Successive records with the same value (one client's, one user's) make a run: its
+        // seqs go in with one MDB_MULTIPLE put.
+        std::string run_seqs;
+        auto put_run = [&](std::string_view key) -> int {
+            const size_t count = run_seqs.size() / 8;
+            MDB_val kv = as_val(key);
+            MDB_val data[2] = {{8, run_seqs.data()}, {count, nullptr}};
+            // Seqs only grow, so these go after the key's other duplicates: APPENDDUP puts
+            // them there without searching them.
+            int put = mdb_cursor_put(search.get(), &kv, data, MDB_MULTIPLE | MDB_APPENDDUP);
+            // KEYEXIST: one of them is not the largest after all (entries of records lost in
+            // a crash, see open()). From there one by one, with an ordinary insert, which finds
+            // the pair when it is there already.
+            for (size_t i = put == MDB_KEYEXIST ? data[1].mv_size : count; i < count; ++i) {
+                MDB_val one{8, run_seqs.data() + 8 * i};
+                put = mdb_cursor_put(search.get(), &kv, &one, MDB_NODUPDATA);
+                if (put != MDB_SUCCESS && put != MDB_KEYEXIST) {
                     break;
                 }
-                char seq_bytes[8];
-                put_be64(seq_bytes, record.seq);
-                rc = for_each_value(tag, record, patients, [&](std::string_view value) {
-                    search_key(index_key_, tag, value);
-                    MDB_val kv = as_val(index_key_), vv{sizeof seq_bytes, seq_bytes};
-                    // Seqs only grow, so this one goes after the key's other duplicates:
-                    // APPENDDUP puts it there without searching them. KEYEXIST: not the largest
-                    // after all (entries of records lost in a crash): an ordinary insert, which
-                    // finds the pair when it is there already.
-                    int put = mdb_cursor_put(search.get(), &kv, &vv, MDB_APPENDDUP);
-                    if (put == MDB_KEYEXIST) {
-                        put = mdb_cursor_put(search.get(), &kv, &vv, MDB_NODUPDATA);
-                    }
-                    return put == MDB_KEYEXIST ? MDB_SUCCESS : put;
+                put = MDB_SUCCESS;
+            }
+            run_seqs.clear();
+            return put;
+        };
+        // The keys first, every tag's laid out one after the other in one pass over the records
+        // (whose values are spread over their pages); then one tag at a time through one cursor:
+        // successive keys are often on the page the cursor is on, which LMDB finds without
+        // descending from the root.
+        constexpr size_t kTags = std::size(kSearchTags);
+        std::string keys[kTags];
+        std::vector<std::pair<size_t, uint64_t>> entries[kTags];  // key's end in keys[t], seq
+        for (const IndexedFields &record : pending) {
+            for (size_t t = 0; t < kTags; ++t) {
+                for_each_value(kSearchTags[t], record, patients, [&](std::string_view value) {
+                    search_key(index_key_, kSearchTags[t], value);
+                    keys[t].append(index_key_);
+                    entries[t].emplace_back(keys[t].size(), record.seq);
+                    return MDB_SUCCESS;
                 });
             }
+        }
+        for (size_t t = 0; t < kTags && rc == MDB_SUCCESS; ++t) {
+            std::string_view run_key;
+            size_t start = 0;
+            for (const auto &[end, seq] : entries[t]) {
+                const std::string_view key(keys[t].data() + start, end - start);
+                start = end;
+                if (!run_seqs.empty() && key != run_key) {
+                    rc = put_run(run_key);
+                    if (rc != MDB_SUCCESS) {
+                        break;
+                    }
+                }
+                run_key = key;
+                char seq_bytes[8];
+                put_be64(seq_bytes, seq);
+                run_seqs.append(seq_bytes, sizeof seq_bytes);
+            }
+            if (rc == MDB_SUCCESS && !run_seqs.empty()) {
+                rc = put_run(run_key);
+            }
+            run_seqs.clear();
         }
         for (const IndexedFields &record : pending) {
             if (rc == MDB_SUCCESS) {

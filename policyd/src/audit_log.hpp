@@ -9,10 +9,23 @@
 //   (fail closed) without also stopping policy reloads and revocations from being recorded.
 // - ehrgatectl opens it read-only for verify/search/export without touching policy state.
 //
-// Databases: records (be64 seq -> 32-byte chain hash || canonical record), ids (record id ->
-// be64 seq, the deduplication index), checkpoints (be64 seq -> encoded checkpoint), and index
-// databases idx_patient, idx_client, idx_user, idx_correlation (be16 length || value || be64 seq
-// -> empty) and idx_time (be64 time_us || be64 seq -> empty).
+// The records environment (<data-dir>/audit) holds what every acknowledgement depends on:
+// - records: be64 seq -> 32-byte chain hash || canonical record.
+// - checkpoints: be64 seq -> encoded checkpoint.
+// - ids: record id -> be64 seq, the deduplication index (ids longer than kMaxIndexedValue bytes
+//   are keyed by their prefix and SHA-256: LMDB keys have at most 511 bytes).
+// The search indexes live in a second environment (<data-dir>/audit/index), written by their
+// own thread behind the records, so that index work neither lengthens a durable commit nor
+// waits for LMDB's single write lock of the records:
+// - search (MDB_DUPSORT | MDB_DUPFIXED): tag byte || value -> be64 seq, one sorted duplicate
+//   per record; tags 'p' patient, 'c' client, 'u' user, 'r' correlation id. Each value's seqs
+//   are packed 8 bytes apiece in one tree.
+// - time: be64 time_us (sign bit flipped) || be64 seq -> empty.
+// - state: "indexed_through" -> be64 seq: records 1..n have their entries.
+// Search takes the records up to indexed_through from the indexes and scans the ones after it.
+// The indexes are derived data: lost or behind, they are rebuilt from the records.
+// Logs from before the split (idx_patient, idx_client, idx_user, idx_correlation, idx_time in the
+// records environment) lose those databases when opened for writing, and are indexed again.
 #pragma once
 
 #include <lmdb.h>
@@ -54,15 +67,41 @@ class AuditStore {
         bool duplicate = false;  // this record id was already in the log (redelivery)
     };
 
-    // Appends in one transaction, committed durably (synced) before returning Ok. Records whose
-    // id is already stored are not appended again. When `key` is given and `checkpoint` is
-    // true, a signed checkpoint of the new head is written in the same transaction. On any
-    // error nothing of the batch is stored and the in-memory head is unchanged.
+    // Synced: the commit is durable when append() returns. Deferred: LMDB has synced the data
+    // pages, but its commit record (the meta page) becomes durable only with the next commit
+    // that writes or with sync(); until then a power loss rolls the log back to the commit
+    // before, intact. The group-commit writer defers, so one disk flush per commit suffices
+    // under load, and syncs at once when nothing else is waiting.
+    enum class Durability { Synced, Deferred };
+
+    // Appends in one transaction. Records whose id is already stored are not appended again.
+    // When `key` is given and `checkpoint` is true, a signed checkpoint of the new head is written
+    // in the same transaction. On any error nothing of the batch is stored and the in-memory head
+    // is unchanged.
     StoreStatus append(const std::vector<const audit::Record *> &records,
                        const audit::SigningKey *key, bool checkpoint, int64_t now_us,
-                       std::vector<Appended> &out, StoreError *error);
-    // A checkpoint of the current head in its own transaction (no-op when already covered).
+                       std::vector<Appended> &out, StoreError *error,
+                       Durability durability = Durability::Synced);
+    // A checkpoint of the current head in its own transaction, synced (no-op when already
+    // covered).
     StoreStatus checkpoint(const audit::SigningKey &key, int64_t now_us, StoreError *error);
+    // Makes every commit so far durable (fdatasync). May run on another thread than append():
+    // LMDB writes its file only inside a commit, and flushing the file while the next
+    // transaction is being built or committed flushes nothing that a crash could make harmful
+    // (see docs/audit.md).
+    StoreStatus sync(StoreError *error);
+    // Commits that wrote something, in order: commit k+1 synced the data of its own and every
+    // earlier commit before writing its meta page, so it made commits 1..k durable.
+    uint64_t commits() const { return commits_; }
+
+    // ---- search indexes (the indexer thread; concurrent with append() and sync()) ----
+    // Adds the search entries of the records after indexed_through(), up to `through` (a seq
+    // already committed), in one transaction of the index environment, and advances
+    // indexed_through in it. *indexed: how many records that covered.
+    StoreStatus index_records(uint64_t through, uint64_t *indexed, StoreError *error);
+    uint64_t indexed_through() const { return indexed_through_.load(); }
+    // False when the index environment could not be opened: search scans everything.
+    bool has_index() const { return index_env_ != nullptr; }
 
     uint64_t last_seq() const { return last_seq_; }
     uint64_t last_checkpoint_seq() const { return last_checkpoint_seq_; }
@@ -94,18 +133,33 @@ class AuditStore {
   private:
     AuditStore(MDB_env *env, bool read_only) : env_(env), read_only_(read_only) {}
     StoreStatus open_databases(StoreError *error);
+    StoreStatus open_index(const Options &options, StoreError *error);
     StoreStatus load_head(StoreError *error);
     StoreStatus put_checkpoint(MDB_txn *txn, const audit::SigningKey &key, uint64_t seq,
                                const std::string &hash, int64_t now_us, StoreError *error);
+    // Deletes the search entries of purged records from the index environment.
+    StoreStatus unindex(const std::vector<audit::Record> &records,
+                        const std::vector<uint64_t> &seqs, StoreError *error);
 
     MDB_env *env_;
+    MDB_env *index_env_ = nullptr;  // nullptr: no index (read-only, never indexed): search scans
     bool read_only_;
     bool have_databases_ = false;
-    MDB_dbi records_{}, ids_{}, checkpoints_{}, idx_patient_{}, idx_client_{}, idx_user_{},
-        idx_correlation_{}, idx_time_{};
+    MDB_dbi records_{}, checkpoints_{}, ids_{};
+    MDB_dbi search_{}, time_{}, state_{};  // in index_env_
     uint64_t last_seq_ = 0;
     std::string last_hash_ = audit::zero_hash();
     uint64_t last_checkpoint_seq_ = 0;
+    uint64_t commits_ = 0;
+    // Writer thread: reused by append() so that a record costs no allocation (its canonical
+    // encoding, an id key, the hash context).
+    std::string encoded_;
+    std::string key_;
+    audit::ChainHasher hasher_;
+    // Indexer thread.
+    std::atomic<uint64_t> indexed_through_{0};
+    std::optional<int64_t> last_time_us_;  // of the last time key: later times can append
+    std::string index_key_;
 };
 
 // Loads the checkpoint signing key from <data-dir>/audit-signing.key, creating it (mode 0600)
@@ -126,13 +180,18 @@ struct AuditCounters {
     uint64_t other_errors = 0;
     uint64_t overloaded = 0;      // refused at once: too many records queued for the writer
     uint64_t event_failures = 0;  // policyd's own event records that could not be written
+    uint64_t indexed = 0;         // records given their search index entries
+    uint64_t index_errors = 0;    // failed index transactions (search scans those records)
     std::string last_error;
 };
 
 // Group commit for the libuv loop. append() queues and returns at once; a dedicated writer
-// thread takes everything queued, appends it in one synced transaction, and hands the outcome
-// back to the loop through a uv_async_t, where the completion runs. The loop never waits for
-// the disk.
+// thread takes everything queued and appends it in one transaction (Durability::Deferred: one
+// disk flush). A second thread, the syncer, flushes again so that the commit record is durable
+// too, while the writer already builds and commits the next batch; the next commit's own flush
+// does the same. Only once a batch is durable does its outcome go back to the loop, through a
+// uv_async_t, where the completion runs. The loop never waits for the disk. A third thread, the
+// indexer, adds the search index entries of committed records in bulk.
 class AuditLog {
   public:
     struct Options {
@@ -174,13 +233,23 @@ class AuditLog {
   private:
     struct Job {
         std::vector<audit::Record> records;
+        size_t record_count = 0;  // records.size() before the writer released the records
         Completion done;
         Result result;
+        uint64_t commit = 0;  // the store commit that must be durable before the ack
     };
 
     static void on_async(uv_async_t *handle);
     void writer_main();
+    void syncer_main();
     void deliver();
+    // With mutex_ held: hands every awaiting job whose commit is durable to the loop.
+    // Returns true when it moved any.
+    bool release_durable();
+    // With mutex_ held: fails the awaiting jobs (the flush that would have made them durable
+    // failed).
+    void fail_awaiting(StoreStatus status, const std::string &detail);
+    void indexer_main();
 
     uv_loop_t *loop_;
     AuditStore &store_;
@@ -190,13 +259,22 @@ class AuditLog {
     bool started_ = false;
     bool stopped_ = false;
     std::thread writer_;
+    std::thread syncer_;
+    std::thread indexer_;
 
     mutable std::mutex mutex_;
-    std::condition_variable wake_;
+    std::condition_variable wake_;        // the writer: records queued, or stop
+    std::condition_variable sync_wake_;   // the syncer: a commit to make durable, or stop
+    std::condition_variable index_wake_;  // the indexer: records to index, or stop
     std::deque<std::unique_ptr<Job>> queued_;
     size_t queued_records_ = 0;
+    std::deque<std::unique_ptr<Job>> awaiting_;  // committed, waiting to be durable
+    uint64_t durable_commits_ = 0;               // store commits 1..n are durable
+    uint64_t sync_target_ = 0;  // the syncer flushes until commits 1..n are durable
     std::deque<std::unique_ptr<Job>> done_;
     bool stopping_ = false;
+    bool syncer_stopping_ = false;
+    bool indexer_stopping_ = false;
     AuditCounters counters_;
     std::atomic<uint64_t> last_seq_{0};
     uint64_t event_counter_ = 0;

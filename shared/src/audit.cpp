@@ -4,6 +4,8 @@
 #include <openssl/pem.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstring>
 #include <ctime>
 
@@ -19,159 +21,334 @@ using msgpack::Writer;
 
 // Record fields in their one canonical order. Both encodings (canonical and wire) write them
 // all, every time: a missing key and an empty value must not be two encodings of one record.
-constexpr uint32_t kRecordFieldCount = 27;
+enum class Field : uint8_t {
+    Kind,
+    TimeUs,
+    RecordId,
+    CorrelationId,
+    Traceparent,
+    ClientId,
+    User,
+    PatientIds,
+    Method,
+    ResourceType,
+    Interaction,
+    Query,
+    HttpStatus,
+    LatencyUs,
+    Bytes,
+    Upstream,
+    PolicyVersion,
+    Decision,
+    Reason,
+    ConsentIds,
+    PurposeOfUse,
+    BreakGlass,
+    RedactionCount,
+    ClientAddress,
+    CertFingerprint,
+    JtiHash,
+    Detail,
+};
 
-void write_strings(Writer &w, const std::vector<std::string> &values) {
+constexpr std::array<std::string_view, 27> kFieldNames = {
+    "kind",           "time_us",        "record_id",       "correlation_id", "traceparent",
+    "client_id",      "user",           "patient_ids",     "method",         "resource_type",
+    "interaction",    "query",          "http_status",     "latency_us",     "bytes",
+    "upstream",       "policy_version", "decision",        "reason",         "consent_ids",
+    "purpose_of_use", "break_glass",    "redaction_count", "client_address", "cert_fingerprint",
+    "jti_hash",       "detail",
+};
+constexpr uint32_t kRecordFieldCount = kFieldNames.size();
+
+// Writes msgpack with exactly msgpack::Writer's (smallest) encodings, straight into space sized
+// by encoded_size_bound() beforehand: no capacity check or growth per byte. The writer encodes
+// every record it appends, so this is on the audit log's hot path.
+class BoundedWriter {
+  public:
+    BoundedWriter(std::string &out, size_t bound) : out_(out), start_(out.size()) {
+        out.resize(start_ + bound);
+        at_ = out.data() + start_;
+    }
+    // Trims the string to what was written.
+    ~BoundedWriter() { out_.resize(static_cast<size_t>(at_ - out_.data())); }
+    BoundedWriter(const BoundedWriter &) = delete;
+    BoundedWriter &operator=(const BoundedWriter &) = delete;
+
+    void boolean(bool value) { byte(value ? 0xc3 : 0xc2); }
+    void uint(uint64_t value) {
+        if (value <= 0x7f) {
+            byte(static_cast<uint8_t>(value));
+        } else if (value <= 0xff) {
+            byte(0xcc);
+            be(value, 1);
+        } else if (value <= 0xffff) {
+            byte(0xcd);
+            be(value, 2);
+        } else if (value <= 0xffffffffULL) {
+            byte(0xce);
+            be(value, 4);
+        } else {
+            byte(0xcf);
+            be(value, 8);
+        }
+    }
+    void sint(int64_t value) {
+        if (value >= 0) {
+            uint(static_cast<uint64_t>(value));
+        } else if (value >= -32) {
+            byte(static_cast<uint8_t>(value));
+        } else if (value >= INT8_MIN) {
+            byte(0xd0);
+            be(static_cast<uint64_t>(value), 1);
+        } else if (value >= INT16_MIN) {
+            byte(0xd1);
+            be(static_cast<uint64_t>(value), 2);
+        } else if (value >= INT32_MIN) {
+            byte(0xd2);
+            be(static_cast<uint64_t>(value), 4);
+        } else {
+            byte(0xd3);
+            be(static_cast<uint64_t>(value), 8);
+        }
+    }
+    void str(std::string_view value) {
+        const size_t n = value.size();
+        if (n <= 31) {
+            byte(static_cast<uint8_t>(0xa0 | n));
+        } else if (n <= 0xff) {
+            byte(0xd9);
+            be(n, 1);
+        } else if (n <= 0xffff) {
+            byte(0xda);
+            be(n, 2);
+        } else {
+            byte(0xdb);
+            be(n, 4);
+        }
+        std::memcpy(at_, value.data(), n);
+        at_ += n;
+    }
+    void key(std::string_view name) { str(name); }
+    void array(uint32_t count) { header(count, 0x90, 0xdc, 0xdd); }
+    void map(uint32_t count) { header(count, 0x80, 0xde, 0xdf); }
+
+  private:
+    void byte(uint8_t v) { *at_++ = static_cast<char>(v); }
+    void be(uint64_t v, int bytes) {
+        for (int shift = (bytes - 1) * 8; shift >= 0; shift -= 8) {
+            byte(static_cast<uint8_t>(v >> shift));
+        }
+    }
+    void header(uint32_t count, uint8_t fix, uint8_t marker16, uint8_t marker32) {
+        if (count <= 15) {
+            byte(static_cast<uint8_t>(fix | count));
+        } else if (count <= 0xffff) {
+            byte(marker16);
+            be(count, 2);
+        } else {
+            byte(marker32);
+            be(count, 4);
+        }
+    }
+
+    std::string &out_;
+    size_t start_;
+    char *at_;
+};
+
+template <typename W>
+void write_strings(W &w, const std::vector<std::string> &values) {
     w.array(static_cast<uint32_t>(values.size()));
     for (const std::string &v : values) {
         w.str(v);
     }
 }
 
-void write_fields(Writer &w, const Record &r) {
-    auto put = [&](std::string_view key, std::string_view value) {
-        w.key(key);
+template <typename W>
+void write_fields(W &w, const Record &r) {
+    auto put = [&](Field field, std::string_view value) {
+        w.key(kFieldNames[static_cast<size_t>(field)]);
         w.str(value);
     };
-    w.key("kind");
+    auto key = [&](Field field) { w.key(kFieldNames[static_cast<size_t>(field)]); };
+    key(Field::Kind);
     w.uint(static_cast<uint8_t>(r.kind));
-    w.key("time_us");
+    key(Field::TimeUs);
     w.sint(r.time_us);
-    put("record_id", r.record_id);
-    put("correlation_id", r.correlation_id);
-    put("traceparent", r.traceparent);
-    put("client_id", r.client_id);
-    put("user", r.user);
-    w.key("patient_ids");
+    put(Field::RecordId, r.record_id);
+    put(Field::CorrelationId, r.correlation_id);
+    put(Field::Traceparent, r.traceparent);
+    put(Field::ClientId, r.client_id);
+    put(Field::User, r.user);
+    key(Field::PatientIds);
     write_strings(w, r.patient_ids);
-    put("method", r.method);
-    put("resource_type", r.resource_type);
-    put("interaction", r.interaction);
-    put("query", r.query);
-    w.key("http_status");
+    put(Field::Method, r.method);
+    put(Field::ResourceType, r.resource_type);
+    put(Field::Interaction, r.interaction);
+    put(Field::Query, r.query);
+    key(Field::HttpStatus);
     w.uint(r.http_status);
-    w.key("latency_us");
+    key(Field::LatencyUs);
     w.uint(r.latency_us);
-    w.key("bytes");
+    key(Field::Bytes);
     w.uint(r.bytes);
-    put("upstream", r.upstream);
-    put("policy_version", r.policy_version);
-    put("decision", r.decision);
-    put("reason", r.reason);
-    w.key("consent_ids");
+    put(Field::Upstream, r.upstream);
+    put(Field::PolicyVersion, r.policy_version);
+    put(Field::Decision, r.decision);
+    put(Field::Reason, r.reason);
+    key(Field::ConsentIds);
     write_strings(w, r.consent_ids);
-    put("purpose_of_use", r.purpose_of_use);
-    w.key("break_glass");
+    put(Field::PurposeOfUse, r.purpose_of_use);
+    key(Field::BreakGlass);
     w.boolean(r.break_glass);
-    w.key("redaction_count");
+    key(Field::RedactionCount);
     w.uint(r.redaction_count);
-    put("client_address", r.client_address);
-    put("cert_fingerprint", r.cert_fingerprint);
-    put("jti_hash", r.jti_hash);
-    put("detail", r.detail);
+    put(Field::ClientAddress, r.client_address);
+    put(Field::CertFingerprint, r.cert_fingerprint);
+    put(Field::JtiHash, r.jti_hash);
+    put(Field::Detail, r.detail);
 }
 
-bool read_string(Reader &r, std::string &out) {
-    const std::optional<std::string_view> v = r.read_str();
-    if (v) {
+// At least as many bytes as an encoded record takes: every key, each value's largest header or
+// integer, and the string bytes. BoundedWriter relies on it.
+size_t encoded_size_bound(const Record &r) {
+    size_t n = 5 + 4 + 9;  // the largest map header, the "seq" key and its largest uint
+    for (const std::string_view name : kFieldNames) {
+        n += 1 + name.size() + 9;  // fixstr key; value header, integer or array header
+    }
+    auto strings = [&](const std::vector<std::string> &values) {
+        for (const std::string &v : values) {
+            n += 5 + v.size();
+        }
+    };
+    strings(r.patient_ids);
+    strings(r.consent_ids);
+    for (const std::string *s :
+         {&r.record_id, &r.correlation_id, &r.traceparent, &r.client_id, &r.user, &r.method,
+          &r.resource_type, &r.interaction, &r.query, &r.upstream, &r.policy_version, &r.decision,
+          &r.reason, &r.purpose_of_use, &r.client_address, &r.cert_fingerprint, &r.jti_hash,
+          &r.detail}) {
+        n += s->size();
+    }
+    return n;
+}
+
+// The field a key names. Both encodings write the fields in canonical order, so the key at
+// position `expected` is tried first and nearly always matches with one comparison.
+std::optional<Field> field_named(std::string_view key, size_t expected) {
+    if (expected < kFieldNames.size() && kFieldNames[expected] == key) {
+        return static_cast<Field>(expected);
+    }
+    for (size_t i = 0; i < kFieldNames.size(); ++i) {
+        if (kFieldNames[i] == key) {
+            return static_cast<Field>(i);
+        }
+    }
+    return std::nullopt;
+}
+
+void read_string(Reader &r, std::string &out) {
+    if (const std::optional<std::string_view> v = r.read_str()) {
         out.assign(*v);
     }
-    return true;
 }
 
-bool read_strings(Reader &r, std::vector<std::string> &out) {
+void read_strings(Reader &r, std::vector<std::string> &out) {
     const std::optional<uint32_t> n = r.read_array();
     // Bounded by the frame size anyway; refuse absurd counts before reserving.
     if (!n || *n > 4096) {
         r.fail();
-        return true;
+        return;
     }
     out.clear();
+    out.reserve(*n);
     for (uint32_t i = 0; i < *n && r.ok(); ++i) {
-        const std::optional<std::string_view> v = r.read_str();
-        if (v) {
+        if (const std::optional<std::string_view> v = r.read_str()) {
             out.emplace_back(*v);
         }
     }
-    return true;
 }
 
 template <typename Int>
-bool read_uint_into(Reader &r, Int &out) {
+void read_uint_into(Reader &r, Int &out) {
     const std::optional<uint64_t> v = r.read_uint();
     if (v && *v <= static_cast<uint64_t>(static_cast<Int>(~Int{0}))) {
         out = static_cast<Int>(*v);
     } else {
         r.fail();
     }
-    return true;
 }
 
-// Reads one record field; false for keys that are not record fields.
-bool read_field(std::string_view key, Reader &r, Record &rec) {
-    if (key == "kind") {
-        uint8_t kind = 0;
-        read_uint_into(r, kind);
-        if (kind > static_cast<uint8_t>(Kind::Admin)) {
-            r.fail();
+// Reads the value of one record field.
+void read_field(Field field, Reader &r, Record &rec) {
+    switch (field) {
+        case Field::Kind: {
+            uint8_t kind = 0;
+            read_uint_into(r, kind);
+            if (kind > static_cast<uint8_t>(Kind::Admin)) {
+                r.fail();
+            }
+            rec.kind = static_cast<Kind>(kind);
+            return;
         }
-        rec.kind = static_cast<Kind>(kind);
-        return true;
+        case Field::TimeUs:
+            if (const std::optional<int64_t> v = r.read_int()) {
+                rec.time_us = *v;
+            }
+            return;
+        case Field::HttpStatus:
+            return read_uint_into(r, rec.http_status);
+        case Field::LatencyUs:
+            return read_uint_into(r, rec.latency_us);
+        case Field::Bytes:
+            return read_uint_into(r, rec.bytes);
+        case Field::RedactionCount:
+            return read_uint_into(r, rec.redaction_count);
+        case Field::BreakGlass:
+            rec.break_glass = r.read_bool().value_or(false);
+            return;
+        case Field::PatientIds:
+            return read_strings(r, rec.patient_ids);
+        case Field::ConsentIds:
+            return read_strings(r, rec.consent_ids);
+        case Field::RecordId:
+            return read_string(r, rec.record_id);
+        case Field::CorrelationId:
+            return read_string(r, rec.correlation_id);
+        case Field::Traceparent:
+            return read_string(r, rec.traceparent);
+        case Field::ClientId:
+            return read_string(r, rec.client_id);
+        case Field::User:
+            return read_string(r, rec.user);
+        case Field::Method:
+            return read_string(r, rec.method);
+        case Field::ResourceType:
+            return read_string(r, rec.resource_type);
+        case Field::Interaction:
+            return read_string(r, rec.interaction);
+        case Field::Query:
+            return read_string(r, rec.query);
+        case Field::Upstream:
+            return read_string(r, rec.upstream);
+        case Field::PolicyVersion:
+            return read_string(r, rec.policy_version);
+        case Field::Decision:
+            return read_string(r, rec.decision);
+        case Field::Reason:
+            return read_string(r, rec.reason);
+        case Field::PurposeOfUse:
+            return read_string(r, rec.purpose_of_use);
+        case Field::ClientAddress:
+            return read_string(r, rec.client_address);
+        case Field::CertFingerprint:
+            return read_string(r, rec.cert_fingerprint);
+        case Field::JtiHash:
+            return read_string(r, rec.jti_hash);
+        case Field::Detail:
+            return read_string(r, rec.detail);
     }
-    if (key == "time_us") {
-        const std::optional<int64_t> v = r.read_int();
-        if (v) {
-            rec.time_us = *v;
-        }
-        return true;
-    }
-    if (key == "http_status")
-        return read_uint_into(r, rec.http_status);
-    if (key == "latency_us")
-        return read_uint_into(r, rec.latency_us);
-    if (key == "bytes")
-        return read_uint_into(r, rec.bytes);
-    if (key == "redaction_count")
-        return read_uint_into(r, rec.redaction_count);
-    if (key == "break_glass") {
-        const std::optional<bool> v = r.read_bool();
-        rec.break_glass = v.value_or(false);
-        return true;
-    }
-    if (key == "patient_ids")
-        return read_strings(r, rec.patient_ids);
-    if (key == "consent_ids")
-        return read_strings(r, rec.consent_ids);
-    struct StringField {
-        std::string_view name;
-        std::string Record::*member;
-    };
-    static const StringField kStrings[] = {
-        {"record_id", &Record::record_id},
-        {"correlation_id", &Record::correlation_id},
-        {"traceparent", &Record::traceparent},
-        {"client_id", &Record::client_id},
-        {"user", &Record::user},
-        {"method", &Record::method},
-        {"resource_type", &Record::resource_type},
-        {"interaction", &Record::interaction},
-        {"query", &Record::query},
-        {"upstream", &Record::upstream},
-        {"policy_version", &Record::policy_version},
-        {"decision", &Record::decision},
-        {"reason", &Record::reason},
-        {"purpose_of_use", &Record::purpose_of_use},
-        {"client_address", &Record::client_address},
-        {"cert_fingerprint", &Record::cert_fingerprint},
-        {"jti_hash", &Record::jti_hash},
-        {"detail", &Record::detail},
-    };
-    for (const StringField &f : kStrings) {
-        if (key == f.name) {
-            return read_string(r, rec.*(f.member));
-        }
-    }
-    return false;
 }
 
 void put_be64(std::string &out, uint64_t v) {
@@ -219,14 +396,17 @@ std::optional<Kind> parse_kind(std::string_view name) {
     return std::nullopt;
 }
 
-std::string canonical_encode(const ChainedRecord &entry) {
-    std::string out;
-    out.reserve(256);
-    Writer w(out);
+void canonical_encode_into(std::string &out, uint64_t seq, const Record &record) {
+    BoundedWriter w(out, encoded_size_bound(record));
     w.map(kRecordFieldCount + 1);
     w.key("seq");
-    w.uint(entry.seq);
-    write_fields(w, entry.record);
+    w.uint(seq);
+    write_fields(w, record);
+}
+
+std::string canonical_encode(const ChainedRecord &entry) {
+    std::string out;
+    canonical_encode_into(out, entry.seq, entry.record);
     return out;
 }
 
@@ -244,18 +424,27 @@ std::optional<ChainedRecord> canonical_decode(std::string_view bytes) {
         }
         if (*key == "seq") {
             read_uint_into(r, entry.seq);
-        } else if (!read_field(*key, r, entry.record)) {
+        } else if (const std::optional<Field> field = field_named(*key, i - 1)) {
+            read_field(*field, r, entry.record);
+        } else {
             return std::nullopt;
         }
     }
-    if (!r.ok() || !r.at_end() || canonical_encode(entry) != bytes) {
+    if (!r.ok() || !r.at_end()) {
+        return std::nullopt;
+    }
+    // Verification decodes every record: re-encode into a buffer that is reused, not allocated.
+    thread_local std::string reencoded;
+    reencoded.clear();
+    canonical_encode_into(reencoded, entry.seq, entry.record);
+    if (reencoded != bytes) {
         return std::nullopt;
     }
     return entry;
 }
 
 void encode_record_fields(std::string &out, const Record &record) {
-    Writer w(out);
+    BoundedWriter w(out, encoded_size_bound(record));
     w.map(kRecordFieldCount);
     write_fields(w, record);
 }
@@ -275,7 +464,9 @@ std::optional<Record> decode_record(std::string_view msgpack_map) {
         if (!key) {
             return std::nullopt;
         }
-        if (!read_field(*key, r, rec)) {
+        if (const std::optional<Field> field = field_named(*key, i)) {
+            read_field(*field, r, rec);
+        } else {
             r.skip();
         }
     }
@@ -285,6 +476,17 @@ std::optional<Record> decode_record(std::string_view msgpack_map) {
     return rec;
 }
 
+namespace {
+
+// SHA-256 fetched once: EVP_sha256() in a digest call makes OpenSSL 3 look the algorithm up
+// in its provider tables every time, which costs more than hashing a record.
+const EVP_MD *sha256_md() {
+    static EVP_MD *const md = EVP_MD_fetch(nullptr, "SHA256", nullptr);
+    return md;
+}
+
+}  // namespace
+
 std::string zero_hash() {
     return std::string(kHashSize, '\0');
 }
@@ -293,18 +495,31 @@ std::string sha256(std::string_view bytes) {
     std::string out(kHashSize, '\0');
     unsigned int len = 0;
     EVP_Digest(bytes.data(), bytes.size(), reinterpret_cast<unsigned char *>(out.data()), &len,
-               EVP_sha256(), nullptr);
+               sha256_md(), nullptr);
     return out;
 }
 
-std::string chain_hash(std::string_view previous, std::string_view canonical) {
-    std::unique_ptr<EVP_MD_CTX, MdCtxFree> ctx(EVP_MD_CTX_new());
-    std::string out(kHashSize, '\0');
+ChainHasher::ChainHasher() : ctx_(EVP_MD_CTX_new()) {}
+
+ChainHasher::~ChainHasher() {
+    EVP_MD_CTX_free(static_cast<EVP_MD_CTX *>(ctx_));
+}
+
+bool ChainHasher::hash(std::string_view previous, std::string_view canonical, char *out) {
+    auto *ctx = static_cast<EVP_MD_CTX *>(ctx_);
     unsigned int len = 0;
-    if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1 ||
-        EVP_DigestUpdate(ctx.get(), previous.data(), previous.size()) != 1 ||
-        EVP_DigestUpdate(ctx.get(), canonical.data(), canonical.size()) != 1 ||
-        EVP_DigestFinal_ex(ctx.get(), reinterpret_cast<unsigned char *>(out.data()), &len) != 1) {
+    return ctx != nullptr && sha256_md() != nullptr &&
+           EVP_DigestInit_ex2(ctx, sha256_md(), nullptr) == 1 &&
+           EVP_DigestUpdate(ctx, previous.data(), previous.size()) == 1 &&
+           EVP_DigestUpdate(ctx, canonical.data(), canonical.size()) == 1 &&
+           EVP_DigestFinal_ex(ctx, reinterpret_cast<unsigned char *>(out), &len) == 1 &&
+           len == kHashSize;
+}
+
+std::string chain_hash(std::string_view previous, std::string_view canonical) {
+    thread_local ChainHasher hasher;
+    std::string out(kHashSize, '\0');
+    if (!hasher.hash(previous, canonical, out.data())) {
         // Only allocation failure gets here; an empty hash never matches, so nothing verifies.
         return {};
     }

@@ -12,7 +12,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "ehrgate/audit.hpp"
+#include "ehrgate/msgpack.hpp"
 #include "ehrgate/protocol.hpp"
 
 namespace {
@@ -36,12 +39,39 @@ constexpr const char *kUsage = R"(usage: audit_bench --socket PATH [options]
   --window N           single-record appends outstanding in the durable phase (default 256)
   --batch N            records per append in the async phase (default 512)
   --latency-count N    single appends, one at a time, for the latency phase (default 300)
+  --only PHASE         run one phase: durable, async or latency (default: all three)
   --json               one JSON line instead of the summary
 )";
 
 [[noreturn]] void die(const std::string &message) {
     std::fprintf(stderr, "audit_bench: %s\n", message.c_str());
     std::exit(1);
+}
+
+// The number of record ids an ok=true AuditAck carries, without copying them out as
+// decode_audit_ack does: the client must not be what limits the figures. nullopt when the ack
+// says ok=false or does not parse.
+std::optional<size_t> count_ok_ack(std::string_view body) {
+    msgpack::Reader r(body);
+    bool ok = false;
+    std::optional<size_t> ids;
+    static constexpr std::array<std::string_view, 2> kKeys = {"ok", "record_ids"};
+    const bool parsed = msgpack::read_fields(r, kKeys, 0b11, [&](size_t field) {
+        if (field == 0) {
+            ok = r.read_bool().value_or(false);
+            return true;
+        }
+        const std::optional<uint32_t> n = r.read_array();
+        for (uint32_t i = 0; n && i < *n; ++i) {
+            r.read_str();
+        }
+        ids = n;
+        return n.has_value();
+    });
+    if (!parsed || !ok || !r.at_end()) {
+        return std::nullopt;
+    }
+    return ids;
 }
 
 class Connection {
@@ -74,12 +104,12 @@ class Connection {
                 if (frame->header.type != protocol::MessageType::AuditAck) {
                     continue;  // pushes (policy snapshots) are not for us
                 }
+                if (const std::optional<size_t> acked = count_ok_ack(frame->body)) {
+                    return *acked;
+                }
                 const std::optional<protocol::AuditAck> ack =
                     protocol::decode_audit_ack(frame->body);
-                if (!ack || !ack->ok) {
-                    die("append refused: " + (ack ? ack->error : std::string("bad ack")));
-                }
-                return ack->record_ids.size();
+                die("append refused: " + (ack ? ack->error : std::string("bad ack")));
             }
             char buffer[65536];
             const ssize_t n = ::recv(fd_, buffer, sizeof buffer, 0);
@@ -96,47 +126,73 @@ class Connection {
     protocol::FrameDecoder decoder_;
 };
 
-uint64_t g_counter = 0;
-std::string g_prefix;
+// Access records like a gateway's, each unique (record id, correlation id, time). The records
+// of a frame are kept and refilled in place, so building frames allocates next to nothing.
+class RecordSource {
+  public:
+    explicit RecordSource(std::string prefix) : prefix_(std::move(prefix)) {}
 
-audit::Record sample() {
-    audit::Record r;
-    r.kind = audit::Kind::Access;
-    r.time_us = std::chrono::duration_cast<std::chrono::microseconds>(
-                    std::chrono::system_clock::now().time_since_epoch())
-                    .count();
-    r.record_id = g_prefix + std::to_string(++g_counter);
-    r.correlation_id = "bench-" + std::to_string(g_counter);
-    r.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    r.client_id = "demo-clinician-app";
-    r.user = "Practitioner/bench";
-    r.patient_ids = {"bench-patient-" + std::to_string(g_counter % 50)};
-    r.method = "GET";
-    r.resource_type = "Observation";
-    r.interaction = "search-type";
-    r.query = "patient=bench&category=laboratory";
-    r.policy_version = "bench";
-    r.decision = "permit";
-    r.client_address = "127.0.0.1";
-    r.jti_hash = std::string(64, 'a');
-    return r;
-}
-
-std::string append_frame(size_t records, bool sync, uint32_t id) {
-    protocol::AuditAppend append;
-    append.sync = sync;
-    for (size_t i = 0; i < records; ++i) {
-        append.records.push_back(sample());
+    // The frame of one AuditAppend of `count` fresh records.
+    std::string frame(size_t count, bool sync, uint32_t id) {
+        append_.sync = sync;
+        if (append_.records.size() != count) {
+            append_.records.assign(count, base());
+        }
+        for (audit::Record &r : append_.records) {
+            refill(r);
+        }
+        std::string frame;
+        protocol::encode_frame(frame, protocol::MessageType::AuditAppend, id,
+                               protocol::encode(append_));
+        return frame;
     }
-    std::string frame;
-    protocol::encode_frame(frame, protocol::MessageType::AuditAppend, id, protocol::encode(append));
-    return frame;
-}
 
-double throughput(Connection &c, size_t per_append, size_t window, bool sync, double seconds) {
+  private:
+    static audit::Record base() {
+        audit::Record r;
+        r.kind = audit::Kind::Access;
+        r.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        r.client_id = "demo-clinician-app";
+        r.user = "Practitioner/bench";
+        r.patient_ids = {"bench-patient-0"};
+        r.method = "GET";
+        r.resource_type = "Observation";
+        r.interaction = "search-type";
+        r.query = "patient=bench&category=laboratory";
+        r.policy_version = "bench";
+        r.decision = "permit";
+        r.client_address = "127.0.0.1";
+        r.jti_hash = std::string(64, 'a');
+        return r;
+    }
+
+    void refill(audit::Record &r) {
+        ++counter_;
+        r.time_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+        char digits[24];
+        const std::string_view n = number(digits, counter_);
+        r.record_id.assign(prefix_).append(n);
+        r.correlation_id.assign("bench-").append(n);
+        r.patient_ids[0].assign("bench-patient-").append(number(digits, counter_ % 50));
+    }
+
+    static std::string_view number(char (&digits)[24], uint64_t value) {
+        const auto [end, ec] = std::to_chars(digits, digits + sizeof digits, value);
+        return {digits, static_cast<size_t>(end - digits)};
+    }
+
+    std::string prefix_;
+    uint64_t counter_ = 0;
+    protocol::AuditAppend append_;
+};
+
+double throughput(Connection &c, RecordSource &source, size_t per_append, size_t window, bool sync,
+                  double seconds) {
     uint32_t id = 1;
     for (size_t i = 0; i < window; ++i) {
-        c.send(append_frame(per_append, sync, id++));
+        c.send(source.frame(per_append, sync, id++));
     }
     uint64_t acked = 0;
     const auto start = Clock::now();
@@ -146,7 +202,7 @@ double throughput(Connection &c, size_t per_append, size_t window, bool sync, do
         acked += c.next_ack();
         --outstanding;
         if (Clock::now() < end) {
-            c.send(append_frame(per_append, sync, id++));
+            c.send(source.frame(per_append, sync, id++));
             ++outstanding;
         }
     }
@@ -161,6 +217,7 @@ int main(int argc, char **argv) {
     double duration = 3;
     size_t window = 256, batch = 512, latency_count = 300;
     bool json = false;
+    std::string only;
     for (int i = 1; i < argc; ++i) {
         const std::string_view flag = argv[i];
         auto value = [&]() -> std::string {
@@ -182,6 +239,11 @@ int main(int argc, char **argv) {
                                        protocol::kMaxAuditRecordsPerAppend);
         } else if (flag == "--latency-count") {
             latency_count = std::strtoul(value().c_str(), nullptr, 10);
+        } else if (flag == "--only") {
+            only = value();
+            if (only != "durable" && only != "async" && only != "latency") {
+                die("--only takes durable, async or latency");
+            }
         } else if (flag == "--json") {
             json = true;
         } else {
@@ -191,15 +253,16 @@ int main(int argc, char **argv) {
     if (socket_path.empty()) {
         die("--socket is required");
     }
-    g_prefix = "bench-" + std::to_string(::getpid()) + "-" +
-               std::to_string(Clock::now().time_since_epoch().count()) + "-";
+    RecordSource source("bench-" + std::to_string(::getpid()) + "-" +
+                        std::to_string(Clock::now().time_since_epoch().count()) + "-");
     Connection c(socket_path);
-    const double durable = throughput(c, 1, window, true, duration);
-    const double async = throughput(c, batch, 4, false, duration);
+    auto runs = [&](const char *phase) { return only.empty() || only == phase; };
+    const double durable = runs("durable") ? throughput(c, source, 1, window, true, duration) : 0;
+    const double async = runs("async") ? throughput(c, source, batch, 4, false, duration) : 0;
     std::vector<double> latencies;
-    for (size_t i = 0; i < latency_count; ++i) {
+    for (size_t i = 0; runs("latency") && i < latency_count; ++i) {
         const auto start = Clock::now();
-        c.send(append_frame(1, true, static_cast<uint32_t>(i + 1)));
+        c.send(source.frame(1, true, static_cast<uint32_t>(i + 1)));
         c.next_ack();
         latencies.push_back(
             std::chrono::duration<double, std::micro>(Clock::now() - start).count());

@@ -3,10 +3,12 @@
 #include "syslog_forwarder.hpp"
 
 #include <gtest/gtest.h>
+#include <lmdb.h>
 #include <sys/stat.h>
 #include <uv.h>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -96,6 +98,39 @@ class AuditStoreTest : public ::testing::Test {
         return seqs;
     }
 
+    // The indexer's step: search entries for the records through `seq`.
+    void index(AuditStore &store, uint64_t seq) {
+        uint64_t indexed = 0;
+        StoreError error;
+        ASSERT_EQ(store.index_records(seq, &indexed, &error), StoreStatus::Ok) << error.detail;
+        EXPECT_EQ(store.indexed_through(), seq);
+    }
+    // Entries under one key of the index environment's search database (tag || value).
+    size_t index_entries(const std::string &key) {
+        MDB_env *env = nullptr;
+        EXPECT_EQ(mdb_env_create(&env), MDB_SUCCESS);
+        mdb_env_set_maxdbs(env, 4);
+        size_t count = 0;
+        MDB_txn *txn = nullptr;
+        MDB_dbi dbi{};
+        MDB_cursor *cursor = nullptr;
+        MDB_val k{key.size(), const_cast<char *>(key.data())}, v{};
+        if (mdb_env_open(env, (dir_ + "/audit/index").c_str(), MDB_RDONLY, 0600) == MDB_SUCCESS &&
+            mdb_txn_begin(env, nullptr, MDB_RDONLY, &txn) == MDB_SUCCESS &&
+            mdb_dbi_open(txn, "search", MDB_DUPSORT | MDB_DUPFIXED, &dbi) == MDB_SUCCESS &&
+            mdb_cursor_open(txn, dbi, &cursor) == MDB_SUCCESS &&
+            mdb_cursor_get(cursor, &k, &v, MDB_SET_KEY) == MDB_SUCCESS) {
+            size_t n = 0;
+            mdb_cursor_count(cursor, &n);
+            count = n;
+        }
+        if (txn != nullptr) {
+            mdb_txn_abort(txn);
+        }
+        mdb_env_close(env);
+        return count;
+    }
+
     std::string dir_;
     std::unique_ptr<audit::SigningKey> key_;
 };
@@ -144,15 +179,184 @@ TEST_F(AuditStoreTest, SearchUsesIndexesAndCombinesCriteria) {
                       record("d", "p2", 400)},
                      false),
               StoreStatus::Ok);
-    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1, 3}));
-    EXPECT_EQ(search(*store, query("", "client-b")), (std::vector<uint64_t>{2, 4}));
-    EXPECT_EQ(search(*store, query("", "", "Practitioner/p2")), (std::vector<uint64_t>{2, 4}));
-    EXPECT_EQ(search(*store, query("", "", "", "corr-c")), (std::vector<uint64_t>{3}));
-    EXPECT_EQ(search(*store, query("", "", "", "", 200, 300)), (std::vector<uint64_t>{2, 3}));
-    EXPECT_EQ(search(*store, query("p1", "", "", "", 200)), (std::vector<uint64_t>{3}));
-    EXPECT_EQ(search(*store, query("p1", "client-b")), (std::vector<uint64_t>{}));
-    EXPECT_EQ(search(*store, query("p")), (std::vector<uint64_t>{}));  // no prefix match
-    EXPECT_EQ(search(*store, query("")).size(), 4u);
+    // The same answers, in seq order, whether the records are found by scanning (not indexed
+    // yet), from the indexes, or partly each way.
+    for (const uint64_t indexed_through : {0, 2, 4}) {
+        SCOPED_TRACE("indexed through " + std::to_string(indexed_through));
+        if (indexed_through > 0) {
+            index(*store, indexed_through);
+        }
+        EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1, 3}));
+        EXPECT_EQ(search(*store, query("", "client-b")), (std::vector<uint64_t>{2, 4}));
+        EXPECT_EQ(search(*store, query("", "", "Practitioner/p2")), (std::vector<uint64_t>{2, 4}));
+        EXPECT_EQ(search(*store, query("", "", "", "corr-c")), (std::vector<uint64_t>{3}));
+        EXPECT_EQ(search(*store, query("", "", "", "", 200, 300)), (std::vector<uint64_t>{2, 3}));
+        EXPECT_EQ(search(*store, query("p1", "", "", "", 200)), (std::vector<uint64_t>{3}));
+        EXPECT_EQ(search(*store, query("p1", "client-b")), (std::vector<uint64_t>{}));
+        EXPECT_EQ(search(*store, query("p")), (std::vector<uint64_t>{}));  // no prefix match
+        EXPECT_EQ(search(*store, query("")).size(), 4u);
+    }
+    EXPECT_EQ(index_entries("pp1"), 2u);
+    EXPECT_EQ(index_entries("cclient-b"), 2u);
+}
+
+TEST_F(AuditStoreTest, IndexIsRebuiltWhenLostAndRewoundWhenAheadOfTheRecords) {
+    {
+        auto store = open();
+        ASSERT_EQ(append(*store, {record("a", "p1", 100), record("b", "p2", 200)}, false),
+                  StoreStatus::Ok);
+    }
+    std::filesystem::copy_file(dir_ + "/audit/data.mdb", dir_ + "/two-records.mdb");
+    {
+        auto store = open();
+        ASSERT_EQ(append(*store, {record("c", "p3", 300), record("d", "p3", 400)}, false),
+                  StoreStatus::Ok);
+        index(*store, 4);
+    }
+    // A crash took the last commit of the records but not of the index: the records file
+    // rewinds to two records, the index still says four.
+    std::filesystem::copy_file(dir_ + "/two-records.mdb", dir_ + "/audit/data.mdb",
+                               std::filesystem::copy_options::overwrite_existing);
+    {
+        auto store = open();
+        EXPECT_EQ(store->last_seq(), 2u);
+        EXPECT_EQ(store->indexed_through(), 2u);
+        ASSERT_EQ(append(*store, {record("e", "p4", 500), record("f", "p4", 600)}, false),
+                  StoreStatus::Ok);
+        index(*store, 4);
+        // Entries left by the lost records point at seqs that other records now hold: search
+        // checks every candidate against its record.
+        EXPECT_EQ(search(*store, query("p3")), (std::vector<uint64_t>{}));
+        EXPECT_EQ(search(*store, query("p4")), (std::vector<uint64_t>{3, 4}));
+        EXPECT_EQ(search(*store, query("", "", "", "", 300, 400)), (std::vector<uint64_t>{}));
+        EXPECT_EQ(search(*store, query("", "", "", "", 500)), (std::vector<uint64_t>{3, 4}));
+    }
+    // The index environment lost altogether: search scans, and indexing starts over.
+    std::filesystem::remove_all(dir_ + "/audit/index");
+    {
+        auto store = open(size_t{64} << 20, true);
+        EXPECT_EQ(search(*store, query("p4")), (std::vector<uint64_t>{3, 4}));
+    }
+    auto store = open();
+    EXPECT_EQ(store->indexed_through(), 0u);
+    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1}));
+    index(*store, 4);
+    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1}));
+    EXPECT_EQ(index_entries("pp4"), 2u);
+}
+
+TEST_F(AuditStoreTest, AnIndexThatCannotBeOpenedIsStartedOver) {
+    {
+        auto store = open();
+        ASSERT_EQ(append(*store, {record("a", "p1", 100)}, false), StoreStatus::Ok);
+        index(*store, 1);
+    }
+    {
+        std::ofstream garbage(dir_ + "/audit/index/data.mdb", std::ios::trunc);
+        garbage << std::string(8192, 'g');
+    }
+    {
+        auto reader = open(size_t{64} << 20, true);  // the records still answer, by a scan
+        ASSERT_TRUE(reader);
+        EXPECT_FALSE(reader->has_index());
+        EXPECT_EQ(search(*reader, query("p1")), (std::vector<uint64_t>{1}));
+    }
+    auto store = open();
+    ASSERT_TRUE(store);
+    EXPECT_TRUE(store->has_index());
+    EXPECT_EQ(store->indexed_through(), 0u);
+    index(*store, 1);
+    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1}));
+}
+
+// The layout before the index environment: ids and the search indexes beside the records.
+TEST_F(AuditStoreTest, LogsOfTheEarlierLayoutKeepDeduplicatingAndAreIndexedAgain) {
+    std::filesystem::create_directories(dir_ + "/audit");
+    {
+        MDB_env *env = nullptr;
+        ASSERT_EQ(mdb_env_create(&env), MDB_SUCCESS);
+        mdb_env_set_maxdbs(env, 16);
+        ASSERT_EQ(mdb_env_open(env, (dir_ + "/audit").c_str(), 0, 0600), MDB_SUCCESS);
+        MDB_txn *txn = nullptr;
+        ASSERT_EQ(mdb_txn_begin(env, nullptr, 0, &txn), MDB_SUCCESS);
+        MDB_dbi records{}, ids{}, patients{}, checkpoints{};
+        ASSERT_EQ(mdb_dbi_open(txn, "checkpoints", MDB_CREATE, &checkpoints), MDB_SUCCESS);
+        ASSERT_EQ(mdb_dbi_open(txn, "records", MDB_CREATE, &records), MDB_SUCCESS);
+        ASSERT_EQ(mdb_dbi_open(txn, "ids", MDB_CREATE, &ids), MDB_SUCCESS);
+        ASSERT_EQ(mdb_dbi_open(txn, "idx_patient", MDB_CREATE, &patients), MDB_SUCCESS);
+        std::string hash = audit::zero_hash();
+        for (uint64_t seq = 1; seq <= 2; ++seq) {
+            const audit::Record r = record(seq == 1 ? "old-a" : "old-b", "p1", seq * 100);
+            const std::string canonical = audit::canonical_encode({seq, r});
+            hash = audit::chain_hash(hash, canonical);
+            const std::string value = audit::stored_value(hash, canonical);
+            std::string key(8, '\0');
+            key[7] = static_cast<char>(seq);
+            MDB_val k{key.size(), key.data()}, v{value.size(), const_cast<char *>(value.data())};
+            ASSERT_EQ(mdb_put(txn, records, &k, &v, 0), MDB_SUCCESS);
+            MDB_val ik{r.record_id.size(), const_cast<char *>(r.record_id.data())};
+            ASSERT_EQ(mdb_put(txn, ids, &ik, &k, 0), MDB_SUCCESS);
+            std::string entry = std::string("\0\x02p1", 4) + key;
+            MDB_val pk{entry.size(), entry.data()}, empty{};
+            ASSERT_EQ(mdb_put(txn, patients, &pk, &empty, 0), MDB_SUCCESS);
+        }
+        ASSERT_EQ(mdb_txn_commit(txn), MDB_SUCCESS);
+        mdb_env_close(env);
+    }
+    {
+        // Read-only, before anything converted it: search scans.
+        auto store = open(size_t{64} << 20, true);
+        EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1, 2}));
+    }
+    auto store = open();
+    ASSERT_EQ(store->last_seq(), 2u);
+    std::vector<AuditStore::Appended> out;
+    ASSERT_EQ(append(*store, {record("old-b", "p1", 200), record("new-c", "p1", 300)}, true, &out),
+              StoreStatus::Ok);
+    ASSERT_EQ(out.size(), 2u);
+    EXPECT_TRUE(out[0].duplicate);  // the old ids database still deduplicates
+    EXPECT_EQ(out[0].seq, 2u);
+    EXPECT_EQ(out[1].seq, 3u);
+    index(*store, 3);
+    EXPECT_EQ(search(*store, query("p1")), (std::vector<uint64_t>{1, 2, 3}));
+    EXPECT_TRUE(verify(*store).ok);
+}
+
+TEST_F(AuditStoreTest, LongRecordIdsAndValuesAreKeyedExactly) {
+    auto store = open();
+    const std::string common(450, 'x');  // longer than an LMDB key can be
+    audit::Record a = record(common + "-a", "p1", 100), b = record(common + "-b", "p1", 200);
+    a.patient_ids = {common + "-patient-a"};
+    b.patient_ids = {common + "-patient-b"};
+    std::vector<AuditStore::Appended> out;
+    ASSERT_EQ(append(*store, {a, b, a}, false, &out), StoreStatus::Ok);
+    ASSERT_EQ(out.size(), 3u);
+    EXPECT_FALSE(out[1].duplicate);  // same first 400 bytes, different ids
+    EXPECT_TRUE(out[2].duplicate);
+    index(*store, 2);
+    EXPECT_EQ(search(*store, query(common + "-patient-b")), (std::vector<uint64_t>{2}));
+    EXPECT_EQ(search(*store, query(common)), (std::vector<uint64_t>{}));
+}
+
+// Deferred commits: LMDB has flushed their data; the meta page waits for the next flush.
+TEST_F(AuditStoreTest, CommitsAreCountedOnlyWhenTheyWrite) {
+    auto store = open();
+    std::vector<const audit::Record *> batch;
+    const audit::Record a = record("a", "p1", 100);
+    batch.push_back(&a);
+    std::vector<AuditStore::Appended> out;
+    StoreError error;
+    ASSERT_EQ(
+        store->append(batch, nullptr, false, 1, out, &error, AuditStore::Durability::Deferred),
+        StoreStatus::Ok);
+    EXPECT_EQ(store->commits(), 1u);
+    // Only a duplicate: nothing written, no commit that could make the first one durable.
+    ASSERT_EQ(
+        store->append(batch, nullptr, false, 1, out, &error, AuditStore::Durability::Deferred),
+        StoreStatus::Ok);
+    EXPECT_EQ(store->commits(), 1u);
+    EXPECT_TRUE(out[0].duplicate);
+    EXPECT_EQ(store->sync(&error), StoreStatus::Ok);
 }
 
 TEST_F(AuditStoreTest, MapFullFailsTheWholeBatchAndKeepsTheChain) {
@@ -184,6 +388,8 @@ TEST_F(AuditStoreTest, PurgeKeepsASignedAnchor) {
         ASSERT_EQ(append(*store, {record("r" + std::to_string(i), "p1", i * 100)}, i % 4 == 0),
                   StoreStatus::Ok);
     }
+    index(*store, 10);
+    EXPECT_EQ(index_entries("pp1"), 10u);
     uint64_t removed = 0;
     StoreError error;
     // Records 1-6 are older than 650; the newest checkpoint among them is at 4.
@@ -193,6 +399,8 @@ TEST_F(AuditStoreTest, PurgeKeepsASignedAnchor) {
     EXPECT_TRUE(result.ok) << result.problem;
     EXPECT_EQ(result.first_seq, 5u);
     EXPECT_EQ(search(*store, query("p1")).front(), 5u);
+    EXPECT_EQ(index_entries("pp1"), 6u);  // the purged records' entries went with them
+    EXPECT_EQ(search(*store, query("", "", "", "", 0, 650)), (std::vector<uint64_t>{5, 6}));
     ASSERT_EQ(append(*store, {record("r11", "p1", 1100)}, true), StoreStatus::Ok);
     result = verify(*store);
     EXPECT_TRUE(result.ok) << result.problem;
@@ -261,6 +469,8 @@ TEST_F(AuditStoreTest, GroupCommitAcksOnTheLoopAndBatches) {
         // Many appends share a transaction: fewer commits than records.
         EXPECT_LT(c.transactions, 201u);
         EXPECT_GE(c.checkpoints, 1u);
+        EXPECT_EQ(c.indexed, 201u);  // the indexer caught up before stop() returned
+        EXPECT_EQ(store->indexed_through(), 201u);
     }
     EXPECT_EQ(uv_loop_close(&loop), 0);
     const audit::VerifyResult result = verify(*store);

@@ -80,6 +80,9 @@ struct ChainedRecord {
 
 // The canonical bytes that are hashed and stored. Deterministic: equal records encode equally.
 std::string canonical_encode(const ChainedRecord &entry);
+// Appends the same bytes to `out` without a ChainedRecord (the writer encodes each record it
+// appends into one reused buffer).
+void canonical_encode_into(std::string &out, uint64_t seq, const Record &record);
 // Accepts only canonical bytes: the decoded record must re-encode to exactly `bytes`, so a
 // stored value cannot carry a second meaning (extra keys, other key order, padded integers).
 std::optional<ChainedRecord> canonical_decode(std::string_view bytes);
@@ -93,6 +96,22 @@ std::string zero_hash();
 // SHA-256(previous || canonical).
 std::string chain_hash(std::string_view previous, std::string_view canonical);
 std::string sha256(std::string_view bytes);
+
+// chain_hash with one OpenSSL context kept for every record, so hashing allocates nothing.
+// Not thread-safe: one per thread.
+class ChainHasher {
+  public:
+    ChainHasher();
+    ~ChainHasher();
+    ChainHasher(const ChainHasher &) = delete;
+    ChainHasher &operator=(const ChainHasher &) = delete;
+    // Writes SHA-256(previous || canonical), kHashSize bytes, to `out`. False only when OpenSSL
+    // fails (allocation).
+    bool hash(std::string_view previous, std::string_view canonical, char *out);
+
+  private:
+    void *ctx_;  // EVP_MD_CTX*
+};
 std::string hex(std::string_view bytes);
 std::optional<std::string> unhex(std::string_view text);
 

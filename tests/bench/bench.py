@@ -386,6 +386,25 @@ class SandboxConfGateway(GatewayStack):
     template = stacklib.TEMPLATE
 
 
+def gateway_server(port: int, settings: str) -> str:
+    """A server block for the gateway's http block: /fhir/ as in nginx-bench.conf.in, with
+    `settings` instead of its `ehrgate_audit async;`."""
+    return f"""
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location /fhir/ {{
+            ehrgate on;
+            {settings}
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host:$server_port;
+            proxy_set_header X-Request-ID $ehrgate_correlation_id;
+            proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;
+        }}
+    }}"""
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -431,44 +450,18 @@ class Bench:
         self.upstream = Upstream(self.run_dir / "upstream")
         self.upstream.start()
         self.policies = BenchPolicies(self.run_dir / "policy")
-        # A second server in the same nginx, identical but for audit-before-release.
+        # More servers in the same nginx, each like /fhir/ but for one setting: the access record
+        # durable before release (audit-before-release), and the decision cache off, so that
+        # policyd decides every request (issue 2's "one policyd round trip per request").
         self.audited_port = free_port()
-        audited_server = f"""
-    server {{
-        listen 127.0.0.1:{self.audited_port} backlog=4096;
-        location /fhir/ {{
-            ehrgate on;
-            ehrgate_audit sync;
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host:$server_port;
-            proxy_set_header X-Request-ID $ehrgate_correlation_id;
-            proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;
-        }}
-    }}"""
-        # And one that asks policyd for every request: the decision cache off (issue 2's "one
-        # policyd round trip per request").
         self.uncached_port = free_port()
-        uncached_server = f"""
-    server {{
-        listen 127.0.0.1:{self.uncached_port} backlog=4096;
-        location /fhir/ {{
-            ehrgate on;
-            ehrgate_audit async;
-            ehrgate_decision_cache off;
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host:$server_port;
-            proxy_set_header X-Request-ID $ehrgate_correlation_id;
-            proxy_set_header X-Ehrgate-Consent $ehrgate_consent_token;
-        }}
-    }}"""
+        extra_servers = (gateway_server(self.audited_port, "ehrgate_audit sync;") +
+                         gateway_server(self.uncached_port,
+                                        "ehrgate_audit async;\n            ehrgate_decision_cache off;"))
         self.gateway = GatewayStack(self.build_dir, self.run_dir / "gateway", workers=1,
                                     ehr_port=self.upstream.port, error_log_level="notice",
                                     policy_file=self.policies.write("limits"),
-                                    extra_http=audited_server + uncached_server)
+                                    extra_http=extra_servers)
         self.gateway.start()
         self.mint_tokens()
 

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <uv.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -105,7 +106,10 @@ class AuditStoreTest : public ::testing::Test {
         ASSERT_EQ(store.index_records(seq, &indexed, &error), StoreStatus::Ok) << error.detail;
         EXPECT_EQ(store.indexed_through(), seq);
     }
-    // Entries under one key of the index environment's search database (tag || value).
+    // Entries under one key of the index environment's search database (tag || value). Only
+    // while no transaction of a store is open: this opens the environment a second time in the
+    // process, and closing it clears the process's reader slots (LMDB's rule is to open an
+    // environment once per process).
     size_t index_entries(const std::string &key) {
         MDB_env *env = nullptr;
         EXPECT_EQ(mdb_env_create(&env), MDB_SUCCESS);
@@ -123,6 +127,9 @@ class AuditStoreTest : public ::testing::Test {
             size_t n = 0;
             mdb_cursor_count(cursor, &n);
             count = n;
+        }
+        if (cursor != nullptr) {
+            mdb_cursor_close(cursor);  // read-only transactions leave their cursors to us
         }
         if (txn != nullptr) {
             mdb_txn_abort(txn);
@@ -488,6 +495,54 @@ TEST_F(AuditStoreTest, GroupCommitAcksOnTheLoopAndBatches) {
         },
         &error);
     EXPECT_EQ(events.size(), 1u);
+}
+
+// The indexer works beside the writer (batches behind it) and the syncer; search sees every
+// record at every moment, from the indexes or by scanning what they have not reached.
+TEST_F(AuditStoreTest, IndexerFollowsTheWriterWhileSearchStaysComplete) {
+    auto store = open();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    constexpr int kJobs = 120, kPerJob = 50;
+    {
+        AuditLog log(&loop, *store, *key_, {});
+        log.start();
+        int done = 0;
+        for (int i = 0; i < kJobs; ++i) {
+            std::vector<audit::Record> job;
+            for (int j = 0; j < kPerJob; ++j) {
+                job.push_back(record("i" + std::to_string(i * kPerJob + j), j % 2 ? "p1" : "p2",
+                                     i * kPerJob + j));
+            }
+            log.append(std::move(job), [&](const AuditLog::Result &result) {
+                EXPECT_EQ(result.status, StoreStatus::Ok);
+                ++done;
+            });
+            if (i % 10 == 9) {
+                // Read while the writer and the indexer work (through the same environment: LMDB
+                // must not be opened twice in one process).
+                const uint64_t committed = log.last_seq();
+                const std::vector<uint64_t> p1 = search(*store, query("p1"));
+                EXPECT_GE(p1.size(), committed / 2);
+                EXPECT_TRUE(std::is_sorted(p1.begin(), p1.end()));
+                EXPECT_EQ(std::adjacent_find(p1.begin(), p1.end()), p1.end());  // no repeats
+            }
+            uv_run(&loop, UV_RUN_NOWAIT);
+        }
+        while (done < kJobs) {
+            uv_run(&loop, UV_RUN_ONCE);
+        }
+        log.stop();
+        uv_run(&loop, UV_RUN_DEFAULT);
+        EXPECT_EQ(log.counters().indexed, static_cast<uint64_t>(kJobs * kPerJob));
+        EXPECT_EQ(log.counters().index_errors, 0u);
+    }
+    EXPECT_EQ(uv_loop_close(&loop), 0);
+    EXPECT_EQ(store->indexed_through(), static_cast<uint64_t>(kJobs * kPerJob));
+    EXPECT_EQ(search(*store, query("p1")).size(), static_cast<size_t>(kJobs * kPerJob / 2));
+    EXPECT_EQ(index_entries("pp2"), static_cast<size_t>(kJobs * kPerJob / 2));
+    EXPECT_EQ(search(*store, query("", "", "", "corr-i4321")), (std::vector<uint64_t>{4322}));
+    EXPECT_TRUE(verify(*store).ok);
 }
 
 TEST_F(AuditStoreTest, StorageFailureIsReportedToTheCallerAndCounted) {

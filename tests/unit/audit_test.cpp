@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <msgpack.hpp>
+
+#include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -93,6 +97,121 @@ TEST(AuditRecord, CanonicalGoldenBytesForEmptyRecord) {
     EXPECT_EQ(bytes.size(), 323u);
     EXPECT_EQ(hex(sha256(bytes)),
               "00729dd31b3a57e01f3c5042dfff6808c85bf3e8df440ffdd05a91db96f614f3");
+}
+
+// The canonical encoding with every header width (fixstr, str8, str16, str32; fixarray and
+// array16; every integer width, negative ones too) against msgpack-cxx packing the same map in
+// the same order: the encoder writes into presized space, not through msgpack::Writer.
+TEST(AuditRecord, CanonicalEncodingMatchesAnIndependentEncoder) {
+    const std::vector<std::string> lengths = {std::string(),          std::string(31, 'a'),
+                                              std::string(32, 'b'),   std::string(255, 'c'),
+                                              std::string(256, 'd'),  std::string(65535, 'e'),
+                                              std::string(65536, 'f')};
+    const int64_t times[] = {0,
+                             127,
+                             128,
+                             65536,
+                             -1,
+                             -32,
+                             -33,
+                             -129,
+                             -32769,
+                             -2147483649LL,
+                             std::numeric_limits<int64_t>::min(),
+                             std::numeric_limits<int64_t>::max()};
+    for (size_t i = 0; i < lengths.size(); ++i) {
+        for (const int64_t time_us : times) {
+            Record r = sample(static_cast<int>(i));
+            r.time_us = time_us;
+            r.query = lengths[i];
+            r.detail = lengths[lengths.size() - 1 - i];
+            r.patient_ids.assign(i * 3, "patient");  // 0 .. 18 elements: fixarray and array16
+            r.latency_us = uint64_t{1} << (i * 9);
+            r.bytes = std::numeric_limits<uint64_t>::max() >> i;
+            r.http_status = static_cast<uint16_t>(i * 11000);
+            r.redaction_count = static_cast<uint32_t>(uint64_t{1} << (i * 5));
+            r.break_glass = i % 2 == 1;
+            const uint64_t seq = uint64_t{1} << (i * 10);
+
+            ::msgpack::sbuffer expected;
+            ::msgpack::packer<::msgpack::sbuffer> pk(&expected);
+            auto str = [&](const char *key, const std::string &value) {
+                pk.pack(std::string(key));
+                pk.pack(value);
+            };
+            auto strings = [&](const char *key, const std::vector<std::string> &values) {
+                pk.pack(std::string(key));
+                pk.pack_array(static_cast<uint32_t>(values.size()));
+                for (const std::string &v : values)
+                    pk.pack(v);
+            };
+            pk.pack_map(28);
+            pk.pack(std::string("seq"));
+            pk.pack(seq);
+            pk.pack(std::string("kind"));
+            pk.pack(static_cast<uint64_t>(r.kind));
+            pk.pack(std::string("time_us"));
+            pk.pack(r.time_us);
+            str("record_id", r.record_id);
+            str("correlation_id", r.correlation_id);
+            str("traceparent", r.traceparent);
+            str("client_id", r.client_id);
+            str("user", r.user);
+            strings("patient_ids", r.patient_ids);
+            str("method", r.method);
+            str("resource_type", r.resource_type);
+            str("interaction", r.interaction);
+            str("query", r.query);
+            pk.pack(std::string("http_status"));
+            pk.pack(static_cast<uint64_t>(r.http_status));
+            pk.pack(std::string("latency_us"));
+            pk.pack(r.latency_us);
+            pk.pack(std::string("bytes"));
+            pk.pack(r.bytes);
+            str("upstream", r.upstream);
+            str("policy_version", r.policy_version);
+            str("decision", r.decision);
+            str("reason", r.reason);
+            strings("consent_ids", r.consent_ids);
+            str("purpose_of_use", r.purpose_of_use);
+            pk.pack(std::string("break_glass"));
+            pk.pack(r.break_glass);
+            pk.pack(std::string("redaction_count"));
+            pk.pack(static_cast<uint64_t>(r.redaction_count));
+            str("client_address", r.client_address);
+            str("cert_fingerprint", r.cert_fingerprint);
+            str("jti_hash", r.jti_hash);
+            str("detail", r.detail);
+
+            const std::string bytes = canonical_encode({seq, r});
+            ASSERT_EQ(bytes, std::string(expected.data(), expected.size()))
+                << "query length " << lengths[i].size() << ", time_us " << time_us;
+            std::string appended = "prefix";
+            canonical_encode_into(appended, seq, r);
+            EXPECT_EQ(appended, "prefix" + bytes);
+            const std::optional<ChainedRecord> back = canonical_decode(bytes);
+            ASSERT_TRUE(back);
+            EXPECT_EQ(back->record, r);
+            // The wire form is the same fields without the seq.
+            const std::optional<Record> wire = decode_record(encode_record(r));
+            ASSERT_TRUE(wire);
+            EXPECT_EQ(*wire, r);
+        }
+    }
+}
+
+TEST(AuditRecord, ChainHasherMatchesChainHash) {
+    ChainHasher hasher;
+    std::string previous = zero_hash();
+    for (int i = 0; i < 5; ++i) {
+        const std::string canonical = canonical_encode({static_cast<uint64_t>(i + 1), sample(i)});
+        char out[kHashSize];
+        ASSERT_TRUE(hasher.hash(previous, canonical, out));
+        const std::string expected = sha256(previous + canonical);
+        EXPECT_EQ(std::string(out, kHashSize), expected);
+        EXPECT_EQ(chain_hash(previous, canonical), expected);
+        previous = expected;
+    }
 }
 
 TEST(AuditRecord, NonCanonicalBytesAreRefused) {

@@ -63,15 +63,17 @@ void put_time_key(char *out, int64_t time_us, uint64_t seq) {
     put_be64(out + 8, seq);
 }
 
-// LMDB keys have at most 511 bytes. Longer values are keyed by a prefix and their SHA-256: still
-// one key per value (record ids must not collide), and search builds the same key.
-constexpr size_t kMaxIndexedValue = 400;
+// LMDB keys have at most 511 bytes (one of them a search key's tag). A longer value is keyed by
+// its first 400 bytes and its SHA-256: still one key per value (record ids must not collide),
+// and search builds the same key. Shorter ones are keyed as they are, as ids always were.
+constexpr size_t kMaxKeyedValue = 510;
+constexpr size_t kHashedValuePrefix = 400;
 
 void append_key_value(std::string &out, std::string_view value) {
-    if (value.size() <= kMaxIndexedValue) {
+    if (value.size() <= kMaxKeyedValue) {
         out.append(value);
     } else {
-        out.append(value.substr(0, kMaxIndexedValue));
+        out.append(value.substr(0, kHashedValuePrefix));
         out.append(audit::sha256(value));
     }
 }

@@ -12,8 +12,8 @@
 // The records environment (<data-dir>/audit) holds what every acknowledgement depends on:
 // - records: be64 seq -> 32-byte chain hash || canonical record.
 // - checkpoints: be64 seq -> encoded checkpoint.
-// - ids: record id -> be64 seq, the deduplication index (ids longer than kMaxIndexedValue bytes
-//   are keyed by their prefix and SHA-256: LMDB keys have at most 511 bytes).
+// - ids: record id -> be64 seq, the deduplication index (an id longer than 510 bytes is keyed by
+//   its first 400 bytes and its SHA-256: LMDB keys have at most 511 bytes).
 // The search indexes live in a second environment (<data-dir>/audit/index), written by their
 // own thread behind the records, so that index work neither lengthens a durable commit nor
 // waits for LMDB's single write lock of the records:
@@ -120,7 +120,9 @@ class AuditStore {
         std::string patient, client, user, correlation_id;
         std::optional<int64_t> since_us, until_us;  // inclusive bounds on time_us
     };
-    // Records matching every given criterion, in seq order, from the most selective index.
+    // Records matching every given criterion, in seq order: those up to indexed_through from the
+    // most selective index, the rest by a scan. Reading may run beside the writer and the
+    // indexer (the syslog forwarder does); LMDB wants one AuditStore per log per process.
     StoreStatus search(const Query &query,
                        const std::function<bool(const audit::ChainedRecord &)> &visit,
                        StoreError *error);

@@ -331,14 +331,14 @@ TEST_F(AuditStoreTest, LogsOfTheEarlierLayoutKeepDeduplicatingAndAreIndexedAgain
 
 TEST_F(AuditStoreTest, LongRecordIdsAndValuesAreKeyedExactly) {
     auto store = open();
-    const std::string common(450, 'x');  // longer than an LMDB key can be
+    const std::string common(600, 'x');  // longer than an LMDB key can be
     audit::Record a = record(common + "-a", "p1", 100), b = record(common + "-b", "p1", 200);
     a.patient_ids = {common + "-patient-a"};
     b.patient_ids = {common + "-patient-b"};
     std::vector<AuditStore::Appended> out;
     ASSERT_EQ(append(*store, {a, b, a}, false, &out), StoreStatus::Ok);
     ASSERT_EQ(out.size(), 3u);
-    EXPECT_FALSE(out[1].duplicate);  // same first 400 bytes, different ids
+    EXPECT_FALSE(out[1].duplicate);  // same first 600 bytes, different ids
     EXPECT_TRUE(out[2].duplicate);
     index(*store, 2);
     EXPECT_EQ(search(*store, query(common + "-patient-b")), (std::vector<uint64_t>{2}));

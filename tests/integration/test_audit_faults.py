@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from audit_helpers import search, verify
+from audit_helpers import search, verify, wait_for_records
 from stack import DEMO_PATIENT
 
 
@@ -108,6 +108,17 @@ def ehr_saw(stack, correlation_id: str) -> bool:
     return any(entry["headers"].get("x-request-id") == correlation_id for entry in recent)
 
 
+def held_stack(make_stack, audit_timeout: str):
+    """A stack whose next request is decided from the cache while policyd is stopped (SIGSTOP),
+    so that it waits only for its access record. Returns the stack and that request's headers."""
+    s = make_stack(start=False)
+    s.extra_http = f"ehrgate_audit_timeout {audit_timeout};\n"
+    s.start()
+    headers = {"Authorization": "Bearer " + s.mint(patient=DEMO_PATIENT)}
+    warm_then_stop_policyd(s, headers)
+    return s, headers
+
+
 def warm_then_stop_policyd(stack, headers: dict) -> None:
     """Decides a request once (the worker caches the decision), then stops policyd: the next
     identical request is decided from the cache and waits only for its access record."""
@@ -123,11 +134,7 @@ def outcome_code(response: requests.Response) -> str:
 
 
 def test_an_unacknowledged_access_record_times_out_and_nothing_is_released(make_stack):
-    s = make_stack(start=False)
-    s.extra_http = "ehrgate_audit_timeout 400ms;\n"
-    s.start()
-    headers = {"Authorization": "Bearer " + s.mint(patient=DEMO_PATIENT)}
-    warm_then_stop_policyd(s, headers)
+    s, headers = held_stack(make_stack, "400ms")
     try:
         started = time.monotonic()
         response = requests.get(f"{s.base_url}/fhir/Patient/{DEMO_PATIENT}",
@@ -140,19 +147,16 @@ def test_an_unacknowledged_access_record_times_out_and_nothing_is_released(make_
     assert 0.3 <= waited < 2.0, waited
     assert not ehr_saw(s, "held-timeout-1"), "the EHR was asked although nothing was recorded"
     # The refusal itself is recorded once policyd is back (outcome record, from the outbox).
-    deadline = time.monotonic() + 10
-    while not [r for r in search(s, "--correlation-id", "held-timeout-1") if r["kind"] == "outcome"]:
-        assert time.monotonic() < deadline, "the refusal was never recorded"
-        time.sleep(0.2)
+    def has_outcome(records: list[dict]) -> bool:
+        return any(r["kind"] == "outcome" for r in records)
+
+    assert has_outcome(wait_for_records(s, has_outcome, "--correlation-id", "held-timeout-1")), \
+        "the refusal was never recorded"
     assert verify(s).returncode == 0
 
 
 def test_policyd_lost_while_a_request_waits_for_its_record(make_stack):
-    s = make_stack(start=False)
-    s.extra_http = "ehrgate_audit_timeout 5s;\n"
-    s.start()
-    headers = {"Authorization": "Bearer " + s.mint(patient=DEMO_PATIENT)}
-    warm_then_stop_policyd(s, headers)
+    s, headers = held_stack(make_stack, "5s")
     result: dict = {}
 
     def held_request() -> None:
